@@ -1,0 +1,30 @@
+# The README's two commands: `make demo` and `make test`. Both build .venv when missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint clean venv
+
+venv: $(STAMP)
+
+# aihwkit goes in with --no-deps: its declared dependencies pull a torchvision that fails to
+# import beside the CPU torch and breaks transformers' model imports. Its real run-time needs
+# are pinned in requirements.txt.
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q pip==25.3 setuptools==84.2.1
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	$(PY) -m pip install -q --no-deps aihwkit==1.1.0
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@! $(PY) -m pip show torchvision >/dev/null 2>&1 || (echo "torchvision must not be installed" && exit 1)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/hetmap demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
