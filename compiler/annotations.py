@@ -1,0 +1,105 @@
+"""Typed node annotations written by hetmap's passes.
+
+An annotation is a frozen dataclass attached with ``node.annotate(...)`` and read with
+``node.get(Type)``. Each one knows how to render itself into plan.json (``to_json``: a flat
+dict merged into the node's entry), into ir.txt (``brief``), and how to check itself against
+its node (``check``, called by the verifier). Plugins may define their own annotations the
+same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from hetmap.compiler.errors import VerificationError
+from hetmap.compiler.ir import Node
+
+DIGITAL = "digital"
+AIMC = "aimc-tile"
+TargetName = Literal["digital", "aimc-tile"]
+DensitySource = Literal["calibration", "structural", "uniform-assumption"]
+
+
+@dataclass(frozen=True)
+class Density:
+    """Fraction of tokens a node computes on (1.0 for dense modules).
+
+    ``source`` says where the figure comes from: counted on calibration tokens, known from
+    structure (dense modules), or assumed uniform routing ``top_k / E`` for a model without
+    weights. ``mean_routing_weight`` is the expert's mean routing weight over the tokens
+    routed to it (calibration only).
+    """
+
+    value: float
+    source: DensitySource
+    tokens: int = 0
+    mean_routing_weight: float | None = None
+
+    def check(self, node: Node) -> None:
+        if not 0.0 <= self.value <= 1.0:
+            raise VerificationError(f"{node.name}: density {self.value} outside [0, 1]")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"density": round(self.value, 6), "density_source": self.source}
+        if self.mean_routing_weight is not None:
+            out["mean_routing_weight"] = round(self.mean_routing_weight, 6)
+        return out
+
+    def brief(self) -> str:
+        return f"density={self.value:.3f}" + ("" if self.source == "calibration" else f"({self.source})")
+
+
+@dataclass(frozen=True)
+class ExpertScore:
+    """Per-expert scores: the paper's maximum-neuron-norm product and the router-row norm."""
+
+    max_norm: float | None = None
+    router_norm: float | None = None
+
+    def check(self, node: Node) -> None:
+        for value in (self.max_norm, self.router_norm):
+            if value is not None and not value >= 0.0:
+                raise VerificationError(f"{node.name}: negative or NaN score {value}")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.max_norm is not None:
+            out["score"] = self.max_norm
+        if self.router_norm is not None:
+            out["router_norm"] = self.router_norm
+        return out
+
+    def brief(self) -> str:
+        parts = []
+        if self.max_norm is not None:
+            parts.append(f"score={self.max_norm:.4g}")
+        if self.router_norm is not None:
+            parts.append(f"router_norm={self.router_norm:.4g}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a node runs and why."""
+
+    target: TargetName
+    reason: str
+
+    def check(self, node: Node) -> None:
+        if self.target not in (DIGITAL, AIMC):
+            raise VerificationError(f"{node.name}: unknown placement target {self.target!r}")
+        if not self.reason:
+            raise VerificationError(f"{node.name}: placement without a reason")
+        if self.target == AIMC and not node.matrices:
+            raise VerificationError(f"{node.name}: placed on {AIMC} but has no matrices")
+
+    @property
+    def analog(self) -> bool:
+        return self.target == AIMC
+
+    def to_json(self) -> dict[str, Any]:
+        return {"placement": self.target, "reason": self.reason}
+
+    def brief(self) -> str:
+        return f"@{self.target}"

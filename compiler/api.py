@@ -1,0 +1,143 @@
+"""hetmap's Python API; the CLI is a thin layer over it.
+
+    import hetmap.compiler as hc
+    plan = hc.compile_model("olmoe-tiny", policy="activation-frequency", budget=0.25)
+    print(plan.summary["digital_param_fraction"])
+    plan.write("out/olmoe", force=True)          # plan.json + ir.txt
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from hetmap.compiler.annotations import Placement
+from hetmap.compiler.errors import HetmapError, TargetError
+from hetmap.compiler.frontend import LoadedModel, import_model, load_model
+from hetmap.compiler.ir import Graph, Node
+from hetmap.compiler.passes.base import CompileContext
+from hetmap.compiler.passes.manager import PassTiming, build_passes, run_pipeline
+from hetmap.compiler.passes.pipeline import parse_pipeline
+from hetmap.compiler.plan import IR_FILE, PLAN_FILE, atomic_directory, node_json, write_json
+from hetmap.compiler.registry import Registries, load_registries
+from hetmap.compiler.summary import summarize
+
+DEFAULT_PIPELINE = "density,expert-score,place,tile,allocate,cost"
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("hetmap")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+        return "0+unknown"
+
+
+def resolve_target(name_or_path: str, registries: Registries) -> Any:
+    """A target by registered name (built-in or plugin) or TOML file path."""
+    from hetmap.targets import Target, load_target_file
+
+    if name_or_path.endswith(".toml") or "/" in name_or_path:
+        return load_target_file(name_or_path)
+    if name_or_path not in registries.targets:
+        known = ", ".join(sorted(registries.targets.entries))
+        raise TargetError(f"unknown target {name_or_path!r} (known: {known}; or a .toml file)")
+    value = registries.targets.get(name_or_path)
+    if isinstance(value, Target):
+        return value
+    if callable(value) and not isinstance(value, (str, Path)):
+        value = value()
+        if isinstance(value, Target):
+            return value
+    return load_target_file(value)
+
+
+@dataclass
+class Plan:
+    """A compiled plan: the annotated IR plus how it was made."""
+
+    graph: Graph
+    model: LoadedModel
+    target: Any
+    pipeline: str
+    timings: list[PassTiming] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return summarize(self.graph)
+
+    def placement(self, name: str) -> Placement | None:
+        return self.graph.node(name).get(Placement)
+
+    def nodes(self) -> list[Node]:
+        return list(self.graph)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hetmap_version": version(),
+            "model": {"spec": self.model.spec, "name": self.model.name, "source": self.model.source},
+            "target": self.target.to_json(),
+            "pipeline": self.pipeline,
+            "options": self.options,
+            "timings": [{"pass": t.name, "seconds": round(t.seconds, 4)} for t in self.timings],
+            "summary": self.summary,
+            "nodes": [node_json(n) for n in self.graph],
+        }
+
+    def write(self, out: str | Path, *, force: bool = False,
+              extra: Callable[[Path], None] | None = None) -> Path:
+        """Write plan.json and ir.txt (and whatever ``extra`` adds) atomically into ``out``."""
+        out = Path(out)
+        with atomic_directory(out, force) as staging:
+            write_json(staging / PLAN_FILE, self.to_json())
+            (staging / IR_FILE).write_text(str(self.graph))
+            if extra is not None:
+                extra(staging)
+        return out
+
+
+def compile_model(model: str | nn.Module | LoadedModel, *, target: str = "aimc-512",
+                  pipeline: str | None = None, seed: int = 0, trust_remote_code: bool = False,
+                  registries: Registries | None = None, dump_dir: Path | None = None,
+                  progress: Callable[[str, int], Callable[[int], None]] | None = None,
+                  on_pass: Callable[[PassTiming], None] | None = None,
+                  **options: Any) -> Plan:
+    """Compile ``model`` (a MODEL string, an nn.Module or a LoadedModel) into a :class:`Plan`.
+
+    ``options`` fill pass options the pipeline text does not set (``policy``, ``budget``,
+    ``calib_tokens``, ``chips``, ...); an option no pass in the pipeline takes is an error.
+    """
+    registries = registries or load_registries()
+    if isinstance(model, str):
+        loaded = load_model(model, trust_remote_code=trust_remote_code)
+    elif isinstance(model, nn.Module):
+        loaded = LoadedModel(spec=type(model).__name__, name=type(model).__name__,
+                             source="module", module=model.eval(), config=getattr(model, "config", None))
+    else:
+        loaded = model
+    text = pipeline or DEFAULT_PIPELINE
+    specs = parse_pipeline(text)
+    passes = build_passes(specs, registries.passes, options)
+    used = {k for p in passes for k in getattr(p, "__dataclass_fields__", {})}
+    unused = sorted(k for k, v in options.items() if v is not None and k not in used)
+    if unused:
+        from hetmap.compiler.errors import PipelineError
+
+        raise PipelineError(f"option(s) {', '.join(unused)} not taken by any pass of "
+                            f"pipeline {text!r}")
+    ctx = CompileContext(model=loaded, target=resolve_target(target, registries),
+                         registries=registries, seed=seed)
+    if progress is not None:
+        ctx.progress = progress
+    graph = import_model(loaded)
+    run = run_pipeline(graph, passes, ctx, dump_dir=dump_dir, on_pass=on_pass)
+    return Plan(run.graph, loaded, ctx.target, ",".join(str(s) for s in specs), run.timings,
+                {"seed": seed, **{k: v for k, v in options.items() if v is not None}})
+
+
+__all__ = ["DEFAULT_PIPELINE", "HetmapError", "Plan", "compile_model", "resolve_target", "version"]

@@ -1,0 +1,185 @@
+"""Resolve a MODEL argument to a loaded model.
+
+MODEL is one of (rules, in order):
+
+1. ``demo`` -- the trained OLMoE-architecture model that ships with hetmap;
+2. a built-in config name (see ``hetmap models``): tiny ones get random weights from a fixed
+   seed, full-size ones are built on the meta device (structure only, no weight memory);
+3. a local Hugging Face checkpoint directory (``config.json`` + safetensors), local files only;
+4. a factory ``path/to/file.py:function`` or ``package.module:function`` returning an
+   ``nn.Module`` or ``(nn.Module, example_input)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hetmap.compiler.errors import MissingDataError, ModelLoadError
+from hetmap.compiler.frontend.builtin import ATTENTION, BUILTIN_MODELS, DEMO_DIR, TINY_SEED
+from hetmap.compiler.weights import CheckpointWeights, ModuleWeights, WeightStore
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for tracing, with what hetmap knows about where it came from."""
+
+    spec: str
+    name: str
+    source: str  # "builtin", "demo", "checkpoint" or "factory"
+    module: nn.Module
+    config: Any = None
+    tokenizer: Any = None
+    checkpoint: Path | None = None
+    example_input: torch.Tensor | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def on_meta(self) -> bool:
+        """True when the module holds no weight data (built on the meta device)."""
+        return any(p.is_meta for p in self.module.parameters())
+
+    @property
+    def has_weights(self) -> bool:
+        return not self.on_meta or self.checkpoint is not None
+
+    def runnable(self) -> nn.Module:
+        """The module with real weights (a checkpoint is loaded now, on first use)."""
+        if not self.on_meta:
+            return self.module
+        if self.checkpoint is None:
+            raise MissingDataError(
+                f"model {self.name!r} has no weights (built on the meta device for a "
+                "structure-only compile); use a tiny built-in config, 'demo' or a checkpoint")
+        import transformers
+
+        self.module = transformers.AutoModelForCausalLM.from_pretrained(
+            self.checkpoint, local_files_only=True, trust_remote_code=self.trust_remote_code,
+            attn_implementation=ATTENTION, dtype=torch.float32).eval()
+        return self.module
+
+    def weights(self) -> WeightStore:
+        """Weight access without instantiating anything new (streams from a checkpoint)."""
+        if self.checkpoint is not None and self.on_meta:
+            return CheckpointWeights(self.checkpoint)
+        if self.on_meta:
+            raise MissingDataError(
+                f"model {self.name!r} has no weights (meta device); use a tiny built-in config, "
+                "'demo' or a checkpoint, or a weight-free policy (none, all, random)")
+        return ModuleWeights(self.module)
+
+    @property
+    def vocab_size(self) -> int | None:
+        size = getattr(self.config, "vocab_size", None)
+        if isinstance(size, int):
+            return size
+        embedding = next((m for m in self.module.modules() if isinstance(m, nn.Embedding)), None)
+        return embedding.num_embeddings if embedding is not None else None
+
+
+def _from_config(config: Any, meta: bool) -> nn.Module:
+    import transformers
+
+    context = torch.device("meta") if meta else contextlib.nullcontext()
+    if not meta:
+        torch.manual_seed(TINY_SEED)
+    with context:
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION)
+    return model.eval()
+
+
+def _load_checkpoint(path: Path, spec: str, trust_remote_code: bool, source: str) -> LoadedModel:
+    import transformers
+
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a Hugging Face checkpoint (no config.json); "
+                             "pass a directory written by save_pretrained")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ModelLoadError(f"{path} has no weight files (*.safetensors); "
+                             "pass a directory written by save_pretrained")
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(
+                config, trust_remote_code=trust_remote_code, attn_implementation=ATTENTION)
+    except ValueError as exc:
+        hint = "" if trust_remote_code else " (if it ships its own modeling code, add --trust-remote-code)"
+        raise ModelLoadError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}{hint}") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+    tokenizer = None
+    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        with contextlib.suppress(Exception):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return LoadedModel(spec=spec, name=path.name if source != "demo" else "demo", source=source,
+                       module=model.eval(), config=config, tokenizer=tokenizer, checkpoint=path,
+                       trust_remote_code=trust_remote_code)
+
+
+def _load_factory(spec: str) -> LoadedModel:
+    target, _, func_name = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            file = Path(target)
+            if not file.is_file():
+                raise ModelLoadError(f"factory file {file} does not exist")
+            module_spec = importlib.util.spec_from_file_location(f"hetmap_factory_{file.stem}", file)
+            assert module_spec is not None and module_spec.loader is not None
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # user code: any import failure is reported in one line
+        raise ModelLoadError(f"cannot import factory module {target!r}: {type(exc).__name__}: {exc}") from exc
+    factory = getattr(module, func_name, None)
+    if not callable(factory):
+        raise ModelLoadError(f"{target!r} has no callable {func_name!r}; "
+                             "a factory is 'file.py:function' returning an nn.Module")
+    try:
+        result = factory()
+    except Exception as exc:
+        raise ModelLoadError(f"factory {spec} raised {type(exc).__name__}: {exc}") from exc
+    example = None
+    if isinstance(result, tuple) and len(result) == 2:
+        result, example = result
+    if not isinstance(result, nn.Module):
+        raise ModelLoadError(f"factory {spec} returned {type(result).__name__}, not an nn.Module")
+    return LoadedModel(spec=spec, name=func_name, source="factory", module=result.eval(),
+                       config=getattr(result, "config", None), example_input=example)
+
+
+def load_model(spec: str, *, trust_remote_code: bool = False) -> LoadedModel:
+    """Resolve ``spec`` (see module docstring); raise :class:`ModelLoadError` on failure."""
+    if spec == "demo":
+        if not (DEMO_DIR / "config.json").is_file():
+            raise ModelLoadError(f"the demo weights are missing from {DEMO_DIR}; "
+                                 "run examples/train_demo.py to recreate them")
+        return _load_checkpoint(DEMO_DIR, spec, False, "demo")
+    if spec in BUILTIN_MODELS:
+        builtin = BUILTIN_MODELS[spec]
+        config = builtin.make_config()
+        module = _from_config(config, meta=builtin.full_size)
+        return LoadedModel(spec=spec, name=spec, source="builtin", module=module, config=config)
+    path = Path(spec)
+    if path.is_dir():
+        return _load_checkpoint(path, spec, trust_remote_code, "checkpoint")
+    if ":" in spec and not path.exists():
+        return _load_factory(spec)
+    if path.exists():
+        raise ModelLoadError(f"{spec} is a file, not a checkpoint directory; for a factory "
+                             f"write '{spec}:function'")
+    known = ", ".join(["demo", *BUILTIN_MODELS])
+    raise ModelLoadError(f"unknown model {spec!r}: not a built-in name ({known}), "
+                         "a checkpoint directory, or a factory 'file.py:function'")

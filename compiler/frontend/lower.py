@@ -1,0 +1,155 @@
+"""Lower a traced torch.fx graph to hetmap's IR.
+
+Rules (one fx node becomes one IR node, except MoE blocks):
+
+1. ``placeholder``/``output`` become ``input``/``output`` nodes; ``get_attr`` constants are
+   dropped (they carry no data flow).
+2. A leaf module becomes one typed node named by its module path: attention (all its
+   nn.Linear as matrices), dense FFN, embedding, norm, linear / lm-head (the nn.Linear whose
+   output is the vocabulary), or ``op`` for anything else (e.g. rotary embeddings).
+3. An MoE block expands to a ``router`` node, one ``expert`` node per routed expert
+   (``<experts>.<e>``), its ``shared-expert`` and small ``linear`` nodes, and an ``op`` node
+   ``<block>`` (op ``moe-combine``) that stands for the block's output.
+4. ``call_function``/``call_method`` become ``op`` nodes named after the fx node.
+5. A node's layer is the first integer in its module path.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch.fx as fx
+from torch import nn
+
+from hetmap.compiler.frontend.moe import MoeBlock, linear_matrices
+from hetmap.compiler.frontend.tracer import is_attention, is_dense_mlp, is_norm
+from hetmap.compiler.ir import Graph, Matrix, MoeLayer, Node, NodeKind, WeightRef
+
+_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def layer_of(path: str) -> int | None:
+    match = _LAYER.search(path)
+    return int(match.group(1)) if match else None
+
+
+def _router_matrix(router: nn.Module, path: str) -> Matrix:
+    weight = router.weight
+    bias = getattr(router, "bias", None)
+    return Matrix(role="router", key=path, out_features=int(weight.shape[0]),
+                  in_features=int(weight.shape[1]), weight=WeightRef(f"{path}.weight"),
+                  bias=WeightRef(f"{path}.bias") if isinstance(bias, nn.Parameter) else None)
+
+
+def _own_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class _Lowering:
+    def __init__(self, graph: Graph, model: nn.Module, blocks: dict[str, MoeBlock],
+                 vocab_size: int | None) -> None:
+        self.graph = graph
+        self.model = model
+        self.blocks = blocks
+        self.vocab_size = vocab_size
+        self.produced: dict[fx.Node, str] = {}  # fx node -> IR node carrying its value
+
+    def inputs(self, fx_node: fx.Node) -> list[str]:
+        names: list[str] = []
+
+        def visit(arg: fx.Node) -> fx.Node:
+            name = self.produced.get(arg)
+            if name is not None and name not in names:
+                names.append(name)
+            return arg
+
+        fx.node.map_arg((fx_node.args, fx_node.kwargs), visit)
+        return names
+
+    def unique(self, name: str) -> str:
+        if name not in self.graph:
+            return name
+        i = 1
+        while f"{name}#{i}" in self.graph:
+            i += 1
+        return f"{name}#{i}"
+
+    def module_node(self, path: str, module: nn.Module, inputs: list[str]) -> str:
+        layer = layer_of(path)
+        name = self.unique(path)
+        if path in self.blocks:
+            return self.moe_block(self.blocks[path], name, inputs)
+        if isinstance(module, nn.Embedding):
+            node = Node(name, NodeKind.EMBEDDING, path, layer=layer, extra_params=_own_params(module))
+        elif isinstance(module, nn.Linear):
+            is_head = module.out_features == self.vocab_size or path.endswith("lm_head")
+            kind = NodeKind.LM_HEAD if is_head else NodeKind.LINEAR
+            node = Node(name, kind, path, linear_matrices(module, path), layer=layer)
+        elif is_attention(module):
+            node = Node(name, NodeKind.ATTENTION, path, linear_matrices(module, path), layer=layer)
+            node.extra_params = _own_params(module) - node.params
+        elif is_dense_mlp(module):
+            node = Node(name, NodeKind.DENSE_FFN, path, linear_matrices(module, path), layer=layer)
+        elif is_norm(module):
+            node = Node(name, NodeKind.NORM, path, layer=layer, extra_params=_own_params(module))
+        else:
+            node = Node(name, NodeKind.OP, path, layer=layer, op=type(module).__name__,
+                        extra_params=_own_params(module))
+        self.graph.add(node, inputs)
+        return name
+
+    def moe_block(self, block: MoeBlock, name: str, inputs: list[str]) -> str:
+        layer = layer_of(block.path)
+        if layer is None:
+            layer = len(self.graph.moe_layers)
+        router_module = self.model.get_submodule(block.router)
+        self.graph.add(Node(block.router, NodeKind.ROUTER, block.router,
+                            (_router_matrix(router_module, block.router),), layer=layer), inputs)
+        combined: list[str] = []
+        for e, matrices in enumerate(block.expert_matrices):
+            expert = Node(f"{block.experts}.{e}", NodeKind.EXPERT, block.experts, matrices,
+                          layer=layer, expert=e)
+            combined.append(self.graph.add(expert, [*inputs, block.router]).name)
+        for path in block.shared:
+            module = self.model.get_submodule(path)
+            node = Node(path, NodeKind.SHARED_EXPERT, path, linear_matrices(module, path), layer=layer)
+            node.extra_params = _own_params(module) - node.params
+            combined.append(self.graph.add(node, inputs).name)
+        for path in block.other_linears:
+            module = self.model.get_submodule(path)
+            node = Node(path, NodeKind.LINEAR, path, linear_matrices(module, path), layer=layer)
+            combined.append(self.graph.add(node, inputs).name)
+        self.graph.add(Node(name, NodeKind.OP, block.path, layer=layer, op="moe-combine"), combined)
+        self.graph.moe_layers[layer] = MoeLayer(
+            layer=layer, block=block.path, router=block.router, experts_module=block.experts,
+            layout=block.layout, num_experts=block.num_experts, top_k=block.top_k,
+            shared=block.shared)
+        return name
+
+
+def lower(gm: fx.GraphModule, model: nn.Module, blocks: dict[str, MoeBlock], *, name: str,
+          wrapped: bool, vocab_size: int | None) -> Graph:
+    """Build the IR graph of ``model`` from its trace ``gm``."""
+    graph = Graph(name)
+    graph.params_total = sum(p.numel() for p in model.parameters())
+    lowering = _Lowering(graph, model, blocks, vocab_size)
+    for fx_node in gm.graph.nodes:
+        inputs = lowering.inputs(fx_node)
+        if fx_node.op == "placeholder":
+            produced = graph.add(Node(lowering.unique(fx_node.name), NodeKind.INPUT), ()).name
+        elif fx_node.op == "output":
+            produced = graph.add(Node("output", NodeKind.OUTPUT), inputs).name
+        elif fx_node.op == "get_attr":
+            continue
+        elif fx_node.op == "call_module":
+            path = str(fx_node.target)
+            if wrapped:
+                path = path.removeprefix("model.")
+            module = model.get_submodule(path)
+            produced = lowering.module_node(path, module, inputs)
+        else:
+            target = fx_node.target
+            op = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+            produced = graph.add(Node(lowering.unique(fx_node.name), NodeKind.OP, op=op), inputs).name
+        lowering.produced[fx_node] = produced
+    return graph

@@ -1,0 +1,165 @@
+"""MoE-aware torch.fx tracing.
+
+Rules:
+
+1. MoE blocks (see :mod:`.moe`), attention modules, dense MLPs, embeddings and norms are
+   leaf modules: the graph shows them as single ``call_module`` nodes.
+2. Hugging Face causal LMs are traced through a wrapper with an explicit
+   ``forward(input_ids) -> logits``; the mask builders of ``transformers.masking_utils`` are
+   autowrapped (data-dependent control flow inside) and the modeling module is added to the
+   autowrap search (its forwards are decorated).
+3. Config objects reaching the graph become ``get_attr`` nodes of the root instead of being
+   rebuilt inside the graph (rebuilding silently drops the attention implementation).
+4. A module that fx cannot trace raises :class:`TraceError` naming its path and a hint.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from hetmap.compiler.errors import TraceError
+
+_ATTENTION_NAME = re.compile(r"attention|attn", re.IGNORECASE)
+_NORM_NAME = re.compile(r"norm", re.IGNORECASE)
+
+
+class CausalLMWrapper(nn.Module):
+    """``forward(input_ids) -> logits`` around a Hugging Face causal LM."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def is_hf_model(module: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(module, PreTrainedModel)
+
+
+def is_attention(module: nn.Module) -> bool:
+    if isinstance(module, nn.MultiheadAttention):
+        return True
+    linears = [n for n, c in module.named_children() if isinstance(c, nn.Linear)]
+    return bool(_ATTENTION_NAME.search(type(module).__name__)) and len(linears) >= 2
+
+
+def is_dense_mlp(module: nn.Module) -> bool:
+    """A module whose parametrised children are two or more nn.Linear and nothing else."""
+    children = list(module.named_children())
+    linears = [c for _, c in children if isinstance(c, nn.Linear)]
+    others = [c for _, c in children if not isinstance(c, nn.Linear)]
+    return (len(linears) >= 2 and all(not any(True for _ in c.parameters()) for c in others)
+            and not list(module.parameters(recurse=False)))
+
+
+def is_norm(module: nn.Module) -> bool:
+    if isinstance(module, nn.LayerNorm | nn.RMSNorm | nn.GroupNorm):
+        return True
+    params = list(module.parameters(recurse=False))
+    return (bool(_NORM_NAME.search(type(module).__name__)) and not list(module.children())
+            and all(p.dim() == 1 for p in params))
+
+
+def is_rotary(module: nn.Module) -> bool:
+    return not any(True for _ in module.parameters()) and "inv_freq" in dict(module.named_buffers())
+
+
+class HetmapTracer(fx.Tracer):
+    """fx tracer keeping MoE blocks, attention, MLPs, norms and embeddings whole."""
+
+    def __init__(self, moe_paths: Iterable[str], autowrap_modules: tuple[Any, ...] = (),
+                 autowrap_functions: tuple[Any, ...] = ()) -> None:
+        super().__init__(autowrap_modules=(__import__("math"), *autowrap_modules),
+                         autowrap_functions=autowrap_functions)
+        self.moe_paths = set(moe_paths)
+        self._constants: dict[int, str] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        name = module_qualified_name.removeprefix("model.") if self._wrapped else module_qualified_name
+        if name in self.moe_paths:
+            return True
+        if is_attention(m) or is_dense_mlp(m) or is_norm(m) or is_rotary(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    _wrapped = False
+
+    def create_arg(self, a: Any) -> Any:
+        try:
+            from transformers import PreTrainedConfig
+        except ImportError:  # pragma: no cover
+            PreTrainedConfig = ()  # type: ignore[assignment]  # noqa: N806
+        if isinstance(a, PreTrainedConfig):
+            name = self._constants.get(id(a))
+            if name is None:
+                name = f"_hetmap_config_{len(self._constants)}"
+                setattr(self.root, name, a)
+                self._constants[id(a)] = name
+            return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+
+def _hf_autowrap(model: nn.Module) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    import transformers.masking_utils as masking
+
+    modules: list[Any] = [masking]
+    modeling = sys.modules.get(type(model).__module__)
+    if modeling is not None:
+        modules.append(modeling)
+    for sub in model.modules():
+        mod = sys.modules.get(type(sub).__module__)
+        if mod is not None and mod not in modules and mod.__name__.startswith("transformers.models"):
+            modules.append(mod)
+    functions = tuple(f for name, f in vars(masking).items()
+                      if inspect.isfunction(f) and name.startswith("create_") and name.endswith("mask"))
+    return tuple(modules), functions
+
+
+def trace(model: nn.Module, moe_paths: Iterable[str]) -> tuple[fx.GraphModule, bool]:
+    """Trace ``model``; return the GraphModule and whether it is wrapped as HF causal LM.
+
+    In the wrapped form, module paths in the graph carry a leading ``model.``.
+    """
+    hf = is_hf_model(model)
+    root: nn.Module = CausalLMWrapper(model) if hf else model
+    modules, functions = _hf_autowrap(model) if hf else ((), ())
+    tracer = HetmapTracer(moe_paths, modules, functions)
+    tracer._wrapped = hf
+    try:
+        graph = tracer.trace(root)
+    except TraceError:
+        raise
+    except Exception as exc:  # fx raises many types; report the module being traced
+        where = _innermost_module(exc) or type(model).__name__
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TraceError(
+            f"torch.fx cannot trace {where}: {first}. Hint: data-dependent Python control flow "
+            "inside a module breaks symbolic tracing; make that module a leaf (wrap it in an MoE "
+            "block, attention or MLP module) or rewrite the branch with torch.where") from exc
+    return fx.GraphModule(tracer.root, graph, type(root).__name__), hf
+
+
+def _innermost_module(exc: BaseException) -> str | None:
+    """Find the module path being traced when ``exc`` was raised (from the traceback)."""
+    tb = exc.__traceback__
+    found = None
+    while tb is not None:
+        frame_self = tb.tb_frame.f_locals.get("self")
+        if isinstance(frame_self, nn.Module):
+            found = f"{type(frame_self).__name__}"
+        tb = tb.tb_next
+    return found

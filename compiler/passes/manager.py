@@ -1,0 +1,80 @@
+"""The pass manager: runs a pipeline, verifies the IR after every pass, times each pass,
+optionally dumps the IR after each, and names the failing pass (and what ran before) on error.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hetmap.compiler.errors import HetmapError, PassError, VerificationError
+from hetmap.compiler.ir import Graph, verify
+from hetmap.compiler.passes.base import CompileContext, PassResult
+from hetmap.compiler.passes.pipeline import PassSpec, instantiate
+
+
+@dataclass
+class PassTiming:
+    name: str
+    seconds: float
+    modified: bool
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PipelineRun:
+    graph: Graph
+    timings: list[PassTiming]
+
+
+def build_passes(specs: list[PassSpec], registry: Any, overrides: dict[str, Any] | None = None
+                 ) -> list[Any]:
+    """Instantiate passes; ``overrides`` fill options a spec does not set (CLI flags)."""
+    from hetmap.compiler.passes.pipeline import option_types
+
+    passes = []
+    for spec in specs:
+        cls = registry.get(spec.name)
+        options: dict[str, Any] = {}
+        for key, value in (overrides or {}).items():
+            if value is not None and key in option_types(cls):
+                options[key] = value
+        options.update(spec.options)
+        passes.append(instantiate(cls, options, spec.name))
+    return passes
+
+
+def run_pipeline(graph: Graph, passes: list[Any], ctx: CompileContext, *,
+                 dump_dir: Path | None = None,
+                 on_pass: Callable[[PassTiming], None] | None = None) -> PipelineRun:
+    timings: list[PassTiming] = []
+    verify(graph)
+    for index, pass_ in enumerate(passes):
+        ran = ", ".join(t.name for t in timings) or "nothing"
+        start = time.perf_counter()
+        try:
+            result = pass_.run(graph, ctx)
+        except HetmapError as exc:
+            exc.args = (f"pass {pass_.name}: {exc}",)
+            raise
+        except Exception as exc:
+            raise PassError(f"pass {pass_.name} crashed (after: {ran}): "
+                            f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(result, PassResult):
+            raise PassError(f"pass {pass_.name} returned {type(result).__name__}, not a PassResult")
+        try:
+            verify(result.graph)
+        except VerificationError as exc:
+            raise VerificationError(f"IR invalid after pass {pass_.name} (after: {ran}): {exc}") from exc
+        graph = result.graph
+        timing = PassTiming(pass_.name, time.perf_counter() - start, result.modified, result.notes)
+        timings.append(timing)
+        if dump_dir is not None:
+            dump_dir.mkdir(parents=True, exist_ok=True)
+            (dump_dir / f"{index + 1:02d}-{pass_.name}.txt").write_text(str(graph))
+        if on_pass is not None:
+            on_pass(timing)
+    return PipelineRun(graph, timings)

@@ -1,0 +1,99 @@
+"""Writing and reading compiled plans: ``OUT/plan.json`` and ``OUT/ir.txt``.
+
+Output directories are written atomically: everything goes into a temporary sibling
+directory that is renamed into place at the end, so a failed compile leaves no partial OUT.
+An existing OUT is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hetmap.compiler.errors import OutputError
+from hetmap.compiler.ir import Graph, Node
+
+PLAN_FILE = "plan.json"
+IR_FILE = "ir.txt"
+
+
+def node_json(node: Node) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": node.name, "kind": node.kind.value, "params": node.params}
+    if node.module:
+        entry["module"] = node.module
+    if node.op:
+        entry["op"] = node.op
+    if node.layer is not None:
+        entry["layer"] = node.layer
+    if node.expert is not None:
+        entry["expert"] = node.expert
+    if node.matrices:
+        entry["matrices"] = [{"role": m.role, "key": m.key, "shape": [m.out_features, m.in_features]}
+                             for m in node.matrices]
+    for annotation in node.annotations.values():
+        to_json = getattr(annotation, "to_json", None)
+        if to_json is not None:
+            entry.update(to_json())
+    return entry
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``out`` when the block succeeds."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputError(f"{out} already exists; pass --force to replace it or choose another -o")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a directory")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write to {parent}: {exc.strerror}") from exc
+    try:
+        yield staging
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=parent))
+            os.replace(out, trash / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def read_plan(out: Path) -> dict[str, Any]:
+    path = Path(out) / PLAN_FILE
+    if not path.is_file():
+        raise OutputError(f"{out} is not a compiled plan directory (no {PLAN_FILE}); "
+                          "create one with 'hetmap compile MODEL -o DIR'")
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise OutputError(f"{path} is not valid JSON (line {exc.lineno}): recompile it") from exc
+    return data
+
+
+def graph_text(graph: Graph) -> str:
+    return str(graph)
