@@ -138,6 +138,11 @@ class Node:
         """Parameters of this node's matrices (plus non-matrix parameters, e.g. embeddings)."""
         return sum(m.params for m in self.matrices) + self.extra_params
 
+    @property
+    def matrix_params(self) -> int:
+        """Parameters of this node's weight matrices (and their biases) only."""
+        return sum(m.params for m in self.matrices)
+
     def annotate(self, annotation: object) -> None:
         """Attach (or replace) the annotation of ``type(annotation)``."""
         if not dataclasses.is_dataclass(annotation):

@@ -25,9 +25,9 @@ def summarize(graph: Graph) -> dict[str, Any]:
         if placement is None:
             continue
         if placement.analog:
-            analog += node.params
+            analog += node.matrix_params
         else:
-            digital += node.params
+            digital += node.matrix_params
     for layer, experts in sorted(graph.experts_by_layer().items()):
         moe = graph.moe_layers[layer]
         placed = [n.get(Placement) for n in experts]
@@ -36,9 +36,9 @@ def summarize(graph: Graph) -> dict[str, Any]:
             "experts": len(experts),
             "top_k": moe.top_k,
             "experts_digital": sum(1 for p in placed if p is not None and not p.analog),
-            "expert_params_digital": sum(n.params for n, p in zip(experts, placed, strict=True)
+            "expert_params_digital": sum(n.matrix_params for n, p in zip(experts, placed, strict=True)
                                          if p is not None and not p.analog),
-            "expert_params": sum(n.params for n in experts),
+            "expert_params": sum(n.matrix_params for n in experts),
         }
     experts_all = graph.experts()
     summary: dict[str, Any] = {

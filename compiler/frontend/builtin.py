@@ -19,7 +19,8 @@ TINY_SEED = 0
 DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
 
 _TINY_COMMON: dict[str, Any] = dict(vocab_size=256, hidden_size=64, num_attention_heads=4,
-                                    num_key_value_heads=4, max_position_embeddings=512)
+                                    num_key_value_heads=4, max_position_embeddings=512,
+                                    bos_token_id=0, eos_token_id=0, pad_token_id=None)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,258 @@
+"""The ``hetmap`` command line: a thin layer over :mod:`hetmap.compiler.api`.
+
+User errors (any :class:`HetmapError`) print one line, ``error: ...``, and exit with status 2;
+``--traceback`` shows the Python traceback too.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from hetmap.compiler.errors import HetmapError, OutputError
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def progress_factory(enabled: bool) -> Callable[[str, int], Callable[[int], None]]:
+    """Progress bars on stderr for long steps (disabled when stderr is not a terminal)."""
+    def make(description: str, total: int) -> Callable[[int], None]:
+        if not enabled or total <= 1:
+            return lambda _n: None
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), console=err, transient=True)
+        task = bar.add_task(description, total=total)
+        bar.start()
+        state = {"done": 0}
+
+        def advance(n: int) -> None:
+            state["done"] += n
+            bar.advance(task, n)
+            if state["done"] >= total:
+                bar.stop()
+        return advance
+    return make
+
+
+def compile_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by ``compile``, ``simulate`` and ``sweep``."""
+    options = [
+        click.option("--target", "target", default="aimc-512", show_default=True,
+                     help="Target name (see 'hetmap targets') or a TOML file."),
+        click.option("--pipeline", default=None,
+                     help="Pass pipeline, e.g. 'density,expert-score,place{policy=max-norm},tile'."),
+        click.option("--policy", default=None, help="Placement policy (see 'hetmap passes'). [default: max-norm]"),
+        click.option("--budget", type=float, default=None, help="Fraction of experts per layer on digital. [default: 0.125]"),
+        click.option("--budget-scope", type=click.Choice(["layer", "global"]), default=None,
+                     help="Rank experts within each layer or across layers. [default: layer]"),
+        click.option("--dense", type=click.Choice(["digital", "analog"]), default=None,
+                     help="Where dense modules go ('analog' for the all-analog baseline). [default: digital]"),
+        click.option("--dense-threshold", type=float, default=None,
+                     help="Density from which a module counts as dense. [default: 0.5]"),
+        click.option("--calib", type=click.Path(), default=None,
+                     help="Calibration text file (default: the built-in corpus' calibration split)."),
+        click.option("--calib-tokens", type=int, default=None, help="Calibration tokens. [default: 4096]"),
+        click.option("--chips", default=None, help="Chips in the system: a number or 'auto'. [default: the target's]"),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for random policies."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow checkpoints that ship modeling code."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def pass_overrides(kw: dict[str, Any]) -> dict[str, Any]:
+    keys = ("policy", "budget", "budget_scope", "dense", "dense_threshold", "calib",
+            "calib_tokens", "chips")
+    return {k: kw.get(k) for k in keys if kw.get(k) is not None}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hetmap")
+@click.option("--traceback", is_flag=True, hidden=True, help="Show Python tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, traceback: bool) -> None:
+    """hetmap: map Mixture-of-Experts transformers onto analog-digital accelerators."""
+    ctx.obj = {"traceback": traceback}
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+@cli.command("compile")
+@click.argument("model")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Output directory for plan.json and ir.txt (and model.onnx).")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--emit", type=click.Choice(["plan", "onnx"]), default="plan", show_default=True,
+              help="'onnx' also writes OUT/model.onnx with placement metadata.")
+@click.option("--onnx-tiles", is_flag=True, help="Lower analog matmuls to one MatMul per crossbar tile.")
+@click.option("--dump-ir", type=click.Path(path_type=Path), default=None,
+              help="Directory for the IR text after every pass.")
+@click.option("-v", "--verbose", is_flag=True, help="Show per-pass timings.")
+@compile_options
+def compile_cmd(model: str, out: Path | None, force: bool, emit: str, onnx_tiles: bool,
+                dump_ir: Path | None, verbose: bool, **kw: Any) -> None:
+    """Compile MODEL: a built-in name (see 'hetmap models'), a checkpoint directory, or a
+    factory 'file.py:function'."""
+    from hetmap.compiler.api import compile_model
+
+    if emit == "onnx" and out is None:
+        raise click.UsageError("--emit onnx needs -o OUT")
+    if out is not None and out.exists() and not force:
+        raise OutputError(f"{out} already exists; pass --force to replace it or choose another -o")
+    plan = compile_model(model, target=kw["target"], pipeline=kw["pipeline"], seed=kw["seed"],
+                         trust_remote_code=kw["trust_remote_code"], dump_dir=dump_ir,
+                         progress=progress_factory(err.is_terminal),
+                         on_pass=(lambda t: err.print(f"  pass {t.name:<14} {t.seconds * 1000:8.1f} ms"
+                                                      f"{'  ' + '; '.join(t.notes) if t.notes else ''}"))
+                         if verbose else None,
+                         **pass_overrides(kw))
+    extra = None
+    if emit == "onnx":
+        from hetmap.compiler.backends.onnx_emitter import emit_onnx
+
+        def extra(staging: Path) -> None:
+            emit_onnx(plan, staging, tiles=onnx_tiles)
+    print_summary(plan.to_json())
+    if out is not None:
+        plan.write(out, force=force, extra=extra)
+        files = "plan.json, ir.txt" + (", model.onnx" if emit == "onnx" else "")
+        out_console = out
+        err.print(f"wrote {out_console}/ ({files})")
+    else:
+        err.print("(pass -o DIR to write plan.json and ir.txt)")
+
+
+def print_summary(plan: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    s = plan["summary"]
+    out.print(f"[bold]{plan['model']['name']}[/] on [bold]{plan['target']['name']}[/]  "
+              f"pipeline: {plan['pipeline']}")
+    out.print(f"  parameters   {s['params_total']:,}  digital {s['params_digital']:,} "
+              f"({s['digital_param_fraction']:.2%})  analog {s['params_analog']:,}")
+    out.print(f"  experts      {s['experts_digital']} of {s['experts_total']} digital "
+              f"in {s['moe_layers']} MoE layers")
+    if "tiles_used" in s:
+        out.print(f"  crossbars    {s['tiles_used']:,} tiles on {s['arrays_used']:,} arrays, "
+                  f"utilization {s['tile_utilization']:.1%}")
+    if "energy_per_token_j" in s:
+        ratio = s["energy_per_token_j"] / s["digital_energy_per_token_j"] if s["digital_energy_per_token_j"] else 0
+        lat = s["latency_per_token_s"] / s["digital_latency_per_token_s"] if s["digital_latency_per_token_s"] else 0
+        out.print(f"  energy/token {s['energy_per_token_j']:.3e} J ({ratio:.2f}x all-digital)   "
+                  f"latency/token {s['latency_per_token_s']:.3e} s ({lat:.2f}x all-digital)")
+    if s.get("layers"):
+        table = Table(title=None, show_edge=False, pad_edge=False)
+        for col in ("layer", "experts", "top-k", "digital", "expert params digital"):
+            table.add_column(col, justify="right")
+        for row in s["layers"]:
+            share = row["expert_params_digital"] / row["expert_params"] if row["expert_params"] else 0
+            table.add_row(str(row["layer"]), str(row["experts"]), str(row["top_k"]),
+                          str(row["experts_digital"]), f"{share:.1%}")
+        out.print(table)
+    if s.get("cost_by_kind"):
+        from rich.table import Table as T2
+
+        table = T2(show_edge=False, pad_edge=False)
+        for col in ("kind", "energy/token (J)", "share"):
+            table.add_column(col, justify="right")
+        total = sum(v["energy_j"] for v in s["cost_by_kind"].values()) or 1.0
+        for kind, row in sorted(s["cost_by_kind"].items()):
+            table.add_row(kind, f"{row['energy_j']:.3e}", f"{row['energy_j'] / total:.1%}")
+        out.print(table)
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+def inspect(out_dir: Path) -> None:
+    """Print the summary and per-layer table of a compiled plan directory."""
+    from hetmap.compiler.plan import read_plan
+
+    print_summary(read_plan(out_dir))
+
+
+@cli.command()
+def passes() -> None:
+    """List registered passes and placement policies."""
+    from hetmap.compiler.registry import load_registries
+
+    registries = load_registries()
+    _warn_plugins(registries)
+    out.print("[bold]passes[/]")
+    for entry in registries.passes:
+        out.print(f"  {entry.name:<22} {entry.description}{_origin(entry.origin)}")
+    out.print("[bold]policies[/] (place{policy=NAME} or --policy NAME)")
+    for entry in registries.policies:
+        out.print(f"  {entry.name:<22} {entry.description}{_origin(entry.origin)}")
+    out.print("[bold]emitters[/]")
+    for entry in registries.emitters:
+        out.print(f"  {entry.name:<22} {entry.description}{_origin(entry.origin)}")
+
+
+@cli.command()
+def targets() -> None:
+    """List registered hardware targets."""
+    from hetmap.compiler.registry import load_registries
+
+    registries = load_registries()
+    _warn_plugins(registries)
+    for entry in registries.targets:
+        out.print(f"  {entry.name:<22} {entry.description}{_origin(entry.origin)}")
+
+
+@cli.command()
+def models() -> None:
+    """List built-in model names."""
+    from hetmap.compiler.frontend.builtin import BUILTIN_MODELS
+
+    out.print(f"  {'demo':<20} trained OLMoE-architecture byte-level model shipped with hetmap")
+    for model in BUILTIN_MODELS.values():
+        out.print(f"  {model.name:<20} {model.description}")
+
+
+def _origin(origin: str) -> str:
+    return "" if origin == "built-in" else f"  [dim]({origin})[/]"
+
+
+def _warn_plugins(registries: Any) -> None:
+    for problem in registries.problems:
+        err.print(f"warning: {problem}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hetmap`` console script."""
+    show_tb = "--traceback" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, standalone_mode=False, prog_name="hetmap")
+    except click.exceptions.Abort:
+        err.print("aborted")
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except HetmapError as exc:
+        if show_tb:
+            raise
+        err.print(f"error: {exc}", markup=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+def run() -> None:
+    """Console-script wrapper: exit with :func:`main`'s status."""
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Front end: every built-in tiny config, a full-size meta config, hand-written and dense
+models and a saved checkpoint lower to the expected IR; traced outputs equal eager ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HANDWRITTEN, TINY
+
+from hetmap.compiler.errors import ModelLoadError, TraceError
+from hetmap.compiler.frontend import import_model, load_model
+from hetmap.compiler.frontend.moe import find_moe_blocks
+from hetmap.compiler.frontend.tracer import trace
+from hetmap.compiler.ir import NodeKind
+
+EXPECTED = {  # model -> (MoE layers, experts per layer, expert (gate/up out, in), shared-experts)
+    "olmoe-tiny": (2, 8, (32, 64), 0),
+    "mixtral-tiny": (2, 8, (32, 64), 0),
+    "qwen2-moe-tiny": (2, 8, (32, 64), 2),
+    "deepseek-v2-tiny": (2, 8, (32, 64), 2),
+    "deepseek-v3-tiny": (2, 8, (32, 64), 2),
+}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_configs_lower_to_expected_ir(name: str) -> None:
+    graph = import_model(load_model(name))
+    layers, experts, gate_shape, shared = EXPECTED[name]
+    assert len(graph.moe_layers) == layers
+    for layer, nodes in graph.experts_by_layer().items():
+        assert [n.expert for n in nodes] == list(range(experts))
+        for node in nodes:
+            assert [m.role for m in node.matrices] == ["gate", "up", "down"]
+            assert node.matrices[0].shape == gate_shape
+            assert node.matrices[2].shape == gate_shape[::-1]
+    assert len(graph.by_kind(NodeKind.SHARED_EXPERT)) == shared
+    assert len(graph.by_kind(NodeKind.ROUTER)) == layers
+    assert len(graph.by_kind(NodeKind.LM_HEAD)) == 1
+    assert len(graph.by_kind(NodeKind.EMBEDDING)) == 1
+    attention = graph.by_kind(NodeKind.ATTENTION)
+    assert attention and all(n.matrices for n in attention)
+    if name.startswith("deepseek"):  # first layer dense
+        assert [n.layer for n in graph.by_kind(NodeKind.DENSE_FFN)] == [0]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_traced_output_equals_eager_on_two_shapes(name: str) -> None:
+    loaded = load_model(name)
+    gm, _ = trace(loaded.module, find_moe_blocks(loaded.module, loaded.config))
+    for shape in [(1, 7), (2, 13)]:
+        ids = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            torch.testing.assert_close(gm(ids), loaded.module(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_full_size_meta_config_compiles_structure_only() -> None:
+    loaded = load_model("olmoe-1b-7b")
+    assert loaded.on_meta and not loaded.has_weights
+    graph = import_model(loaded)
+    assert len(graph.moe_layers) == 16
+    assert len(graph.experts()) == 16 * 64
+    expert = graph.experts()[0]
+    assert [m.shape for m in expert.matrices] == [(1024, 2048), (1024, 2048), (2048, 1024)]
+    assert graph.moe_layers[0].top_k == 8
+
+
+def test_handwritten_modulelist_moe() -> None:
+    loaded = load_model(f"{HANDWRITTEN}:moe")
+    graph = import_model(loaded)
+    assert {m.layout for m in graph.moe_layers.values()} == {"modulelist"}
+    assert len(graph.experts()) == 16
+    expert = graph.node("layers.1.mlp.experts.3")
+    assert [m.key for m in expert.matrices] == [
+        "layers.1.mlp.experts.3.gate_proj", "layers.1.mlp.experts.3.up_proj",
+        "layers.1.mlp.experts.3.down_proj"]
+    router = graph.node("layers.1.mlp.router")
+    assert router.kind is NodeKind.ROUTER and router.matrices[0].bias is not None
+    assert graph.moe_layers[1].top_k == 2
+
+
+def test_dense_model_has_no_experts() -> None:
+    graph = import_model(load_model(f"{HANDWRITTEN}:dense"))
+    assert not graph.moe_layers and not graph.experts()
+    ffns = graph.by_kind(NodeKind.DENSE_FFN)  # Sequential(Linear, GELU, Linear) is one FFN
+    assert [n.layer for n in ffns] == [0, 1]
+    assert [m.shape for m in ffns[0].matrices] == [(16, 32), (32, 16)]
+    assert len(graph.by_kind(NodeKind.LM_HEAD)) == 1
+
+
+def test_saved_checkpoint_compiles_from_directory(tmp_path) -> None:
+    loaded = load_model("qwen2-moe-tiny")
+    loaded.module.save_pretrained(tmp_path)
+    from_dir = load_model(str(tmp_path))
+    assert from_dir.source == "checkpoint" and from_dir.on_meta and from_dir.has_weights
+    graph = import_model(from_dir)
+    assert len(graph.experts()) == 16
+    model = from_dir.runnable()
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, loaded.module(ids).logits)
+
+
+def test_load_errors(tmp_path) -> None:
+    with pytest.raises(ModelLoadError, match="unknown model 'nope'"):
+        load_model("nope")
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="no callable 'missing'"):
+        load_model(f"{HANDWRITTEN}:missing")
+    with pytest.raises(TraceError, match="Branchy"):
+        import_model(load_model(f"{HANDWRITTEN}:untraceable"))
