@@ -10,9 +10,8 @@ def builtin_passes() -> list[type[Any]]:
     from hetmap.compiler.passes.expert_score import ExpertScorePass
     from hetmap.compiler.passes.place import PlacePass
 
-    passes: list[type[Any]] = [DensityPass, ExpertScorePass, PlacePass]
-    try:
-        from hetmap.compiler.passes.hardware import AllocatePass, CostPass, TilePass
-    except ImportError:  # pragma: no cover - during bring-up only
-        return passes
-    return [*passes, TilePass, AllocatePass, CostPass]
+    from hetmap.compiler.passes.allocate import AllocatePass
+    from hetmap.compiler.passes.cost import CostPass
+    from hetmap.compiler.passes.tile import TilePass
+
+    return [DensityPass, ExpertScorePass, PlacePass, TilePass, AllocatePass, CostPass]

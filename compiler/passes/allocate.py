@@ -1,0 +1,79 @@
+"""``allocate``: place every tile on a physical crossbar array (chip, array, tier).
+
+Reads: :class:`Tiling`, the target. Writes: :class:`ArrayAssignment` per analog node and an
+:class:`AllocationSummary` on the graph (``tiles_used``, ``arrays_used``,
+``tile_utilization``, with and without packing).
+
+Rules: see :mod:`hetmap.compiler.allocation`. Matrices of one node reading the same input
+(gate and up of an expert; q, k and v) form an input group and may share arrays side by side.
+``spread_experts`` keeps the experts of one MoE layer on distinct array sites so that
+experts routed together run in parallel. ``chips`` is the target's count, a number, or
+``auto`` (the fewest chips that fit); too few arrays is a :class:`CapacityError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from hetmap.compiler.allocation import allocate
+from hetmap.compiler.errors import PipelineError
+from hetmap.compiler.hwannotations import AllocationSummary, ArrayAssignment, Tiling
+from hetmap.compiler.ir import Graph, NodeKind
+from hetmap.compiler.passes.base import CompileContext, PassResult
+
+_OUTPUT_SIDE = {"down", "o_proj", "down_proj", "fc2", "wo"}
+
+
+@dataclass(frozen=True)
+class AllocatePass:
+    name: ClassVar[str] = "allocate"
+    description: ClassVar[str] = "assign tiles to physical crossbar arrays, packing partial tiles"
+
+    chips: str = "target"
+    packing: bool = True
+    spread_experts: bool = False
+
+    def validate(self) -> str | None:
+        if self.chips not in ("target", "auto") and not (self.chips.isdigit() and int(self.chips) > 0):
+            return f"chips must be a positive number, 'auto' or 'target', got {self.chips!r}"
+        return None
+
+    def run(self, graph: Graph, ctx: CompileContext) -> PassResult:
+        nodes = [n for n in graph.matrix_nodes() if n.has(Tiling)]
+        outs, ins, groups, spread, owners = [], [], [], [], []
+        for index, node in enumerate(nodes):
+            for m_index, matrix in enumerate(node.matrices):
+                outs.append(matrix.out_features)
+                ins.append(matrix.in_features)
+                shared_input = matrix.role not in _OUTPUT_SIDE
+                groups.append(index * 2 if shared_input else -1)
+                spread.append(node.layer if node.kind is NodeKind.EXPERT and node.layer is not None else -1)
+                owners.append((node, m_index))
+        chips: int | str | None = None if self.chips == "target" else (
+            "auto" if self.chips == "auto" else int(self.chips))
+        if self.chips not in ("target", "auto") and not self.chips.isdigit():
+            raise PipelineError(f"allocate: chips={self.chips!r}")
+        group_ids = np.asarray(groups, dtype=np.int64)
+        unique_single = np.flatnonzero(group_ids < 0)
+        group_ids[unique_single] = -1 - unique_single  # distinct ids for matrices with no group
+        allocation = allocate(np.asarray(outs, dtype=np.int64), np.asarray(ins, dtype=np.int64),
+                              ctx.target, chips=chips, packing=self.packing and ctx.target.aimc.packing,
+                              input_group=group_ids - group_ids.min(),
+                              spread_group=np.asarray(spread) if self.spread_experts else None)
+        compact = allocation.compact()
+        per_node: dict[str, tuple[list[tuple[tuple[int, int], ...]], list[tuple[tuple[int, int, int], ...]]]] = {}
+        for (node, _m), entry in zip(owners, compact["matrices"], strict=True):
+            runs, offs = per_node.setdefault(node.name, ([], []))
+            runs.append(tuple(tuple(r) for r in entry["slot_runs"]))
+            offs.append(tuple(tuple(o) for o in entry["offsets"]))
+        for node in nodes:
+            runs, offs = per_node[node.name]
+            node.annotate(ArrayAssignment(tuple(runs), tuple(offs)))
+        graph.annotate(AllocationSummary(allocation.summary(), compact["layout"]))
+        ctx.cache["allocation"] = allocation
+        s = allocation.summary()
+        return PassResult(graph, True, [f"{s['tiles_used']} tiles on {s['arrays_used']} arrays "
+                                        f"({s['tile_utilization']:.1%} used), {s['chips']} chip(s)"])
