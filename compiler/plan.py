@@ -55,6 +55,9 @@ def atomic_directory(out: Path, force: bool) -> Iterator[Path]:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
     except OSError as exc:
         raise OutputError(f"cannot write to {parent}: {exc.strerror}") from exc
     try:
