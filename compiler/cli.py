@@ -103,13 +103,17 @@ def compile_cmd(model: str, out: Path | None, force: bool, emit: str, onnx_tiles
     """Compile MODEL: a built-in name (see 'hetmap models'), a checkpoint directory, or a
     factory 'file.py:function'."""
     from hetmap.compiler.api import compile_model
+    from hetmap.compiler.registry import load_registries
 
     if emit == "onnx" and out is None:
         raise click.UsageError("--emit onnx needs -o OUT")
     if out is not None and out.exists() and not force:
         raise OutputError(f"{out} already exists; pass --force to replace it or choose another -o")
+    registries = load_registries()
+    _warn_plugins(registries)
     plan = compile_model(model, target=kw["target"], pipeline=kw["pipeline"], seed=kw["seed"],
                          trust_remote_code=kw["trust_remote_code"], dump_dir=dump_ir,
+                         registries=registries,
                          progress=progress_factory(err.is_terminal),
                          on_pass=(lambda t: err.print(f"  pass {t.name:<14} {t.seconds * 1000:8.1f} ms"
                                                       f"{'  ' + '; '.join(t.notes) if t.notes else ''}"))

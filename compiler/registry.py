@@ -38,6 +38,8 @@ class Registry(Generic[T]):
     describe: Callable[[Any], str] = lambda v: (getattr(v, "description", "") or "")
     entries: dict[str, Entry[T]] = field(default_factory=dict)
     problems: list[PluginError] = field(default_factory=list)
+    #: entry-point names whose plugin failed to load, with the reason
+    failed: dict[str, PluginError] = field(default_factory=dict)
 
     def register(self, name: str, value: T, description: str | None = None,
                  origin: str = "built-in") -> None:
@@ -52,9 +54,8 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         entry = self.entries.get(name)
         if entry is None:
-            failed = [p for p in self.problems if f"'{name}'" in str(p)]
-            if failed:
-                raise failed[0]
+            if name in self.failed:
+                raise self.failed[name]
             known = ", ".join(sorted(self.entries)) or "none"
             raise RegistryError(f"unknown {self.kind} {name!r} (known: {known})")
         return entry.value
@@ -72,14 +73,21 @@ class Registry(Generic[T]):
             try:
                 value = ep.load()
             except Exception as exc:  # any failure inside third-party code
-                self.problems.append(PluginError(
+                self._fail(ep.name, PluginError(
                     f"{origin} failed to import: {type(exc).__name__}: {exc}"))
                 continue
-            name = getattr(value, "name", None) or ep.name
+            # classes (passes, policies) carry their own name; other objects use the entry point's
+            declared = getattr(value, "name", None) if isinstance(value, type) else None
+            name = declared if isinstance(declared, str) and declared else ep.name
             try:
                 self.register(name, value, origin=origin)
             except RegistryError as exc:
-                self.problems.append(PluginError(str(exc)))
+                self._fail(name, PluginError(str(exc)))
+
+    def _fail(self, name: str, problem: PluginError) -> None:
+        self.problems.append(problem)
+        if name not in self.entries:
+            self.failed[name] = problem
 
 
 @dataclass

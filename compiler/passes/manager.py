@@ -47,7 +47,16 @@ def build_passes(specs: list[PassSpec], registry: Any, overrides: dict[str, Any]
     return passes
 
 
-def run_pipeline(graph: Graph, passes: list[Any], ctx: CompileContext, *,
+def _described(pass_: Any, ctx: CompileContext | None) -> str:
+    """``pass NAME`` plus its plugin origin when it does not come with hetmap."""
+    registries = getattr(ctx, "registries", None)
+    entry = registries.passes.entries.get(pass_.name) if registries is not None else None
+    if entry is not None and entry.origin != "built-in":
+        return f"pass {pass_.name} from {entry.origin}"
+    return f"pass {pass_.name}"
+
+
+def run_pipeline(graph: Graph, passes: list[Any], ctx: CompileContext | None, *,
                  dump_dir: Path | None = None,
                  on_pass: Callable[[PassTiming], None] | None = None) -> PipelineRun:
     timings: list[PassTiming] = []
@@ -58,17 +67,19 @@ def run_pipeline(graph: Graph, passes: list[Any], ctx: CompileContext, *,
         try:
             result = pass_.run(graph, ctx)
         except HetmapError as exc:
-            exc.args = (f"pass {pass_.name}: {exc}",)
+            exc.args = (f"{_described(pass_, ctx)}: {exc}",)
             raise
         except Exception as exc:
-            raise PassError(f"pass {pass_.name} crashed (after: {ran}): "
+            raise PassError(f"{_described(pass_, ctx)} crashed (after: {ran}): "
                             f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(result, PassResult):
-            raise PassError(f"pass {pass_.name} returned {type(result).__name__}, not a PassResult")
+            raise PassError(f"{_described(pass_, ctx)} returned {type(result).__name__}, "
+                            "not a PassResult")
         try:
             verify(result.graph)
         except VerificationError as exc:
-            raise VerificationError(f"IR invalid after pass {pass_.name} (after: {ran}): {exc}") from exc
+            raise VerificationError(
+                f"IR invalid after {_described(pass_, ctx)} (after: {ran}): {exc}") from exc
         graph = result.graph
         timing = PassTiming(pass_.name, time.perf_counter() - start, result.modified, result.notes)
         timings.append(timing)

@@ -1,0 +1,1 @@
+"""Example hetmap plugin (see the package README)."""
