@@ -1,0 +1,181 @@
+"""Tests for hetmap.targets: presets, TOML validation, loading and the capability predicate."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hetmap.compiler.errors import TargetError
+from hetmap.targets import (
+    DEFAULT_TARGET,
+    NOISE_MODELS,
+    aimc_supports,
+    builtin_targets,
+    load_target,
+    target_from_dict,
+)
+
+PRESETS = ["aimc-512", "hermes-256", "3d-aimc"]
+
+
+def _valid() -> dict[str, Any]:
+    return copy.deepcopy(load_target(DEFAULT_TARGET).to_json())
+
+
+def _error(data: dict[str, Any]) -> str:
+    with pytest.raises(TargetError) as raised:
+        target_from_dict(data, "x.toml")
+    message = str(raised.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load_and_round_trip(name: str) -> None:
+    target = load_target(name)
+    assert target.name == name
+    assert target.aimc.noise.model in NOISE_MODELS
+    assert target_from_dict(target.to_json()) == target
+
+
+def test_builtin_targets_are_the_toml_files() -> None:
+    found = builtin_targets()
+    assert set(PRESETS) <= set(found)
+    assert all(path.suffix == ".toml" and path.is_file() for path in found.values())
+
+
+def test_default_target_is_the_papers_setup() -> None:
+    aimc = load_target().aimc
+    assert (aimc.rows, aimc.cols, aimc.dac_bits, aimc.adc_bits) == (512, 512, 8, 8)
+    assert aimc.noise.model == "pcm"
+    assert aimc.noise.kwargs()["prog_noise_scale"] == 1.5
+
+
+def test_hermes_figures_follow_from_the_published_chip_numbers() -> None:
+    aimc = load_target("hermes-256").aimc
+    macs = 256 * 256
+    assert aimc.arrays_per_chip == 64
+    assert aimc.mvm_energy_j == pytest.approx(2 * macs / 9.76e12, rel=0.01)  # J = ops / (op/J)
+    assert aimc.mvm_latency_s == pytest.approx(2 * macs / (63.1e12 / 64), rel=0.01)
+
+
+def test_3d_preset_has_tiers_and_fits_olmoe() -> None:
+    aimc = load_target("3d-aimc").aimc
+    assert aimc.tiers > 1
+    assert aimc.arrays_available() >= 26060
+    assert aimc.arrays_available(chips=2) == 2 * aimc.arrays_per_chip * aimc.tiers
+
+
+def test_load_target_from_path(tmp_path: Path) -> None:
+    text = builtin_targets()["aimc-512"].read_text().replace("rows = 512", "rows = 256")
+    path = tmp_path / "mine.toml"
+    path.write_text(text)
+    assert load_target(str(path)).aimc.rows == 256
+
+
+def test_zero_size_in_a_file_names_the_file_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text(builtin_targets()["aimc-512"].read_text().replace("rows = 512", "rows = 0"))
+    with pytest.raises(TargetError, match=r"x\.toml: aimc\.rows must be a positive integer, got 0"):
+        load_target(str(path))
+
+
+def test_unknown_name_lists_the_builtins() -> None:
+    with pytest.raises(TargetError, match="unknown target 'nope'.*aimc-512.*hermes-256"):
+        load_target("nope")
+
+
+def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
+    with pytest.raises(TargetError, match="no such target file"):
+        load_target(str(tmp_path / "absent.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = \n")
+    with pytest.raises(TargetError, match="bad.toml: invalid TOML"):
+        load_target(str(bad))
+
+
+def test_missing_field() -> None:
+    data = _valid()
+    del data["aimc"]["rows"]
+    assert _error(data) == "x.toml: aimc.rows is missing"
+
+
+def test_missing_table() -> None:
+    data = _valid()
+    del data["digital"]
+    assert "x.toml: digital is missing" in _error(data)
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value", "expected"),
+    [
+        ("aimc", "rows", 0, "aimc.rows must be a positive integer, got 0"),
+        ("aimc", "cols", -4, "aimc.cols must be a positive integer, got -4"),
+        ("aimc", "chips", 2.5, "aimc.chips must be a positive integer, got 2.5"),
+        ("aimc", "tiers", True, "aimc.tiers must be a positive integer, got True"),
+        ("aimc", "dac_bits", 0, "aimc.dac_bits must be an integer from 1 to 32, got 0"),
+        ("aimc", "packing", "yes", "aimc.packing must be true or false, got 'yes'"),
+        ("aimc", "out_noise", -0.1, "aimc.out_noise must be a number >= 0, got -0.1"),
+        ("aimc", "mvm_energy_j", 0, "aimc.mvm_energy_j must be a positive number, got 0"),
+        ("digital", "mem_bandwidth", "fast", "digital.mem_bandwidth must be a positive number"),
+    ],
+)
+def test_bad_values_name_the_field(section: str, field: str, value: Any, expected: str) -> None:
+    data = _valid()
+    data[section][field] = value
+    assert _error(data).startswith(f"x.toml: {expected}")
+
+
+def test_unknown_noise_model() -> None:
+    data = _valid()
+    data["aimc"]["noise"]["model"] = "memristor"
+    message = _error(data)
+    assert message.startswith("x.toml: aimc.noise.model must be one of pcm, hermes")
+    assert message.endswith("got 'memristor'")
+
+
+def test_noise_parameters_are_checked_against_the_model() -> None:
+    data = _valid()
+    data["aimc"]["noise"]["params"]["num_devices"] = 2  # a HermesNoiseModel argument
+    assert "aimc.noise.params.num_devices is not a parameter of the 'pcm'" in _error(data)
+    data = _valid()
+    data["aimc"]["noise"]["params"]["prog_coeff"] = [0.26, "x"]
+    assert "aimc.noise.params.prog_coeff must be a non-empty list of numbers" in _error(data)
+
+
+def test_unknown_field_is_rejected() -> None:
+    data = _valid()
+    data["aimc"]["row"] = 512
+    assert _error(data).startswith("x.toml: aimc.row is not a known field (known: rows, cols")
+
+
+def test_optional_fields_take_defaults() -> None:
+    data = _valid()
+    del data["aimc"]["tiers"], data["description"], data["aimc"]["noise"]["params"]
+    target = target_from_dict(data)
+    assert target.aimc.tiers == 1 and target.description == ""
+    assert target.aimc.noise.kwargs() == {}
+
+
+@pytest.mark.parametrize("kind", ["attention", "router", "expert", "shared-expert",
+                                  "dense-ffn", "linear", "lm-head"])
+def test_matrix_kinds_are_supported(kind: str) -> None:
+    ok, why = aimc_supports(load_target(), kind, (1024, 2048), weights_static=True)
+    assert ok and why
+
+
+@pytest.mark.parametrize("kind", ["embedding", "norm", "op"])
+def test_non_matrix_kinds_are_not(kind: str) -> None:
+    ok, why = aimc_supports(load_target(), kind, (50304, 2048), weights_static=True)
+    assert not ok and why.startswith("not a matrix multiply")
+
+
+def test_dynamic_weights_and_bad_shapes_are_not_supported() -> None:
+    target = load_target()
+    assert aimc_supports(target, "linear", (8, 8), weights_static=False) == (
+        False, "weights not static")
+    assert not aimc_supports(target, "linear", (8, 8, 8), weights_static=True)[0]
+    assert aimc_supports(target, "mystery", (8, 8), True) == (False, "unknown node kind 'mystery'")
