@@ -23,7 +23,7 @@ from hetmap.compiler.ir import Graph, Node
 from hetmap.compiler.passes.base import CompileContext
 from hetmap.compiler.passes.manager import PassTiming, build_passes, run_pipeline
 from hetmap.compiler.passes.pipeline import parse_pipeline
-from hetmap.compiler.plan import IR_FILE, PLAN_FILE, atomic_directory, node_json, write_json
+from hetmap.compiler.plan import IR_FILE, PLAN_FILE, atomic_directory, node_json, write_plan
 from hetmap.compiler.registry import Registries, load_registries
 from hetmap.compiler.summary import summarize
 
@@ -94,7 +94,7 @@ class Plan:
         """Write plan.json and ir.txt (and whatever ``extra`` adds) atomically into ``out``."""
         out = Path(out)
         with atomic_directory(out, force) as staging:
-            write_json(staging / PLAN_FILE, self.to_json())
+            write_plan(staging / PLAN_FILE, self.to_json())
             (staging / IR_FILE).write_text(str(self.graph))
             if extra is not None:
                 extra(staging)

@@ -15,7 +15,6 @@ class Tiling:
     """Fixed-size crossbar tiles of each of a node's analog matrices (same order as matrices)."""
 
     grids: tuple[TileGrid, ...]
-    roles: tuple[str, ...] = ()
 
     @property
     def count(self) -> int:
@@ -31,12 +30,13 @@ class Tiling:
                                         f"{grid.in_features} does not cover {matrix.role} {matrix.shape}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"tiles": [{"matrix": m, "count": g.count, **g.compact_ranges()}
-                          for m, g in zip(self._roles, self.grids, strict=True)]}
+        return {"tiles": self.count}
 
-    @property
-    def _roles(self) -> list[str]:
-        return list(self.roles) or [f"#{i}" for i in range(len(self.grids))]
+    def matrix_json(self, index: int) -> dict[str, Any]:
+        """``tile_grid`` = [row tiles, column tiles]: tile (i, j) holds inputs
+        ``[i*rows, min((i+1)*rows, in))`` and outputs ``[j*cols, min((j+1)*cols, out))``."""
+        grid = self.grids[index]
+        return {"tile_grid": [grid.n_row_tiles, grid.n_col_tiles]}
 
     def brief(self) -> str:
         return f"tiles={self.count}"
@@ -50,9 +50,13 @@ class ArrayAssignment:
     slot_runs: tuple[tuple[tuple[int, int], ...], ...]
     offsets: tuple[tuple[tuple[int, int, int], ...], ...]
 
-    def to_json(self) -> dict[str, Any]:
-        return {"arrays": [{"slot_runs": [list(r) for r in runs], "offsets": [list(o) for o in offs]}
-                           for runs, offs in zip(self.slot_runs, self.offsets, strict=True)]}
+    def matrix_json(self, index: int) -> dict[str, Any]:
+        """``slots``: runs ``[first array slot, tiles]`` in tile order; ``offsets``:
+        ``[tile, row, col]`` of packed tiles not at their array's corner."""
+        entry: dict[str, Any] = {"slots": [list(r) for r in self.slot_runs[index]]}
+        if self.offsets[index]:
+            entry["offsets"] = [list(o) for o in self.offsets[index]]
+        return entry
 
     def slots(self, matrix_index: int) -> list[int]:
         """Array slot of every tile of one matrix, in tile order."""

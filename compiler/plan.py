@@ -33,13 +33,18 @@ def node_json(node: Node) -> dict[str, Any]:
         entry["layer"] = node.layer
     if node.expert is not None:
         entry["expert"] = node.expert
-    if node.matrices:
-        entry["matrices"] = [{"role": m.role, "key": m.key, "shape": [m.out_features, m.in_features]}
-                             for m in node.matrices]
+    matrices = [{"role": m.role, "key": m.key, "shape": [m.out_features, m.in_features]}
+                for m in node.matrices]
     for annotation in node.annotations.values():
         to_json = getattr(annotation, "to_json", None)
         if to_json is not None:
             entry.update(to_json())
+        matrix_json = getattr(annotation, "matrix_json", None)
+        if matrix_json is not None:
+            for index, matrix in enumerate(matrices):
+                matrix.update(matrix_json(index))
+    if matrices:
+        entry["matrices"] = matrices
     return entry
 
 
@@ -76,6 +81,15 @@ def atomic_directory(out: Path, force: bool) -> Iterator[Path]:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
+
+
+def write_plan(path: Path, plan: dict[str, Any]) -> None:
+    """plan.json: header fields indented, then one line per node (small and diff-friendly)."""
+    header = {k: v for k, v in plan.items() if k != "nodes"}
+    text = json.dumps(header, indent=1, default=_json_default)[:-2]
+    nodes = ",\n  ".join(json.dumps(n, separators=(",", ":"), default=_json_default)
+                         for n in plan.get("nodes", []))
+    path.write_text(f'{text},\n "nodes": [\n  {nodes}\n ]\n}}\n')
 
 
 def _json_default(value: Any) -> Any:

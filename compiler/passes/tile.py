@@ -34,7 +34,7 @@ class TilePass:
                 node.annotations.pop(Tiling, None)
                 continue
             tiling = Tiling(tuple(TileGrid(m.out_features, m.in_features, rows, cols)
-                                  for m in node.matrices), tuple(m.role for m in node.matrices))
+                                  for m in node.matrices))
             node.annotate(tiling)
             tiles += tiling.count
         return PassResult(graph, True, [f"{tiles} tiles of {rows}x{cols}"])
