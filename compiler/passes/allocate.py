@@ -61,7 +61,7 @@ class AllocatePass:
         group_ids[unique_single] = -1 - unique_single  # distinct ids for matrices with no group
         allocation = allocate(np.asarray(outs, dtype=np.int64), np.asarray(ins, dtype=np.int64),
                               ctx.target, chips=chips, packing=self.packing and ctx.target.aimc.packing,
-                              input_group=group_ids - group_ids.min(),
+                              input_group=group_ids - group_ids.min(initial=0),
                               spread_group=np.asarray(spread) if self.spread_experts else None)
         compact = allocation.compact()
         per_node: dict[str, tuple[list[tuple[tuple[int, int], ...]], list[tuple[tuple[int, int, int], ...]]]] = {}
