@@ -9,6 +9,7 @@ writes (``experts.<e>.gate_proj.weight`` for ``experts.gate_up_proj[e][0:I]``).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -46,25 +47,65 @@ _PER_EXPERT = {"gate_up_proj": ("gate_proj", "up_proj"), "up_proj": ("up_proj", 
                "down_proj": ("down_proj", "down_proj")}
 
 
+def _gate_first(key: str | None) -> int:
+    return 0 if key is not None and ".gate_proj." in key else 1
+
+
+_LEGACY_EXPERT_LEAVES = [(re.compile(r"\.experts\.(\d+)\.w1\."), r".experts.\1.gate_proj."),
+                         (re.compile(r"\.experts\.(\d+)\.w3\."), r".experts.\1.up_proj."),
+                         (re.compile(r"\.experts\.(\d+)\.w2\."), r".experts.\1.down_proj.")]
+
+
+def _renamings(directory: Path) -> list[tuple[re.Pattern[str], str]]:
+    """Hugging Face's own on-disk -> in-memory key renamings for this checkpoint's model type
+    (e.g. Mixtral's ``block_sparse_moe`` -> ``mlp``), plus legacy expert leaf names."""
+    rules: list[tuple[re.Pattern[str], str]] = []
+    try:
+        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        for rule in get_checkpoint_conversion_mapping(model_type) or []:
+            if type(rule).__name__ == "WeightRenaming":
+                rules.extend((re.compile(src), tgt) for src, tgt in
+                             zip(rule.source_patterns, rule.target_patterns, strict=False))
+    except (OSError, ValueError, ImportError, AttributeError):
+        pass  # unknown layouts are read by their stored names only
+    return rules + _LEGACY_EXPERT_LEAVES
+
+
 class CheckpointWeights:
-    """Streams tensors from the safetensors files of a checkpoint directory."""
+    """Streams tensors from the safetensors files of a checkpoint directory.
+
+    Stored keys are mapped to the model's in-memory names with Hugging Face's renaming rules
+    for the checkpoint's model type, so references use the names hetmap sees in the model.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         index = directory / "model.safetensors.index.json"
+        stored: dict[str, Path] = {}
         if index.is_file():
-            self.where = {k: directory / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+            stored = {k: directory / v for k, v in json.loads(index.read_text())["weight_map"].items()}
         else:
-            self.where = {}
             for file in sorted(directory.glob("*.safetensors")):
                 with safe_open(str(file), "pt") as handle:
-                    self.where.update({k: file for k in handle.keys()})
-        if not self.where:
+                    stored.update({k: file for k in handle.keys()})
+        if not stored:
             raise MissingDataError(f"{directory} has no safetensors weights")
+        rules = _renamings(directory)
+        #: in-memory name -> (file, stored key)
+        self.keys: dict[str, tuple[Path, str]] = {}
+        for key, file in stored.items():
+            name = key
+            for pattern, replacement in rules:
+                name = pattern.sub(replacement, name)
+            self.keys[name] = (file, key)
+        self.where = {name: file for name, (file, _key) in self.keys.items()}
 
     def _read(self, key: str, expert: int | None) -> torch.Tensor:
-        with safe_open(str(self.where[key]), "pt") as handle:
-            view = handle.get_slice(key)
+        file, stored = self.keys[key]
+        with safe_open(str(file), "pt") as handle:
+            view = handle.get_slice(stored)
             return view[expert] if expert is not None else view[:]
 
     def load(self, ref: WeightRef) -> torch.Tensor:
@@ -76,6 +117,25 @@ class CheckpointWeights:
         if key is None or key not in self.where:
             raise MissingDataError(f"{self.directory}: no tensor for {ref} in the checkpoint")
         return self._read(key, None).float()
+
+    def load_full(self, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """A whole state-dict tensor; fused expert tensors are assembled from per-expert keys.
+
+        Returns None when the checkpoint has no such tensor."""
+        if name in self.where:
+            return self._read(name, None)
+        base, _, leaf = name.rpartition(".")
+        if leaf.removesuffix("_bias") not in _PER_EXPERT or not shape:
+            return None
+        parts = []
+        for e in range(shape[0]):
+            keys = {self._per_expert_key(WeightRef(name, e, out_start=start))
+                    for start in (None, 1)}
+            pieces = [self._read(k, None) for k in sorted(keys, key=_gate_first) if k in self.where]
+            if len(pieces) != len(keys):
+                return None
+            parts.append(torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0])
+        return torch.stack(parts).reshape(shape)
 
     @staticmethod
     def _per_expert_key(ref: WeightRef) -> str | None:

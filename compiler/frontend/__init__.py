@@ -13,6 +13,7 @@ def import_model(model: LoadedModel) -> Graph:
     """Trace ``model`` and lower it to a verified IR graph."""
     blocks = find_moe_blocks(model.module, model.config)
     gm, wrapped = trace(model.module, blocks)
+    model.traced = (gm, wrapped)
     graph = lower(gm, model.module, blocks, name=model.name, wrapped=wrapped,
                   vocab_size=model.vocab_size)
     verify(graph)

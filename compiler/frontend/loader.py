@@ -41,6 +41,8 @@ class LoadedModel:
     checkpoint: Path | None = None
     example_input: torch.Tensor | None = None
     trust_remote_code: bool = False
+    #: the torch.fx trace (GraphModule, wrapped-as-causal-LM) once the front end ran
+    traced: Any = None
 
     @property
     def on_meta(self) -> bool:

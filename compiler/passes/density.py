@@ -15,6 +15,9 @@ Rules:
    (over the tokens routed to it) is recorded too. Hooks are removed afterwards.
 3. Calibration text: ``calib`` (a file) or the default corpus' calibration split, at most
    ``calib_tokens`` tokens, in windows of ``seq_len``.
+   A checkpoint is run streamed, one leaf module at a time (see
+   :mod:`hetmap.compiler.streaming`), when ``stream=on``, or with ``stream=auto`` when its
+   files are larger than half of the machine's memory; otherwise it is loaded whole.
 4. A model without weights gets, for each expert, the uniform-routing assumption
    ``top_k / E`` (source ``uniform-assumption``); policies that need measured densities refuse it.
 """
@@ -22,7 +25,8 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+import os
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -77,6 +81,7 @@ class DensityPass:
     calib_tokens: int = 4096
     seq_len: int = 256
     batch: int = 8
+    stream: Literal["auto", "on", "off"] = "auto"
 
     def validate(self) -> str | None:
         if self.calib_tokens < 2 or self.seq_len < 2 or self.batch < 1:
@@ -109,8 +114,19 @@ class DensityPass:
             raise RuntimeError(f"no routing decisions observed in MoE layers {missing}")
         return PassResult(graph, True, notes)
 
+    def _streams(self, ctx: CompileContext) -> bool:
+        model = ctx.model
+        if self.stream == "off" or model.checkpoint is None or not model.on_meta:
+            return False
+        if self.stream == "on":
+            return True
+        size = sum(f.stat().st_size for f in model.checkpoint.glob("*.safetensors"))
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return size > memory // 2
+
     def _calibrate(self, graph: Graph, ctx: CompileContext) -> dict[int, _RoutingCounter]:
-        model = ctx.model.runnable()
+        streamed = self._streams(ctx)
+        model = ctx.model.module if streamed else ctx.model.runnable()
         tokens = load_tokens(ctx.model, self.calib, "calib", self.calib_tokens)
         counters = {layer: _RoutingCounter(moe) for layer, moe in graph.moe_layers.items()}
         handles = []
@@ -124,7 +140,16 @@ class DensityPass:
                     router = model.get_submodule(moe.router)
                     handles.append(router.register_forward_hook(counter.router_hook))
             chunks = batches(tokens, self.seq_len, self.batch)
-            advance = ctx.progress("calibrating", len(chunks))
+            advance = ctx.progress("calibrating" + (" (streamed)" if streamed else ""), len(chunks))
+            if streamed:
+                from hetmap.compiler.streaming import run_streamed
+                from hetmap.compiler.weights import CheckpointWeights
+
+                gm, wrapped = ctx.model.traced
+                assert ctx.model.checkpoint is not None
+                run_streamed(gm, CheckpointWeights(ctx.model.checkpoint), chunks, wrapped=wrapped,
+                             config=ctx.model.config, advance=advance)
+                return counters
             with torch.no_grad():
                 for chunk in chunks:
                     model(chunk)
