@@ -21,15 +21,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import TypeVar
+from enum import StrEnum
+from typing import Any, TypeVar
 
 import networkx as nx
 
 from hetmap.compiler.errors import VerificationError
 
 
-class NodeKind(str, Enum):
+class NodeKind(StrEnum):
     """What a node computes. Values are the kebab-case names used in plan.json and ir.txt."""
 
     INPUT = "input"
@@ -71,13 +71,13 @@ class WeightRef:
     out_stop: int | None = None
     out_step: int = 1
 
-    def select(self, full: "object") -> "object":
+    def select(self, full: Any) -> Any:
         """Apply this reference to the full stored tensor (torch or numpy)."""
-        t = full[self.expert] if self.expert is not None else full  # type: ignore[index]
+        t = full[self.expert] if self.expert is not None else full
         if self.transposed:
-            t = t.T  # type: ignore[attr-defined]
+            t = t.T
         if self.out_start is not None or self.out_stop is not None or self.out_step != 1:
-            t = t[self.out_start:self.out_stop:self.out_step]  # type: ignore[index]
+            t = t[self.out_start:self.out_stop:self.out_step]
         return t
 
     def __str__(self) -> str:

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from hetmap.compiler.ir import Graph, Node
 
 
-def format_node(graph: "Graph", node: "Node") -> str:
+def format_node(graph: Graph, node: Node) -> str:
     head = f"%{node.name} = {node.kind.value}"
     if node.op:
         head += f"<{node.op}>"
@@ -37,7 +37,7 @@ def format_node(graph: "Graph", node: "Node") -> str:
     return text
 
 
-def format_graph(graph: "Graph") -> str:
+def format_graph(graph: Graph) -> str:
     lines = [f"graph {graph.name} params={graph.params_total} moe_layers={len(graph.moe_layers)} {{"]
     for layer, moe in sorted(graph.moe_layers.items()):
         lines.append(f"  # moe layer {layer}: {moe.block} experts={moe.num_experts} top_k={moe.top_k} "

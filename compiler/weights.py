@@ -31,7 +31,7 @@ class ModuleWeights:
     """Weights of an instantiated module (no copies: views of its parameters)."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.tensors = dict(module.named_parameters())
+        self.tensors: dict[str, torch.Tensor] = dict(module.named_parameters())
         self.tensors.update(dict(module.named_buffers()))
 
     def load(self, ref: WeightRef) -> torch.Tensor:

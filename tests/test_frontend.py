@@ -27,7 +27,7 @@ def test_tiny_configs_lower_to_expected_ir(name: str) -> None:
     graph = import_model(load_model(name))
     layers, experts, gate_shape, shared = EXPECTED[name]
     assert len(graph.moe_layers) == layers
-    for layer, nodes in graph.experts_by_layer().items():
+    for nodes in graph.experts_by_layer().values():
         assert [n.expert for n in nodes] == list(range(experts))
         for node in nodes:
             assert [m.role for m in node.matrices] == ["gate", "up", "down"]

@@ -34,7 +34,7 @@ def layer_of(path: str) -> int | None:
 
 
 def _router_matrix(router: nn.Module, path: str) -> Matrix:
-    weight = router.weight
+    weight = router.get_parameter("weight")
     bias = getattr(router, "bias", None)
     return Matrix(role="router", key=path, out_features=int(weight.shape[0]),
                   in_features=int(weight.shape[1]), weight=WeightRef(f"{path}.weight"),

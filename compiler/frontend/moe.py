@@ -103,7 +103,8 @@ def _fused_matrices(experts: nn.Module, path: str, num_experts: int, hidden: int
         mats = []
         if has_gate:
             # standard: rows [0:I] gate, [I:2I] up; transposed (GPT-OSS): interleaved columns
-            spans = {"gate": (0, inter, 1), "up": (inter, 2 * inter, 1)}
+            spans: dict[str, tuple[int, int | None, int]] = {
+                "gate": (0, inter, 1), "up": (inter, 2 * inter, 1)}
             if transposed:
                 spans = {"gate": (0, None, 2), "up": (1, None, 2)}
             for role, (start, stop, step) in spans.items():
@@ -164,7 +165,8 @@ def detect_moe_block(module: nn.Module, path: str, config: object | None = None)
                 if listed is None:
                     continue
                 layout, table = "modulelist", listed
-            shared, others = [], []
+            shared: list[str] = []
+            others: list[str] = []
             for name, child in children.items():
                 if name in (router_name, experts_name) or not any(True for _ in child.parameters()):
                     continue

@@ -99,10 +99,8 @@ class HetmapTracer(fx.Tracer):
     _wrapped = False
 
     def create_arg(self, a: Any) -> Any:
-        try:
-            from transformers import PreTrainedConfig
-        except ImportError:  # pragma: no cover
-            PreTrainedConfig = ()  # type: ignore[assignment]  # noqa: N806
+        from transformers import PreTrainedConfig
+
         if isinstance(a, PreTrainedConfig):
             name = self._constants.get(id(a))
             if name is None:

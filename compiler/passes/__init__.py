@@ -6,12 +6,11 @@ from typing import Any
 
 
 def builtin_passes() -> list[type[Any]]:
+    from hetmap.compiler.passes.allocate import AllocatePass
+    from hetmap.compiler.passes.cost import CostPass
     from hetmap.compiler.passes.density import DensityPass
     from hetmap.compiler.passes.expert_score import ExpertScorePass
     from hetmap.compiler.passes.place import PlacePass
-
-    from hetmap.compiler.passes.allocate import AllocatePass
-    from hetmap.compiler.passes.cost import CostPass
     from hetmap.compiler.passes.tile import TilePass
 
     return [DensityPass, ExpertScorePass, PlacePass, TilePass, AllocatePass, CostPass]

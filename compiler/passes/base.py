@@ -33,9 +33,9 @@ class PassResult:
 class CompileContext:
     """Everything a pass may consult besides the graph."""
 
-    model: "LoadedModel"
-    target: "Target"
-    registries: "Registries"
+    model: LoadedModel
+    target: Target
+    registries: Registries
     seed: int = 0
     #: called with (description, total) and returns a callable advancing by n; no-op default
     progress: Callable[[str, int], Callable[[int], None]] = lambda _d, _t: (lambda _n: None)

@@ -24,8 +24,8 @@ Rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import os
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
