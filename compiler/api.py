@@ -80,7 +80,8 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {
             "hetmap_version": version(),
-            "model": {"spec": self.model.spec, "name": self.model.name, "source": self.model.source},
+            "model": {"spec": _portable_spec(self.model.spec), "name": self.model.name,
+                      "source": self.model.source},
             "target": self.target.to_json(),
             "pipeline": self.pipeline,
             "options": self.options,
@@ -88,6 +89,12 @@ class Plan:
             "summary": self.summary,
             "nodes": [node_json(n) for n in self.graph],
         }
+
+    def simulate(self, **options: Any) -> Any:
+        """Perplexity all-digital vs mapped; see :func:`hetmap.compiler.simulate.simulate_plan`."""
+        from hetmap.compiler.simulate import simulate_plan
+
+        return simulate_plan(self, **options)
 
     def write(self, out: str | Path, *, force: bool = False,
               extra: Callable[[Path], None] | None = None) -> Path:
@@ -99,6 +106,38 @@ class Plan:
             if extra is not None:
                 extra(staging)
         return out
+
+
+def _portable_spec(spec: str) -> str:
+    """Model specs that name files are stored absolute, so a plan can be reloaded anywhere."""
+    path, colon, function = spec.rpartition(":")
+    if colon and Path(path).is_file():
+        return f"{Path(path).resolve()}:{function}"
+    if Path(spec).is_dir():
+        return str(Path(spec).resolve())
+    return spec
+
+
+def load_plan(out: str | Path, *, registries: Registries | None = None) -> Plan:
+    """Rebuild a :class:`Plan` from a compiled plan directory: the model is imported again
+    and the placements of plan.json are applied to its IR node by node."""
+    from hetmap.compiler.errors import OutputError
+    from hetmap.compiler.plan import read_plan
+    from hetmap.targets import target_from_dict
+
+    data = read_plan(Path(out))
+    registries = registries or load_registries()
+    loaded = load_model(data["model"]["spec"])
+    graph = import_model(loaded)
+    for entry in data["nodes"]:
+        if "placement" not in entry:
+            continue
+        if entry["name"] not in graph:
+            raise OutputError(f"{out}/plan.json does not match model {loaded.name!r}: it has no "
+                              f"node {entry['name']!r}; recompile the plan")
+        graph.node(entry["name"]).annotate(Placement(entry["placement"], entry["reason"]))
+    target = target_from_dict(data["target"], source=f"{out}/plan.json")
+    return Plan(graph, loaded, target, data["pipeline"], [], data.get("options", {}))
 
 
 def compile_model(model: str | nn.Module | LoadedModel, *, target: str = "aimc-512",
@@ -140,4 +179,54 @@ def compile_model(model: str | nn.Module | LoadedModel, *, target: str = "aimc-5
                 {"seed": seed, **{k: v for k, v in options.items() if v is not None}})
 
 
-__all__ = ["DEFAULT_PIPELINE", "HetmapError", "Plan", "compile_model", "resolve_target", "version"]
+def run_sweep(model: str, *, policies: list[str], budgets: list[float], noise_scales: list[float],
+              seeds: int, out: str | Path, seed: int = 0, target: str = "aimc-512",
+              calib_tokens: int | None = None, eval_file: str | None = None,
+              eval_tokens: int = 8192, seq_len: int = 256, workers: int = 0,
+              ray: str | None = None, force: bool = False,
+              progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict[str, Any]:
+    """The trade-off study of :mod:`hetmap.compiler.sweep`; writes sweep.csv/json/png to ``out``."""
+    import copy
+
+    from hetmap.compiler import sweep as sweeping
+    from hetmap.compiler.simulate import perplexity, settings_for
+    from hetmap.compiler.textdata import batches, load_tokens
+
+    registries = load_registries()
+    for policy in policies:
+        registries.policies.get(policy)  # unknown names fail before any work
+    base = compile_model(model, target=target, pipeline="density,expert-score",
+                         registries=registries, progress=progress,
+                         **({"calib_tokens": calib_tokens} if calib_tokens else {}))
+    plans = []
+    for policy in policies:
+        for budget in budgets:
+            graph = copy.deepcopy(base.graph)
+            specs = parse_pipeline(f"place{{policy={policy},budget={budget}}},tile,allocate{{chips=auto}},cost")
+            ctx = CompileContext(model=base.model, target=base.target, registries=registries, seed=seed)
+            run = run_pipeline(graph, build_passes(specs, registries.passes), ctx)
+            plans.append((policy, budget, Plan(run.graph, base.model, base.target, base.pipeline)))
+    points = sweeping.sweep_points(
+        base.model.spec, plans, noise_scales, seeds, seed,
+        lambda scale: settings_for(base.target, noise_scale=scale), eval_file, eval_tokens, seq_len)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same arithmetic as every sweep point
+    try:
+        tokens = load_tokens(base.model, eval_file, "eval", eval_tokens)
+        digital = perplexity(base.model.runnable(), batches(tokens, seq_len, 8))
+    finally:
+        torch.set_num_threads(threads)
+    values = sweeping.run_points(points, workers=workers, ray=ray, progress=progress)
+    summary = sweeping.summarize_points(points, values)
+    extra = {"model": base.model.spec, "target": base.target.name, "digital_ppl": digital,
+             "policies": policies, "budgets": budgets, "noise_scales": noise_scales,
+             "seeds": seeds, "eval_tokens": eval_tokens, "eval_source": eval_file or "corpus:eval"}
+    with atomic_directory(Path(out), force) as staging:
+        sweeping.write_outputs(staging, points, values, summary, extra)
+    return {**extra, "summary": summary, "points": values}
+
+
+__all__ = ["DEFAULT_PIPELINE", "HetmapError", "Plan", "compile_model", "load_plan", "resolve_target",
+           "run_sweep", "version"]

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from hetmap.compiler.errors import HetmapError, OutputError
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+console = Console(highlight=False, soft_wrap=True)
 
 
 def progress_factory(enabled: bool) -> Callable[[str, int], Callable[[int], None]]:
@@ -129,8 +129,7 @@ def compile_cmd(model: str, out: Path | None, force: bool, emit: str, onnx_tiles
     if out is not None:
         plan.write(out, force=force, extra=extra)
         files = "plan.json, ir.txt" + (", model.onnx" if emit == "onnx" else "")
-        out_console = out
-        err.print(f"wrote {out_console}/ ({files})")
+        err.print(f"wrote {out}/ ({files})")
     else:
         err.print("(pass -o DIR to write plan.json and ir.txt)")
 
@@ -139,19 +138,19 @@ def print_summary(plan: dict[str, Any]) -> None:
     from rich.table import Table
 
     s = plan["summary"]
-    out.print(f"[bold]{plan['model']['name']}[/] on [bold]{plan['target']['name']}[/]  "
+    console.print(f"[bold]{plan['model']['name']}[/] on [bold]{plan['target']['name']}[/]  "
               f"pipeline: {plan['pipeline']}")
-    out.print(f"  parameters   {s['params_total']:,}  digital {s['params_digital']:,} "
+    console.print(f"  parameters   {s['params_total']:,}  digital {s['params_digital']:,} "
               f"({s['digital_param_fraction']:.2%})  analog {s['params_analog']:,}")
-    out.print(f"  experts      {s['experts_digital']} of {s['experts_total']} digital "
+    console.print(f"  experts      {s['experts_digital']} of {s['experts_total']} digital "
               f"in {s['moe_layers']} MoE layers")
     if "tiles_used" in s:
-        out.print(f"  crossbars    {s['tiles_used']:,} tiles on {s['arrays_used']:,} arrays, "
+        console.print(f"  crossbars    {s['tiles_used']:,} tiles on {s['arrays_used']:,} arrays, "
                   f"utilization {s['tile_utilization']:.1%}")
     if "energy_per_token_j" in s:
         ratio = s["energy_per_token_j"] / s["digital_energy_per_token_j"] if s["digital_energy_per_token_j"] else 0
         lat = s["latency_per_token_s"] / s["digital_latency_per_token_s"] if s["digital_latency_per_token_s"] else 0
-        out.print(f"  energy/token {s['energy_per_token_j']:.3e} J ({ratio:.2f}x all-digital)   "
+        console.print(f"  energy/token {s['energy_per_token_j']:.3e} J ({ratio:.2f}x all-digital)   "
                   f"latency/token {s['latency_per_token_s']:.3e} s ({lat:.2f}x all-digital)")
     if s.get("layers"):
         table = Table(title=None, show_edge=False, pad_edge=False)
@@ -161,7 +160,7 @@ def print_summary(plan: dict[str, Any]) -> None:
             share = row["expert_params_digital"] / row["expert_params"] if row["expert_params"] else 0
             table.add_row(str(row["layer"]), str(row["experts"]), str(row["top_k"]),
                           str(row["experts_digital"]), f"{share:.1%}")
-        out.print(table)
+        console.print(table)
     if s.get("cost_by_kind"):
         from rich.table import Table as T2
 
@@ -171,7 +170,155 @@ def print_summary(plan: dict[str, Any]) -> None:
         total = sum(v["energy_j"] for v in s["cost_by_kind"].values()) or 1.0
         for kind, row in sorted(s["cost_by_kind"].items()):
             table.add_row(kind, f"{row['energy_j']:.3e}", f"{row['energy_j'] / total:.1%}")
-        out.print(table)
+        console.print(table)
+
+
+def simulation_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--seeds", type=int, default=1, show_default=True,
+                     help="Programming seeds (mean +- std over them)."),
+        click.option("--noise-scale", type=float, default=None,
+                     help="Programming-noise scale c. [default: the target's]"),
+        click.option("--drift-time", type=float, default=None, help="Seconds of drift after programming (with GDC)."),
+        click.option("--ideal", is_flag=True, help="Turn every analog non-ideality off."),
+        click.option("--eval", "eval_file", type=click.Path(), default=None,
+                     help="Evaluation text (default: held-out files of the built-in corpus)."),
+        click.option("--eval-tokens", type=int, default=8192, show_default=True),
+        click.option("--backend", type=click.Choice(["hetmap", "aihwkit"]), default="hetmap",
+                     show_default=True, help="Tile model: hetmap's vectorized one or aihwkit's AnalogLinear."),
+        click.option("--device", default="cuda" if _cuda() else "cpu", show_default=True,
+                     help="Torch device for the simulation."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@cli.command()
+@click.argument("plan_or_model")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Write plan.json, ir.txt and simulation.json here (MODEL form).")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@simulation_options
+@compile_options
+def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
+             noise_scale: float | None, drift_time: float | None, ideal: bool,
+             eval_file: str | None, eval_tokens: int, backend: str, device: str, **kw: Any) -> None:
+    """Perplexity of the all-digital and the mapped model with analog non-idealities.
+
+    PLAN_OR_MODEL is a compiled plan directory (simulation.json is added to it) or a MODEL,
+    compiled first with the compile options."""
+    from hetmap.compiler.api import compile_model, load_plan
+    from hetmap.compiler.plan import PLAN_FILE, write_json
+
+    plan_dir = Path(plan_or_model)
+    is_plan = (plan_dir / PLAN_FILE).is_file()
+    if not is_plan and out is not None and out.exists() and not force:
+        raise OutputError(f"{out} already exists; pass --force to replace it or choose another -o")
+    progress = progress_factory(err.is_terminal)
+    if is_plan:
+        plan = load_plan(plan_dir)
+    else:
+        plan = compile_model(plan_or_model, target=kw["target"], pipeline=kw["pipeline"],
+                             seed=kw["seed"], trust_remote_code=kw["trust_remote_code"],
+                             progress=progress, **pass_overrides(kw))
+    result = plan.simulate(seeds=seeds, seed=kw["seed"], noise_scale=noise_scale,
+                           drift_time=drift_time, ideal=ideal, eval_file=eval_file,
+                           eval_tokens=eval_tokens, backend=backend, device=device,
+                           progress=progress)
+    data = {**result.to_json(), "digital_param_fraction": plan.summary["digital_param_fraction"]}
+    print_simulation(plan.model.name, data)
+    if is_plan:
+        target = plan_dir / "simulation.json"
+        staging = plan_dir / ".simulation.json.tmp"
+        write_json(staging, data)
+        staging.replace(target)
+        err.print(f"wrote {target}")
+    elif out is not None:
+        plan.write(out, force=force, extra=lambda d: write_json(d / "simulation.json", data))
+        err.print(f"wrote {out}/ (plan.json, ir.txt, simulation.json)")
+
+
+def print_simulation(name: str, data: dict[str, Any]) -> None:
+    seeds = len(data["seeds"])
+    console.print(f"[bold]{name}[/]: perplexity on {data['eval_tokens']:,} tokens ({data['eval_source']}), "
+              f"{data['backend']} tiles, noise scale {data['settings']['noise_scale']}"
+              f"{', ideal' if data['settings']['ideal'] else ''}")
+    console.print(f"  all digital      {data['digital_ppl']:10.4f}")
+    console.print(f"  mapped           {data['mapped_ppl_mean']:10.4f} +- {data['mapped_ppl_std']:.4f}"
+              f"  ({seeds} seed{'s' if seeds != 1 else ''}, "
+              f"{data['digital_param_fraction']:.1%} of parameters digital)")
+    if data.get("simulated_digital"):
+        console.print(f"  [dim]kept digital in simulation (not nn.Linear): "
+                  f"{', '.join(data['simulated_digital'][:4])}...[/]")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--policies", default="max-norm,activation-frequency,activation-weight,router-norm,random",
+              show_default=True, help="Comma-separated placement policies.")
+@click.option("--budgets", default="0.125,0.25", show_default=True, help="Comma-separated budgets.")
+@click.option("--noise-scales", default="1.5,2.5", show_default=True, help="Comma-separated c values.")
+@click.option("--seeds", type=int, default=3, show_default=True, help="Programming seeds per point.")
+@click.option("--workers", type=int, default=0, help="Local worker processes (0: serial).")
+@click.option("--ray", "ray_address", default=None, is_flag=False, flag_value="local",
+              help="Run points as Ray tasks: an address, or no value for a local instance.")
+@click.option("--eval", "eval_file", type=click.Path(), default=None, help="Evaluation text.")
+@click.option("--eval-tokens", type=int, default=8192, show_default=True)
+@click.option("--target", default="aimc-512", show_default=True, help="Target name or TOML file.")
+@click.option("--calib-tokens", type=int, default=None, help="Calibration tokens. [default: 4096]")
+@click.option("--seed", type=int, default=0, show_default=True, help="First programming seed.")
+def sweep(model: str, out: Path, force: bool, policies: str, budgets: str, noise_scales: str,
+          seeds: int, workers: int, ray_address: str | None, eval_file: str | None,
+          eval_tokens: int, target: str, calib_tokens: int | None, seed: int) -> None:
+    """Trade-off study: perplexity against digital parameter fraction (sweep.csv/json/png)."""
+    from hetmap.compiler.api import run_sweep
+
+    if out.exists() and not force:
+        raise OutputError(f"{out} already exists; pass --force to replace it or choose another -o")
+    from hetmap.compiler.sweep import parse_floats, parse_names
+
+    result = run_sweep(model, policies=parse_names(policies), budgets=parse_floats(budgets, "--budgets"),
+                       noise_scales=parse_floats(noise_scales, "--noise-scales"), seeds=seeds,
+                       seed=seed, target=target, calib_tokens=calib_tokens, eval_file=eval_file,
+                       eval_tokens=eval_tokens, workers=workers, ray=ray_address, out=out,
+                       force=force, progress=progress_factory(err.is_terminal))
+    console.print(f"all digital perplexity {result['digital_ppl']:.4f}")
+    for row in result["summary"]:
+        console.print(f"  {row['policy']:<22} budget {row['budget']:<6} c={row['noise_scale']:<4} "
+                  f"digital {row['digital_fraction']:6.1%}  ppl {row['ppl_mean']:.4f} +- {row['ppl_std']:.4f}")
+    err.print(f"wrote {out}/ (sweep.csv, sweep.json, sweep.png)")
+
+
+@cli.command()
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("out/demo"),
+              show_default=True, help="Where the demo plan goes (replaced if it exists).")
+@click.option("--seeds", type=int, default=3, show_default=True)
+def demo(out: Path, seeds: int) -> None:
+    """Compile and simulate the built-in trained demo model, and say what to try next."""
+    from hetmap.compiler.api import compile_model
+    from hetmap.compiler.plan import write_json
+
+    progress = progress_factory(err.is_terminal)
+    err.print("compiling the demo model (OLMoE architecture, trained on Python stdlib sources)...")
+    plan = compile_model("demo", progress=progress)
+    print_summary(plan.to_json())
+    err.print(f"simulating {seeds} programming seeds on held-out text...")
+    result = plan.simulate(seeds=seeds, progress=progress)
+    data = {**result.to_json(), "digital_param_fraction": plan.summary["digital_param_fraction"]}
+    print_simulation("demo", data)
+    plan.write(out, force=True, extra=lambda d: write_json(d / "simulation.json", data))
+    console.print(f"\nwrote {out}/plan.json, ir.txt, simulation.json")
+    console.print("next: hetmap inspect out/demo | hetmap compile demo --policy activation-frequency "
+              "--budget 0.25 -o out/af | hetmap sweep demo -o out/sweep --seeds 3")
 
 
 @cli.command()
@@ -190,15 +337,15 @@ def passes() -> None:
 
     registries = load_registries()
     _warn_plugins(registries)
-    out.print("[bold]passes[/]")
+    console.print("[bold]passes[/]")
     for entry in registries.passes:
-        out.print(f"  {entry.name:<22} {entry.description}{_origin(entry.origin)}")
-    out.print("[bold]policies[/] (place{policy=NAME} or --policy NAME)")
+        console.print(f"  {entry.name:<22} {entry.description}{_origin(entry.origin)}")
+    console.print("[bold]policies[/] (place{policy=NAME} or --policy NAME)")
     for entry in registries.policies:
-        out.print(f"  {entry.name:<22} {entry.description}{_origin(entry.origin)}")
-    out.print("[bold]emitters[/]")
+        console.print(f"  {entry.name:<22} {entry.description}{_origin(entry.origin)}")
+    console.print("[bold]emitters[/]")
     for entry in registries.emitters:
-        out.print(f"  {entry.name:<22} {entry.description}{_origin(entry.origin)}")
+        console.print(f"  {entry.name:<22} {entry.description}{_origin(entry.origin)}")
 
 
 @cli.command()
@@ -209,7 +356,7 @@ def targets() -> None:
     registries = load_registries()
     _warn_plugins(registries)
     for entry in registries.targets:
-        out.print(f"  {entry.name:<22} {entry.description}{_origin(entry.origin)}")
+        console.print(f"  {entry.name:<22} {entry.description}{_origin(entry.origin)}")
 
 
 @cli.command()
@@ -217,9 +364,9 @@ def models() -> None:
     """List built-in model names."""
     from hetmap.compiler.frontend.builtin import BUILTIN_MODELS
 
-    out.print(f"  {'demo':<20} trained OLMoE-architecture byte-level model shipped with hetmap")
+    console.print(f"  {'demo':<20} trained OLMoE-architecture byte-level model shipped with hetmap")
     for model in BUILTIN_MODELS.values():
-        out.print(f"  {model.name:<20} {model.description}")
+        console.print(f"  {model.name:<20} {model.description}")
 
 
 def _origin(origin: str) -> str:

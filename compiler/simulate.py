@@ -1,0 +1,162 @@
+"""Simulate a compiled plan: perplexity of the all-digital model and of the mapped model with
+analog non-idealities, over several programming seeds.
+
+Rules:
+
+1. The analog part of a plan is read from its placements: experts of fused experts modules
+   become ``analog_experts`` (vectorized per layer), every other analog matrix whose key is an
+   ``nn.Linear`` path becomes an analog linear. An analog matrix that is not an ``nn.Linear``
+   (e.g. a custom top-k router's weight under ``--dense analog``) stays digital in the
+   simulation and is listed in ``simulated_digital`` -- never silently.
+2. Settings come from the target (crossbar size, DAC/ADC bits, output noise, noise model and
+   its programming-noise scale c); ``noise_scale``, ``drift_time`` and ``ideal`` override.
+3. Perplexity is ``exp(mean next-token NLL)`` over non-overlapping windows of ``seq_len``
+   evaluation tokens (``--eval FILE`` or the default corpus' held-out ``eval`` split, never the
+   calibration split). Seeds ``seed .. seed+seeds-1`` program the weights; mean and sample
+   standard deviation are reported.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from hetmap.compiler.annotations import Placement
+from hetmap.compiler.errors import SimulationError
+from hetmap.compiler.ir import Graph, NodeKind
+from hetmap.compiler.textdata import batches, load_tokens
+
+if TYPE_CHECKING:
+    from hetmap.compiler.api import Plan
+
+
+@dataclass(frozen=True)
+class AnalogPart:
+    """What of a model runs on simulated tiles."""
+
+    linears: tuple[str, ...]
+    experts: dict[str, tuple[int, ...]]
+    simulated_digital: tuple[str, ...] = ()
+
+
+def analog_part(graph: Graph, model: nn.Module) -> AnalogPart:
+    modules = dict(model.named_modules())
+    linears: list[str] = []
+    experts: dict[str, list[int]] = {}
+    kept: list[str] = []
+    fused = {m.experts_module for m in graph.moe_layers.values() if m.layout.startswith("fused")}
+    for node in graph.matrix_nodes():
+        placement = node.get(Placement)
+        if placement is None or not placement.analog:
+            continue
+        if node.kind is NodeKind.EXPERT and node.module in fused:
+            assert node.module is not None and node.expert is not None
+            experts.setdefault(node.module, []).append(node.expert)
+            continue
+        for matrix in node.matrices:
+            if isinstance(modules.get(matrix.key), nn.Linear):
+                linears.append(matrix.key)
+            else:
+                kept.append(matrix.key)
+    return AnalogPart(tuple(linears), {k: tuple(sorted(v)) for k, v in experts.items()}, tuple(kept))
+
+
+def settings_for(target: Any, *, noise_scale: float | None = None, drift_time: float | None = None,
+                 ideal: bool = False) -> Any:
+    from hetmap.runtime import AnalogSettings
+
+    aimc = target.aimc
+    params = dict(aimc.noise.params)
+    return AnalogSettings(
+        rows=aimc.rows, cols=aimc.cols, dac_bits=aimc.dac_bits, adc_bits=aimc.adc_bits,
+        out_noise=aimc.out_noise, noise_model=aimc.noise.model,
+        noise_scale=float(params.get("prog_noise_scale", 1.0) if noise_scale is None else noise_scale),
+        drift_time=drift_time, ideal=ideal)
+
+
+def perplexity(model: nn.Module, windows: list[torch.Tensor], device: str = "cpu") -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in windows:
+            batch = batch.to(device)
+            output = model(batch)
+            logits = output.logits if hasattr(output, "logits") else output
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
+                reduction="sum")
+            total += float(loss)
+            count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+@dataclass
+class SimulationResult:
+    digital_ppl: float
+    mapped_ppl: list[float]
+    seeds: list[int]
+    settings: dict[str, Any]
+    eval_tokens: int
+    eval_source: str
+    backend: str
+    device: str
+    analog_linears: int
+    analog_experts: int
+    simulated_digital: list[str] = field(default_factory=list)
+
+    @property
+    def mapped_ppl_mean(self) -> float:
+        return statistics.fmean(self.mapped_ppl)
+
+    @property
+    def mapped_ppl_std(self) -> float:
+        return statistics.stdev(self.mapped_ppl) if len(self.mapped_ppl) > 1 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mapped_ppl_mean"] = self.mapped_ppl_mean
+        data["mapped_ppl_std"] = self.mapped_ppl_std
+        return data
+
+
+def simulate_plan(plan: "Plan", *, seeds: int = 1, seed: int = 0, noise_scale: float | None = None,
+                  drift_time: float | None = None, ideal: bool = False, eval_file: str | None = None,
+                  eval_tokens: int = 8192, seq_len: int = 256, batch: int = 8,
+                  backend: str = "hetmap", device: str = "cpu",
+                  progress: Callable[[str, int], Callable[[int], None]] | None = None,
+                  digital_ppl: float | None = None) -> SimulationResult:
+    """Perplexity of ``plan``'s model all-digital and mapped (``seeds`` programming seeds)."""
+    from hetmap.runtime import build_simulated_model
+
+    if seeds < 1:
+        raise SimulationError(f"--seeds must be at least 1, got {seeds}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SimulationError("--device cuda asked for, but no CUDA device is available here")
+    model = plan.model.runnable()
+    tokens = load_tokens(plan.model, eval_file, "eval", eval_tokens)
+    windows = batches(tokens, seq_len, batch)
+    part = analog_part(plan.graph, model)
+    settings = settings_for(plan.target, noise_scale=noise_scale, drift_time=drift_time, ideal=ideal)
+    advance = (progress or (lambda _d, _t: (lambda _n: None)))("simulating", seeds + 1)
+    model = model.to(device)
+    if digital_ppl is None:
+        digital_ppl = perplexity(model, windows, device)
+    advance(1)
+    mapped: list[float] = []
+    for index in range(seeds):
+        simulated = build_simulated_model(model, part.linears, part.experts, settings,
+                                          seed=seed + index, backend=backend).to(device)
+        mapped.append(perplexity(simulated, windows, device))
+        del simulated
+        advance(1)
+    return SimulationResult(
+        digital_ppl=digital_ppl, mapped_ppl=mapped, seeds=list(range(seed, seed + seeds)),
+        settings=settings.to_dict(), eval_tokens=int(sum(w.numel() for w in windows)),
+        eval_source=eval_file or "corpus:eval", backend=backend, device=device,
+        analog_linears=len(part.linears), analog_experts=sum(len(v) for v in part.experts.values()),
+        simulated_digital=list(part.simulated_digital))

@@ -1,0 +1,204 @@
+"""The trade-off study: perplexity against digital parameter fraction for several placement
+policies, budgets and noise scales, over programming seeds.
+
+Rules:
+
+1. Calibration and expert scores are computed once; each (policy, budget) re-runs ``place``
+   and the hardware passes on that annotated IR.
+2. Every (policy, budget, noise scale, seed) point is independent: it runs serially, in local
+   worker processes (``workers``), or as Ray tasks (``ray``: an address, or ``"local"`` for a
+   local instance). Each point fixes torch to one thread, so all three give identical numbers.
+3. Outputs: ``sweep.csv`` (one row per point), ``sweep.json`` (points, per-configuration mean
+   and std, digital perplexity, settings) and ``sweep.png`` (perplexity against digital
+   parameter fraction, one line per policy, error bars over seeds, one panel per noise scale).
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hetmap.compiler.errors import SimulationError
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One simulation job: everything a worker needs, as plain data."""
+
+    model: str
+    policy: str
+    budget: float
+    noise_scale: float
+    seed: int
+    digital_fraction: float
+    linears: tuple[str, ...]
+    experts: tuple[tuple[str, tuple[int, ...]], ...]
+    settings: tuple[tuple[str, Any], ...]
+    eval_file: str | None
+    eval_tokens: int
+    seq_len: int
+
+
+_WORKER_STATE: dict[str, Any] = {}  # one model per worker process (see rule 2)
+
+
+def evaluate_point(point: SweepPoint) -> float:
+    """Perplexity of one point, single-threaded (works in any process)."""
+    import torch
+
+    from hetmap.compiler.frontend import load_model
+    from hetmap.compiler.simulate import perplexity
+    from hetmap.compiler.textdata import batches, load_tokens
+    from hetmap.runtime import AnalogSettings, build_simulated_model
+
+    torch.set_num_threads(1)
+    key = f"{point.model}|{point.eval_file}|{point.eval_tokens}|{point.seq_len}"
+    if _WORKER_STATE.get("key") != key:
+        loaded = load_model(point.model)
+        model = loaded.runnable()
+        tokens = load_tokens(loaded, point.eval_file, "eval", point.eval_tokens)
+        _WORKER_STATE.update(key=key, model=model, windows=batches(tokens, point.seq_len, 8))
+    settings = AnalogSettings.from_dict(dict(point.settings))
+    simulated = build_simulated_model(_WORKER_STATE["model"], point.linears, dict(point.experts),
+                                      settings, seed=point.seed)
+    return perplexity(simulated, _WORKER_STATE["windows"])
+
+
+def run_points(points: list[SweepPoint], *, workers: int = 0, ray: str | None = None,
+               progress: Callable[[str, int], Callable[[int], None]] | None = None) -> list[float]:
+    advance = (progress or (lambda _d, _t: (lambda _n: None)))("sweep points", len(points))
+    if ray is not None:
+        return _run_ray(points, ray, advance)
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        results: list[float] = []
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            for value in pool.map(evaluate_point, points):
+                results.append(value)
+                advance(1)
+        return results
+    out = []
+    for point in points:
+        out.append(evaluate_point(point))
+        advance(1)
+    return out
+
+
+def _run_ray(points: list[SweepPoint], address: str, advance: Callable[[int], None]) -> list[float]:
+    try:
+        import ray
+    except ImportError as exc:
+        raise SimulationError("--ray needs Ray: pip install 'hetmap[ray]'") from exc
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=None if address == "local" else address, include_dashboard=False,
+                 log_to_driver=False, ignore_reinit_error=True)
+    try:
+        task = ray.remote(num_cpus=1)(evaluate_point)
+        pending = {task.remote(p): i for i, p in enumerate(points)}
+        results: list[float] = [0.0] * len(points)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                results[pending.pop(ref)] = float(ray.get(ref))
+                advance(1)
+        return results
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def summarize_points(points: list[SweepPoint], ppl: list[float]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, float, float], list[tuple[SweepPoint, float]]] = {}
+    for point, value in zip(points, ppl, strict=True):
+        groups.setdefault((point.policy, point.budget, point.noise_scale), []).append((point, value))
+    rows = []
+    for (policy, budget, noise), members in groups.items():
+        values = [v for _, v in members]
+        rows.append({"policy": policy, "budget": budget, "noise_scale": noise,
+                     "digital_fraction": members[0][0].digital_fraction, "seeds": len(values),
+                     "ppl_mean": statistics.fmean(values),
+                     "ppl_std": statistics.stdev(values) if len(values) > 1 else 0.0})
+    return rows
+
+
+def write_outputs(directory: Path, points: list[SweepPoint], ppl: list[float],
+                  summary: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+    import json
+
+    fields = ["policy", "budget", "noise_scale", "seed", "digital_fraction", "ppl"]
+    with open(directory / "sweep.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(fields)
+        for point, value in zip(points, ppl, strict=True):
+            writer.writerow([point.policy, point.budget, point.noise_scale, point.seed,
+                             f"{point.digital_fraction:.6f}", f"{value:.6f}"])
+    data = {**extra, "points": [{**{k: v for k, v in asdict(p).items()
+                                    if k in ("policy", "budget", "noise_scale", "seed", "digital_fraction")},
+                                 "ppl": v} for p, v in zip(points, ppl, strict=True)],
+            "summary": summary}
+    (directory / "sweep.json").write_text(json.dumps(data, indent=1) + "\n")
+    plot(directory / "sweep.png", summary, extra.get("digital_ppl"))
+
+
+def plot(path: Path, summary: list[dict[str, Any]], digital_ppl: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = sorted({row["noise_scale"] for row in summary})
+    fig, axes = plt.subplots(1, len(scales), figsize=(5.5 * len(scales), 4), squeeze=False)
+    for ax, scale in zip(axes[0], scales, strict=True):
+        for policy in sorted({row["policy"] for row in summary}):
+            rows = sorted((r for r in summary if r["policy"] == policy and r["noise_scale"] == scale),
+                          key=lambda r: r["digital_fraction"])
+            ax.errorbar([r["digital_fraction"] * 100 for r in rows], [r["ppl_mean"] for r in rows],
+                        yerr=[r["ppl_std"] for r in rows], marker="o", capsize=3, label=policy)
+        if digital_ppl is not None:
+            ax.axhline(digital_ppl, color="black", linestyle="--", linewidth=1, label="all digital")
+        ax.set_xlabel("digital parameters (% of model)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"noise scale c = {scale}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SimulationError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise SimulationError(f"{what} is empty")
+    return values
+
+
+def parse_names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def sweep_points(model: str, plans: Iterable[tuple[str, float, Any]], noise_scales: list[float],
+                 seeds: int, seed: int, settings_for: Callable[[float], Any],
+                 eval_file: str | None, eval_tokens: int, seq_len: int) -> list[SweepPoint]:
+    from hetmap.compiler.simulate import analog_part
+
+    points = []
+    for policy, budget, plan in plans:
+        part = analog_part(plan.graph, plan.model.runnable())
+        fraction = plan.summary["digital_param_fraction"]
+        for scale in noise_scales:
+            settings = tuple(sorted(settings_for(scale).to_dict().items()))
+            for index in range(seeds):
+                points.append(SweepPoint(model, policy, budget, scale, seed + index, fraction,
+                                         part.linears, tuple(sorted(part.experts.items())),
+                                         settings, eval_file, eval_tokens, seq_len))
+    return points
