@@ -124,7 +124,7 @@ class SimulationResult:
         return data
 
 
-def simulate_plan(plan: "Plan", *, seeds: int = 1, seed: int = 0, noise_scale: float | None = None,
+def simulate_plan(plan: Plan, *, seeds: int = 1, seed: int = 0, noise_scale: float | None = None,
                   drift_time: float | None = None, ideal: bool = False, eval_file: str | None = None,
                   eval_tokens: int = 8192, seq_len: int = 256, batch: int = 8,
                   backend: str = "hetmap", device: str = "cpu",
