@@ -50,6 +50,8 @@ class MoeBlock:
 
 
 def _join(prefix: str, name: str) -> str:
+    if not name:
+        return prefix
     return f"{prefix}.{name}" if prefix else name
 
 

@@ -1,0 +1,131 @@
+"""The ``onnx`` emitter: ``OUT/model.onnx`` with hetmap's placement metadata.
+
+Reads a compiled plan (placements, tilings, array assignments) and its model's weights;
+writes ``model.onnx`` through :func:`~hetmap.compiler.backends.onnx_export.export_onnx`.
+
+Rules:
+
+1. Every ONNX node that multiplies by a weight matrix of the IR carries ``hetmap.node``,
+   ``hetmap.placement``; analog ones ``hetmap.tiles`` (JSON list of
+   ``{"rows": [r0, r1], "cols": [c0, c1], "array": slot, "chip": c, "array_in_chip": a,
+   "tier": t}``, rows indexing the matrix's inputs and cols its outputs); experts also
+   ``hetmap.layer`` and ``hetmap.expert``; every tagged node ``hetmap.matrix`` (its role).
+2. The model carries ``hetmap.target`` (target JSON), ``hetmap.plan`` (the plan summary JSON)
+   and ``hetmap.version``.
+3. ``tiles=True`` lowers every analog matrix to one MatMul per crossbar tile, each tagged
+   ``hetmap.tile`` too.
+4. A weight-consuming node without a tag, or a tagged matrix missing from the graph, is an
+   :class:`EmitError`: a toolchain must be able to read every placement off the graph.
+5. A model without weights (meta device) cannot be emitted: one-line :class:`EmitError`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hetmap.compiler.annotations import Placement
+from hetmap.compiler.errors import EmitError, MissingDataError
+from hetmap.compiler.hwannotations import ArrayAssignment, Tiling
+from hetmap.compiler.ir import Node, NodeKind
+
+if TYPE_CHECKING:
+    from hetmap.compiler.api import Plan
+
+ONNX_FILE = "model.onnx"
+
+
+def _tiles_json(node: Node, index: int, target: Any) -> list[dict[str, Any]]:
+    tiling = node.get(Tiling)
+    if tiling is None:
+        return []
+    grid = tiling.grids[index]
+    assignment = node.get(ArrayAssignment)
+    slots = assignment.slots(index) if assignment is not None else [None] * grid.count
+    aimc = target.aimc
+    sites = None
+    tiles = []
+    for (r0, r1, c0, c1), slot in zip(grid.ranges().tolist(), slots, strict=True):
+        entry: dict[str, Any] = {"rows": [r0, r1], "cols": [c0, c1]}
+        if slot is not None:
+            sites = sites or aimc.arrays_per_chip * _chips(target)
+            site = slot % sites
+            entry.update(array=slot, chip=site // aimc.arrays_per_chip,
+                         array_in_chip=site % aimc.arrays_per_chip, tier=slot // sites)
+        tiles.append(entry)
+    return tiles
+
+
+def _chips(target: Any) -> int:
+    return int(target._allocated_chips or target.aimc.chips)
+
+
+def matrix_tags(plan: Plan) -> dict[str, dict[str, str]]:
+    """Per matrix key, the metadata its ONNX nodes get (rule 1)."""
+    chips = plan.summary.get("allocation", {}).get("chips")
+    tags: dict[str, dict[str, str]] = {}
+    for node in plan.graph.matrix_nodes():
+        placement = node.get(Placement)
+        if placement is None:
+            raise EmitError(f"node {node.name} has no placement: run the place pass before emitting")
+        for index, matrix in enumerate(node.matrices):
+            entry = {"hetmap.node": node.name, "hetmap.placement": placement.target,
+                     "hetmap.matrix": matrix.role}
+            if placement.analog:
+                entry["hetmap.tiles"] = json.dumps(_tiles_json(node, index, _Allocated(plan.target, chips)))
+            if node.kind is NodeKind.EXPERT:
+                entry["hetmap.layer"] = str(node.layer)
+                entry["hetmap.expert"] = str(node.expert)
+            tags[matrix.key] = entry
+    return tags
+
+
+class _Allocated:
+    """The target with the chip count the allocation actually used (``--chips auto``)."""
+
+    def __init__(self, target: Any, chips: int | None) -> None:
+        self.aimc = target.aimc
+        self._allocated_chips = chips
+
+
+def tile_ranges(plan: Plan) -> dict[str, list[tuple[int, int, int, int]]]:
+    ranges: dict[str, list[tuple[int, int, int, int]]] = {}
+    for node in plan.graph.matrix_nodes():
+        tiling = node.get(Tiling)
+        if tiling is None:
+            continue
+        for matrix, grid in zip(node.matrices, tiling.grids, strict=True):
+            ranges[matrix.key] = [tuple(r) for r in grid.ranges().tolist()]  # type: ignore[misc]
+    return ranges
+
+
+def emit_onnx(plan: Plan, out_dir: Path, *, tiles: bool = False) -> list[Path]:
+    """Write ``out_dir/model.onnx`` for ``plan`` (module rules 1-5)."""
+    from hetmap.compiler.api import version
+    from hetmap.compiler.backends.onnx_export import export_onnx
+
+    try:
+        model = plan.model.runnable()
+    except MissingDataError as exc:
+        raise EmitError(f"cannot emit ONNX for {plan.model.name!r}: it has no weights (meta "
+                        "device); emit a tiny config, 'demo' or a checkpoint, or use plan.json "
+                        "for structure-only results") from exc
+    summary = plan.summary
+    props = {"hetmap.target": json.dumps(plan.target.to_json()),
+             "hetmap.plan": json.dumps({k: v for k, v in summary.items() if k != "cost"}),
+             "hetmap.version": version()}
+    path = Path(out_dir) / ONNX_FILE
+    report = export_onnx(model, path, matrix_tags=matrix_tags(plan), model_props=props,
+                         tile_ranges=tile_ranges(plan) if tiles else None,
+                         example_input=plan.model.example_input)
+    if report.untagged_nodes:
+        first = report.untagged_nodes[0]
+        raise EmitError(f"{len(report.untagged_nodes)} weight-consuming ONNX node(s) have no IR "
+                        f"matrix, e.g. {first}; the IR misses a matrix of this model")
+    if report.missing_keys:
+        raise EmitError(f"IR matrices missing from the ONNX graph: {', '.join(report.missing_keys[:3])}")
+    written = [path]
+    if report.external_data is not None:
+        written.append(report.external_data)
+    return written

@@ -1,0 +1,279 @@
+"""Export a causal LM to ONNX with hetmap's per-matrix placement tags.
+
+Reads a PyTorch model (a Hugging Face causal LM, or any module mapping ``input_ids`` to a
+logits tensor) and plain placement data keyed by matrix key; writes one ONNX file (plus
+``<file>.data`` when the weights pass 2 GB). It does not depend on hetmap's IR.
+
+Matrix keys: an ``nn.Linear`` is keyed by its module path (``model.layers.0.self_attn.q_proj``);
+a matrix of a fused experts module by ``<experts path>.<e>.<gate|up|down>``, in ``nn.Linear``
+``[out, in]`` layout.
+
+Rules:
+
+1. Exporter: ``torch.export.export`` (non-strict), the complex-op shims of
+   :mod:`~hetmap.compiler.backends.onnx_complex`, then ``torch.onnx.export(dynamo=True,
+   optimize=False)`` on that program. hetmap then runs the onnxscript optimizer itself with
+   ``Transpose(weight)`` kept unfolded, so every weight initializer keeps its parameter name,
+   and tags the nodes after it. The TorchScript exporter is not used: the dynamo path exports
+   every supported model form here (all tested families), while the TorchScript path is
+   deprecated and cannot express the data-dependent dispatch of sparse MoE loops.
+2. Graph interface: input ``input_ids`` int64 ``[batch, sequence]``, output ``logits``
+   ``[batch, sequence, vocab]``; both input dims are dynamic.
+3. Model form: see :mod:`~hetmap.compiler.backends.onnx_prepare`. Fused Hugging Face experts
+   become a static dense dispatch with one initializer per expert matrix; hand-written
+   ModuleList/ModuleDict experts keep their ``nn.Linear`` initializers and are exported as
+   written unless their container is called as ``experts(hidden, top_k_index,
+   top_k_weights)`` (then dispatched densely). A hand-written dispatch must be traceable by
+   ``torch.export`` (dense ``torch.where`` dispatch, or sparse ``torch.where`` +
+   ``index_add_`` loops; Python branches on data such as ``if idx.numel() == 0`` are not).
+4. Tags: see :mod:`~hetmap.compiler.backends.onnx_tagging`; ``model_props`` become the
+   model's ``metadata_props``.
+5. ``tile_ranges`` lower a matrix to one MatMul per tile (before export, via
+   :class:`~hetmap.compiler.backends.onnx_modules.TiledLinear`); tile initializers are named
+   ``<key>.tiles.<i>`` and hold ``W[c0:c1, r0:r1]`` in ``[out, in]`` layout.
+6. The file is written to a staging folder next to ``path``, checked with
+   ``onnx.checker.check_model(full_check=True)``, then moved into place (data file first), so
+   a failure leaves no partial file. The caller's model is left as it was (hooks, modes and
+   modules restored).
+7. Two initializers with identical bytes can be merged by the optimizer; if that removes a
+   weight matrix from the graph, export fails rather than losing a placement.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tempfile
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+from onnxscript.optimizer import optimize_ir
+from torch import nn
+
+from hetmap.compiler.backends.onnx_complex import with_real_complex_ops
+from hetmap.compiler.backends.onnx_prepare import prepared_for_export
+from hetmap.compiler.backends.onnx_tagging import (
+    UntaggedNode,
+    keeps_weight_transposes,
+    strip_prefix,
+    tag_weight_nodes,
+    weight_uses,
+)
+from hetmap.compiler.errors import EmitError
+
+EXPORTER = "torch.onnx.export(dynamo=True)"
+EXTERNAL_DATA_THRESHOLD_BYTES = 2_000_000_000
+DEFAULT_INPUT_SHAPE = (2, 8)
+_WRAPPED = "wrapped"
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_onnx` wrote and which nodes it tagged."""
+
+    path: Path
+    exporter: str
+    nodes_by_key: Mapping[str, tuple[str, ...]]
+    """Matrix key -> names of the tagged ONNX nodes that multiply by it (tiles included)."""
+    missing_keys: tuple[str, ...]
+    """Keys of ``matrix_tags`` that no weight-consuming node multiplies by."""
+    untagged_nodes: tuple[UntaggedNode, ...]
+    """Weight-consuming nodes whose matrix has no entry in ``matrix_tags``."""
+    swapped_experts: tuple[str, ...]
+    """Experts module paths exported in the static per-expert form."""
+    tiled_keys: tuple[str, ...]
+    """Matrix keys lowered to one MatMul/Gemm per tile."""
+    tile_nodes: int
+    """Number of tagged tile nodes (each also carries ``hetmap.tile``)."""
+    external_data: Path | None
+    """The weights file beside ``path`` when the weights pass 2 GB, else None."""
+
+    @property
+    def tagged_keys(self) -> tuple[str, ...]:
+        return tuple(self.nodes_by_key)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    *,
+    matrix_tags: dict[str, dict[str, str]],
+    model_props: dict[str, str],
+    tile_ranges: dict[str, list[tuple[int, int, int, int]]] | None = None,
+    example_input: torch.Tensor | None = None,
+) -> ExportReport:
+    """Write ``model`` as ONNX to ``path`` with placement tags (module docstring, rules 1-7)."""
+    path = Path(path)
+    _check_arguments(model, path, matrix_tags, model_props)
+    input_ids = _example_input_ids(model, example_input)
+    tiles = {key: [tuple(t) for t in ranges] for key, ranges in (tile_ranges or {}).items()}
+    exportable = _LogitsModule(model)
+    with prepared_for_export(model, lambda: exportable(input_ids), tiles) as prepared:
+        onnx_model = _run_exporter(exportable, input_ids, type(model).__name__)
+        strip_prefix(onnx_model, f"{_WRAPPED}.")
+        _optimize(onnx_model, prepared.parameter_names)
+        tagging = tag_weight_nodes(
+            onnx_model, prepared.weight_sources, prepared.parameter_names, matrix_tags
+        )
+        onnx_model.metadata_props.update(model_props)
+        external = _write_checked(onnx_model, path)
+    return ExportReport(
+        path=path,
+        exporter=EXPORTER,
+        nodes_by_key=tagging.nodes_by_key,
+        missing_keys=tuple(key for key in matrix_tags if key not in tagging.nodes_by_key),
+        untagged_nodes=tagging.untagged,
+        swapped_experts=prepared.swapped_experts,
+        tiled_keys=prepared.tiled_keys,
+        tile_nodes=tagging.tile_nodes,
+        external_data=external,
+    )
+
+
+class _LogitsModule(nn.Module):
+    """``forward(input_ids) -> logits`` around a causal LM or a plain module."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.add_module(_WRAPPED, model)
+        self.training = False  # the wrapped model's own modes are set (and restored) elsewhere
+        self.takes_use_cache = "use_cache" in inspect.signature(model.forward).parameters
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        model = self.get_submodule(_WRAPPED)
+        if self.takes_use_cache:
+            output = model(input_ids=input_ids, use_cache=False)
+        else:
+            output = model(input_ids)
+        return _logits_of(output)
+
+
+def _logits_of(output: object) -> torch.Tensor:
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if logits is None:
+        logits = output
+    if not isinstance(logits, torch.Tensor):
+        raise EmitError(
+            f"the model returned {type(output).__name__}, not logits; ONNX export needs a "
+            "causal LM (output.logits) or a module returning a logits tensor"
+        )
+    return logits
+
+
+def _check_arguments(
+    model: nn.Module, path: Path, matrix_tags: Mapping, model_props: Mapping
+) -> None:
+    if any(p.is_meta for p in model.parameters()):
+        raise EmitError("the model's weights are on the meta device; load real weights first")
+    if not path.parent.is_dir():
+        raise EmitError(f"cannot write {path}: folder {path.parent} does not exist")
+    tag_sets: dict[str, Mapping] = {"model_props": model_props}
+    tag_sets.update({f"matrix_tags[{key!r}]": tags for key, tags in matrix_tags.items()})
+    for where, tags in tag_sets.items():
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+            raise EmitError(f"{where} must map strings to strings")
+
+
+def _example_input_ids(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if example_input is None:
+        vocab_size = _vocab_size(model)
+        generator = torch.Generator().manual_seed(0)
+        example_input = torch.randint(0, vocab_size, DEFAULT_INPUT_SHAPE, generator=generator)
+    if (
+        example_input.dim() != 2
+        or example_input.is_floating_point()
+        or min(example_input.shape) < 2
+    ):
+        raise EmitError(
+            f"example_input must be integer token ids [batch, sequence] with both sizes >= 2 "
+            f"(sizes 1 would be fixed in the graph), got {example_input.dtype} "
+            f"{tuple(example_input.shape)}"
+        )
+    return example_input.to(device=device, dtype=torch.int64)
+
+
+def _vocab_size(model: nn.Module) -> int:
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab_size, int):
+        return vocab_size
+    embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if embedding is None:
+        raise EmitError("cannot tell the model's vocabulary size; pass example_input")
+    return embedding.num_embeddings
+
+
+def _run_exporter(module: nn.Module, input_ids: torch.Tensor, model_name: str) -> ir.Model:
+    """torch.export (non-strict; both dims dynamic: an error if the model fixes either one,
+    while ranges the model implies, such as ``sequence <= max positions``, are accepted),
+    complex shims, then ONNX translation (which names the dims ``batch`` and ``sequence``)."""
+    dynamic = torch.export.Dim.DYNAMIC
+    dims = {"input_ids": {0: dynamic, 1: dynamic}}
+    try:
+        program = torch.export.export(module, (input_ids,), dynamic_shapes=dims, strict=False)
+    except Exception as error:  # torch.export raises many unrelated types for one cause
+        raise EmitError(
+            f"torch.export could not trace {model_name}: {_first_line(error)}; a hand-written "
+            "MoE must dispatch without Python branches on tensor values (dense torch.where "
+            "dispatch, or torch.where + index_add_ loops)"
+        ) from error
+    try:
+        onnx_program = torch.onnx.export(
+            with_real_complex_ops(program),
+            (input_ids,),
+            dynamo=True,
+            optimize=False,
+            verbose=False,
+            input_names=["input_ids"],
+            output_names=["logits"],
+            dynamic_shapes={"input_ids": {0: "batch", 1: "sequence"}},
+        )
+    except torch.onnx.errors.OnnxExporterError as error:
+        raise EmitError(
+            f"{EXPORTER} could not translate {model_name}: {_first_line(error.__cause__ or error)}"
+        ) from error
+    if onnx_program is None:
+        raise EmitError(f"{EXPORTER} returned no program for {model_name}")
+    return onnx_program.model
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _optimize(model: ir.Model, parameters: Collection[str]) -> None:
+    """Run the onnxscript optimizer, keeping weight transposes; enforce rule 7."""
+    before = {use.initializer for use in weight_uses(model.graph, parameters)}
+    optimize_ir(model, should_fold=keeps_weight_transposes)
+    lost = before - {use.initializer for use in weight_uses(model.graph, parameters)}
+    if lost:
+        raise EmitError(
+            f"weight matrices {sorted(lost)[:4]} are byte-identical to others and were merged "
+            "by the ONNX optimizer; their placement cannot be expressed per matrix"
+        )
+
+
+def _write_checked(model: ir.Model, path: Path) -> Path | None:
+    """Rule 6: stage, check, move into place. Returns the external data path, if any."""
+    weights = [value.const_value for value in model.graph.initializers.values()]
+    weight_bytes = sum(tensor.nbytes for tensor in weights if tensor is not None)
+    data_name = f"{path.name}.data" if weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES else None
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staged = staging / path.name
+        ir.save(model, staged, external_data=data_name)
+        onnx.checker.check_model(str(staged), full_check=True)
+        if data_name is not None:
+            os.replace(staging / data_name, path.parent / data_name)
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return None if data_name is None else path.parent / data_name

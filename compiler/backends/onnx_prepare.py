@@ -1,0 +1,304 @@
+"""Put a model into the form the ONNX back end exports, and put it back afterwards.
+
+:func:`prepared_for_export` is a context manager over the caller's model. It reads the
+model's modules and writes nothing that outlives the ``with`` block.
+
+Rules, in the order they are applied:
+
+1. All module hooks (forward, forward-pre, backward) are set aside and every module is put
+   in eval mode; both are restored on exit, so neither leaks into the export.
+2. One forward pass on the example input records the calls of every experts module.
+3. Every fused Hugging Face experts module (parameters ``gate_up_proj`` [E, 2I, H] and
+   ``down_proj`` [E, H, I]) is swapped for :class:`StaticExperts`, whose output on the
+   recorded call must match the original's. A layout it cannot split is an EmitError
+   (checked before rule 2 runs), as is any other 3-D ``*proj`` parameter left afterwards.
+4. Every ModuleList/ModuleDict experts container with its own ``forward`` that was called
+   as ``(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`` is swapped for
+   :class:`DenseDispatchExperts` if that reproduces the recorded output; otherwise it is
+   left as written (its dispatch must then be exportable by ``torch.export`` as is).
+5. Every matrix key in ``tile_ranges`` must name an ``nn.Linear`` or an expert matrix; it is
+   swapped for a :class:`TiledLinear` after its ranges are checked.
+6. ``weight_sources`` maps each parameter name (tied aliases included) to the matrix key of
+   the module that multiplies by it: any module with a 2-D ``weight`` (``nn.Linear``, expert
+   matrices, routers such as ``mlp.gate``) except ``nn.Embedding``; for a tile, also the
+   tile's range.
+7. On exit every swapped module is put back, in reverse order.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hetmap.compiler.backends.onnx_modules import (
+    DenseDispatchExperts,
+    ExpertLinear,
+    StaticExperts,
+    TiledLinear,
+    TileRange,
+    check_tile_ranges,
+    fused_experts_problem,
+)
+from hetmap.compiler.errors import EmitError
+
+_HOOK_ATTRIBUTES = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """The matrix a parameter holds: its key and, for a tile, the tile's range."""
+
+    key: str
+    tile: TileRange | None = None
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    module: nn.Module
+    weight_sources: Mapping[str, WeightSource]
+    parameter_names: frozenset[str]
+    swapped_experts: tuple[str, ...]
+    tiled_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _RecordedCall:
+    args: tuple[object, ...]
+    output: object
+
+
+@contextmanager
+def prepared_for_export(
+    model: nn.Module,
+    run_forward: Callable[[], object],
+    tile_ranges: Mapping[str, Sequence[TileRange]],
+) -> Iterator[PreparedModel]:
+    """Yield ``model`` rewritten for export (rules 1-6); undo everything on exit (rule 7)."""
+    with ExitStack() as undo:
+        undo.enter_context(_hooks_set_aside(model))
+        undo.enter_context(_eval_mode(model))
+        swap = _Swapper(model)
+        undo.callback(swap.restore)
+        fused = [p for p, m in model.named_modules() if isinstance(_fused_weight(m), nn.Parameter)]
+        containers = [p for p, m in model.named_modules() if _is_experts_container(m)]
+        for path in fused:
+            _check_fused_layout(path, model.get_submodule(path))
+        calls = _record_calls(model, fused + containers, run_forward)
+        for path in fused:
+            _swap_fused_experts(swap, path, calls.get(path))
+        swapped = list(fused)
+        for path in containers:
+            if _try_dense_dispatch(swap, path, calls.get(path)):
+                swapped.append(path)
+        _check_no_fused_left(model)
+        for key, tiles in tile_ranges.items():
+            _swap_tiled(swap, key, tiles)
+        yield PreparedModel(
+            module=model,
+            weight_sources=_weight_sources(model),
+            parameter_names=frozenset(n for n, _ in model.named_parameters(remove_duplicate=False)),
+            swapped_experts=tuple(swapped),
+            tiled_keys=tuple(tile_ranges),
+        )
+
+
+class _Swapper:
+    """Replaces submodules by path and remembers the originals."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        self.replaced: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def get(self, path: str) -> nn.Module:
+        return self.root.get_submodule(path)
+
+    def put(self, path: str, module: nn.Module) -> None:
+        parent_path, _, name = path.rpartition(".")
+        parent = self.root.get_submodule(parent_path)
+        self.replaced.append((parent, name, parent.get_submodule(name)))
+        parent._modules[name] = module
+
+    def restore(self) -> None:
+        while self.replaced:
+            parent, name, original = self.replaced.pop()
+            parent._modules[name] = original
+
+
+@contextmanager
+def _hooks_set_aside(model: nn.Module) -> Iterator[None]:
+    saved = [
+        (m, a, getattr(m, a)) for m in model.modules() for a in _HOOK_ATTRIBUTES if hasattr(m, a)
+    ]
+    for module, attribute, _ in saved:
+        setattr(module, attribute, OrderedDict())
+    try:
+        yield
+    finally:
+        for module, attribute, hooks in saved:
+            setattr(module, attribute, hooks)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _fused_weight(module: nn.Module) -> object:
+    return module._parameters.get("gate_up_proj")
+
+
+def _is_experts_container(module: nn.Module) -> bool:
+    is_container = isinstance(module, (nn.ModuleList, nn.ModuleDict))
+    return (is_container and type(module).forward is not nn.Module.forward
+            and len(list(module.children())) > 0)
+
+
+def _record_calls(
+    model: nn.Module, paths: list[str], run_forward: Callable[[], object]
+) -> dict[str, _RecordedCall]:
+    """Run one forward pass and keep the first call (inputs, output) of each module."""
+    calls: dict[str, _RecordedCall] = {}
+
+    def recorder(path: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            calls.setdefault(path, _RecordedCall((*args, *kwargs.values()), output))
+
+        return hook
+
+    handles = [
+        model.get_submodule(p).register_forward_hook(recorder(p), with_kwargs=True) for p in paths
+    ]
+    try:
+        with torch.no_grad():
+            run_forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _check_no_fused_left(model: nn.Module) -> None:
+    """Stacked 3-D expert projections that rule 3 does not know must not reach the graph."""
+    for name, parameter in model.named_parameters():
+        if parameter.dim() == 3 and name.rpartition(".")[2].endswith("proj"):
+            raise EmitError(
+                f"{name!r} stacks expert matrices in a layout the ONNX back end cannot split "
+                "(supported: gate_up_proj [E, 2I, H] with down_proj [E, H, I])"
+            )
+
+
+def _check_fused_layout(path: str, fused: nn.Module) -> None:
+    problem = fused_experts_problem(fused)
+    if problem is not None:
+        raise EmitError(
+            f"experts module {path!r} ({type(fused).__name__}) cannot be exported per expert: "
+            f"{problem}"
+        )
+
+
+def _swap_fused_experts(swap: _Swapper, path: str, call: _RecordedCall | None) -> None:
+    fused = swap.get(path)
+    static = StaticExperts(fused)
+    if call is not None and not _reproduces(static, call):
+        raise EmitError(
+            f"experts module {path!r} ({type(fused).__name__}) does not compute the standard "
+            "gated expert sum; its per-expert form would change the outputs"
+        )
+    swap.put(path, static)
+
+
+def _try_dense_dispatch(swap: _Swapper, path: str, call: _RecordedCall | None) -> bool:
+    if call is None or not _is_routed_call(call.args):
+        return False
+    dense = DenseDispatchExperts(swap.get(path))
+    if not _reproduces(dense, call):
+        return False
+    swap.put(path, dense)
+    return True
+
+
+def _is_routed_call(args: tuple[object, ...]) -> bool:
+    """``(hidden [T, H] float, top_k_index [T, k] int, top_k_weights [T, k] float)``."""
+    matrices = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 2]
+    if len(args) != 3 or len(matrices) != 3:
+        return False
+    hidden, index, weights = matrices
+    return (
+        hidden.is_floating_point()
+        and not index.is_floating_point()
+        and weights.is_floating_point()
+        and hidden.shape[0] == index.shape[0]
+        and index.shape == weights.shape
+    )
+
+
+def _reproduces(module: nn.Module, call: _RecordedCall) -> bool:
+    expected = call.output
+    if not isinstance(expected, torch.Tensor):
+        return False
+    with torch.no_grad():
+        actual = module(*call.args)
+    if not isinstance(actual, torch.Tensor) or actual.shape != expected.shape:
+        return False
+    tolerance = max(1e-4, 16 * torch.finfo(expected.dtype).eps)
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    return torch.allclose(actual, expected, rtol=tolerance, atol=tolerance * scale)
+
+
+def _swap_tiled(swap: _Swapper, key: str, tiles: Sequence[TileRange]) -> None:
+    try:
+        module = swap.get(key)
+    except AttributeError:
+        module = None
+    linear_like = isinstance(module, ExpertLinear) or (
+        isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+    )
+    if module is None or not linear_like:
+        raise EmitError(
+            f"tile_ranges names {key!r}, which is not a linear matrix of the model "
+            "(expected an nn.Linear path or '<experts path>.<e>.<gate|up|down>')"
+        )
+    out_features, in_features = module.get_parameter("weight").shape
+    check_tile_ranges(key, tiles, in_features, out_features)
+    swap.put(key, TiledLinear(module.weight, getattr(module, "bias", None), tiles))
+
+
+def _weight_sources(model: nn.Module) -> dict[str, WeightSource]:
+    """Rule 6: parameter name (every alias of a tied tensor) -> matrix it holds."""
+    by_tensor: dict[int, WeightSource] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, TiledLinear):
+            for index, tile in enumerate(module.tiles):
+                by_tensor.setdefault(id(tile), WeightSource(path, module.tile_ranges[index]))
+        elif _holds_matrix(module):
+            by_tensor.setdefault(id(module._parameters["weight"]), WeightSource(path))
+    return {
+        name: by_tensor[id(parameter)]
+        for name, parameter in model.named_parameters(remove_duplicate=False)
+        if id(parameter) in by_tensor
+    }
+
+
+def _holds_matrix(module: nn.Module) -> bool:
+    """A module whose own 2-D ``weight`` is a matrix it multiplies by (not a lookup table)."""
+    weight = module._parameters.get("weight")
+    return weight is not None and weight.dim() == 2 and not isinstance(module, nn.Embedding)

@@ -1,0 +1,90 @@
+"""--emit onnx: onnxruntime equals PyTorch, and the metadata equals plan.json node by node."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import FIXTURES, HANDWRITTEN, TINY
+
+from hetmap.compiler.cli import main
+from hetmap.compiler.frontend import load_model
+
+MODELS = [*TINY, f"{HANDWRITTEN}:moe", f"{HANDWRITTEN}:dense"]
+TARGET = str(FIXTURES / "xbar-32.toml")
+
+
+def tags(node: onnx.NodeProto) -> dict[str, str]:
+    return {p.key: p.value for p in node.metadata_props if p.key.startswith("hetmap.")}
+
+
+@pytest.mark.parametrize("tiles", [False, True], ids=["whole", "tiles"])
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: m.rsplit(":", 1)[-1].rsplit("/", 1)[-1])
+def test_onnx_matches_pytorch_and_plan(model: str, tiles: bool, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    args = ["compile", model, "--emit", "onnx", "-o", str(out), "--target", TARGET,
+            "--calib-tokens", "256", "--budget", "0.25", "--chips", "auto"]
+    assert main(args + (["--onnx-tiles"] if tiles else [])) == 0, capsys.readouterr().err
+    plan = json.loads((out / "plan.json").read_text())
+    proto = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+
+    reference = load_model(model).module  # same seed: the same weights the plan was made from
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    for shape in [(1, 5), (3, 17)]:
+        ids = np.random.default_rng(sum(shape)).integers(0, 256, shape).astype(np.int64)
+        with torch.no_grad():
+            output = reference(torch.from_numpy(ids))
+        expected = (output.logits if hasattr(output, "logits") else output).numpy()
+        np.testing.assert_allclose(session.run(["logits"], {"input_ids": ids})[0], expected,
+                                   atol=1e-4, rtol=1e-4)
+
+    model_props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(model_props["hetmap.target"])["aimc"]["rows"] == 32
+    assert json.loads(model_props["hetmap.plan"])["params_total"] == plan["summary"]["params_total"]
+    assert model_props["hetmap.version"] == plan["hetmap_version"]
+
+    by_key = {}
+    for node in proto.graph.node:
+        node_tags = tags(node)
+        if node.op_type in ("MatMul", "Gemm") and any(
+                i in {init.name for init in proto.graph.initializer} for i in node.input):
+            assert node_tags, f"weight-consuming node {node.name} is not tagged"
+        if node_tags:
+            by_key.setdefault((node_tags["hetmap.node"], node_tags["hetmap.matrix"]), []).append(node_tags)
+    chips = plan["summary"]["allocation"]["chips"]
+    for entry in plan["nodes"]:
+        for matrix in entry.get("matrices", []):
+            found = by_key.pop((entry["name"], matrix["role"]))
+            assert {t["hetmap.placement"] for t in found} == {entry["placement"]}
+            if entry["kind"] == "expert":
+                assert {(t["hetmap.layer"], t["hetmap.expert"]) for t in found} == {
+                    (str(entry["layer"]), str(entry["expert"]))}
+            if entry["placement"] != "aimc-tile":
+                assert all("hetmap.tiles" not in t for t in found)
+                continue
+            listed = json.loads(found[0]["hetmap.tiles"])
+            rows, cols = matrix["tile_grid"]
+            slots = [s for first, n in matrix["slots"] for s in range(first, first + n)]
+            assert [t["array"] for t in listed] == slots
+            assert len(listed) == rows * cols
+            out_f, in_f = matrix["shape"]
+            assert [t["rows"] for t in listed] == [
+                [min(i * 32, in_f), min(i * 32 + 32, in_f)] for i in range(rows) for _ in range(cols)]
+            assert all(t["chip"] < chips for t in listed)
+            if tiles:
+                assert sorted(json.loads(t["hetmap.tile"]) for t in found) == sorted(
+                    t["rows"] + t["cols"] for t in listed)
+    assert not by_key, f"ONNX tags for matrices the plan does not have: {list(by_key)[:3]}"
+
+
+def test_meta_model_cannot_be_emitted(tmp_path, capsys) -> None:
+    code = main(["compile", "olmoe-1b-7b", "--policy", "random", "--emit", "onnx",
+                 "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no weights" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
