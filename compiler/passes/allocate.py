@@ -4,8 +4,9 @@ Reads: :class:`Tiling`, the target. Writes: :class:`ArrayAssignment` per analog 
 :class:`AllocationSummary` on the graph (``tiles_used``, ``arrays_used``,
 ``tile_utilization``, with and without packing).
 
-Rules: see :mod:`hetmap.compiler.allocation`. Matrices of one node reading the same input
-(gate and up of an expert; q, k and v) form an input group and may share arrays side by side.
+Rules: see :mod:`hetmap.compiler.allocation`. Input-side matrices of one node with the same
+input width (gate and up of an expert; q, k and v) read the same input: they form an input
+group and may share arrays side by side.
 ``spread_experts`` keeps the experts of one MoE layer on distinct array sites so that
 experts routed together run in parallel. ``chips`` is the target's count, a number, or
 ``auto`` (the fewest chips that fit); too few arrays is a :class:`CapacityError`.
@@ -44,12 +45,15 @@ class AllocatePass:
     def run(self, graph: Graph, ctx: CompileContext) -> PassResult:
         nodes = [n for n in graph.matrix_nodes() if n.has(Tiling)]
         outs, ins, groups, spread, owners = [], [], [], [], []
+        group_of: dict[tuple[int, int], int] = {}
         for index, node in enumerate(nodes):
             for m_index, matrix in enumerate(node.matrices):
                 outs.append(matrix.out_features)
                 ins.append(matrix.in_features)
+                # input-side matrices of one node with the same width read the same input
                 shared_input = matrix.role not in _OUTPUT_SIDE
-                groups.append(index * 2 if shared_input else -1)
+                key = (index, matrix.in_features)
+                groups.append(group_of.setdefault(key, len(group_of)) if shared_input else -1)
                 spread.append(node.layer if node.kind is NodeKind.EXPERT and node.layer is not None else -1)
                 owners.append((node, m_index))
         chips: int | str | None = None if self.chips == "target" else (
