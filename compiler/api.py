@@ -196,8 +196,7 @@ def run_sweep(model: str, *, policies: list[str], budgets: list[float], noise_sc
     for policy in policies:
         registries.policies.get(policy)  # unknown names fail before any work
     base = compile_model(model, target=target, pipeline="density,expert-score",
-                         registries=registries, progress=progress,
-                         **({"calib_tokens": calib_tokens} if calib_tokens else {}))
+                         registries=registries, progress=progress, calib_tokens=calib_tokens)
     plans = []
     for policy in policies:
         for budget in budgets:

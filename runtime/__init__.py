@@ -1,1 +1,35 @@
-"""hetmap."""
+"""hetmap runtime: simulate a mapped model with analog (AIMC) non-idealities.
+
+``build_simulated_model`` rewrites a model so the chosen linears and experts run on the hetmap
+analog tile model (or, for reference, on aihwkit ``AnalogLinear`` modules).
+"""
+
+from .analog import AnalogTileStack, DigitalStack, SimulatedLinear
+from .experts import FusedExperts, SimulatedExperts, fused_experts
+from .grouped import RowGroups, grouped_product
+from .reference import ReferenceExperts, ReferenceLinear, reference_linear, reference_rpu_config
+from .rewrite import BACKENDS, build_simulated_model, module_seed
+from .settings import NOISE_MODELS, AnalogSettings
+from .tiling import TileGrid, tiles_per_matrix
+
+__all__ = [
+    "BACKENDS",
+    "NOISE_MODELS",
+    "AnalogSettings",
+    "AnalogTileStack",
+    "DigitalStack",
+    "FusedExperts",
+    "ReferenceExperts",
+    "ReferenceLinear",
+    "RowGroups",
+    "SimulatedExperts",
+    "SimulatedLinear",
+    "TileGrid",
+    "build_simulated_model",
+    "fused_experts",
+    "grouped_product",
+    "module_seed",
+    "reference_linear",
+    "reference_rpu_config",
+    "tiles_per_matrix",
+]

@@ -1,0 +1,313 @@
+"""The hetmap analog tile model: a stack of matrices on AIMC crossbar tiles.
+
+:class:`AnalogTileStack` holds ``E`` matrices ``[out, in]`` (``E`` experts, or 1 for a plain
+linear layer), programmed once at construction. It computes rows ``x [S, in]`` sorted by matrix
+(:class:`RowGroups`) with one grouped product per input-tile position. Per input tile it
+follows aihwkit's ``AnalogMVM`` (one-pass forward of ``TorchInferenceTile`` in eval mode):
+
+1. noise management: every row's input slice is divided by its abs-max (zero rows use 1);
+2. the DAC rounds to steps of ``inp_res * 2 * inp_bound`` and clips to ``inp_bound``;
+3. the crossbar product with the programmed (normalized) tile weights;
+4. additive output noise ``out_noise``; the ADC rounds to steps of ``out_res * 2 * out_bound``;
+5. bound management: if an output of a tile (one matrix, one column tile) exceeds
+   ``out_bound`` for any row of the batch, that tile is recomputed with its inputs scaled down
+   by 2, 4, ... (aihwkit's iterative rule and limit); outputs are clipped to ``out_bound``
+   and multiplied back by the input scale;
+6. the digital output scale (weight mapping factor times drift compensation) of the tile.
+
+Partial sums of the input tiles are added digitally in tile order. The arithmetic keeps values
+in DAC/ADC step units and folds the scalings together, so it matches aihwkit up to float
+rounding, not bit for bit. Per-forward randomness (output noise) comes from a
+``torch.Generator`` on the input's device, seeded at construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from hetmap.compiler.errors import SimulationError
+
+from .grouped import RowGroups, grouped_product
+from .programming import derive_seed, make_noise_model, program_matrices, seeded
+from .settings import AnalogSettings
+from .tiling import TileGrid
+
+# Matrix elements programmed per noise-model call (bounds the temporaries of programming).
+_PROGRAM_CHUNK_ELEMENTS = 1 << 24
+
+
+class AnalogTileStack(nn.Module):
+    """``E`` matrices ``[out, in]`` programmed onto crossbar tiles, computed grouped."""
+
+    weight: torch.Tensor
+    out_scales: torch.Tensor
+    tile_scales: torch.Tensor
+    column_tile: torch.Tensor
+
+    def __init__(
+        self,
+        weights: torch.Tensor,
+        settings: AnalogSettings,
+        seed: int,
+        out_splits: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if weights.ndim != 3:
+            raise SimulationError(
+                f"analog tile stack needs weights [E, out, in], got {tuple(weights.shape)}"
+            )
+        out_features, in_features = weights.shape[1:]
+        splits = tuple(out_splits) if out_splits is not None else (out_features,)
+        if sum(splits) != out_features:
+            raise SimulationError(f"out_splits {splits} do not add up to {out_features} outputs")
+        self.settings = settings
+        self.grid = TileGrid.build(in_features, splits, settings.rows, settings.cols)
+        self.seed = seed
+        tile_weights, out_scales = self._program(weights.detach(), seed)
+        self.register_buffer("weight", tile_weights)  # [E, out, in], normalized units
+        self.register_buffer("out_scales", out_scales)  # [E, in_tiles, out]
+        column_tile = self.grid.column_tile_index(weights.device)
+        self.register_buffer("column_tile", column_tile, persistent=False)
+        # With equal-width column tiles and one scale per tile, step 6 scales [S, tiles]
+        # views instead of gathering a [S, out] scale per row.
+        self._tile_width = self._uniform_tile_width()
+        tile_scales = out_scales[..., :: self._tile_width] if self._tile_width else out_scales
+        self.register_buffer("tile_scales", tile_scales.contiguous(), persistent=False)
+        self._generator: torch.Generator | None = None
+
+    @property
+    def num_matrices(self) -> int:
+        return int(self.weight.shape[0])
+
+    def _program(self, weights: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Program every matrix block (e.g. gate, up), a bounded number of matrices per call."""
+        settings = self.settings
+        noise_model = None if settings.ideal else make_noise_model(settings)
+        per_call = max(1, _PROGRAM_CHUNK_ELEMENTS // max(1, weights[0].numel()))
+        programmed, scales = [], []
+        with seeded(seed, weights.device):
+            for start, size in self.grid.out_offsets():
+                block = weights[:, start : start + size]
+                parts = [
+                    program_matrices(chunk, settings.rows, settings.cols, settings, noise_model)
+                    for chunk in block.split(per_call)
+                ]
+                programmed.append(torch.cat([part[0] for part in parts]))
+                scales.append(torch.cat([part[1] for part in parts]))
+        return torch.cat(programmed, dim=1), torch.cat(scales, dim=2)
+
+    def _uniform_tile_width(self) -> int:
+        """Width of every column tile if all are equal and share one scale, else 0."""
+        if self.settings.weight_scaling_columnwise or self.settings.ideal:
+            return 0
+        widths = {min(self.grid.cols, size) for size in self.grid.out_splits}
+        width = widths.pop()
+        if widths or any(size % width for size in self.grid.out_splits):
+            return 0
+        return width
+
+    def extra_repr(self) -> str:
+        grid = self.grid
+        return (
+            f"matrices={self.num_matrices}, out={grid.out_features}, in={grid.in_features}, "
+            f"tiles={self.num_matrices * grid.tiles} of {grid.rows}x{grid.cols}"
+        )
+
+    def forward(self, inputs: torch.Tensor, groups: RowGroups | None = None) -> torch.Tensor:
+        """Rows ``inputs [S, in]`` sorted by matrix (``groups``; omit for one matrix)."""
+        if inputs.ndim != 2 or inputs.shape[1] != self.grid.in_features:
+            raise SimulationError(
+                f"analog tile stack expects rows [S, {self.grid.in_features}], "
+                f"got {tuple(inputs.shape)}"
+            )
+        if groups is None:
+            if self.num_matrices != 1:
+                raise SimulationError("a stack of several matrices needs the rows' groups")
+            groups = RowGroups.single(inputs.shape[0], inputs.device)
+        inputs = inputs.to(self.weight.dtype)
+        total: torch.Tensor | None = None
+        for index, in_slice in enumerate(self.grid.in_slices()):
+            tile_inputs, tile_weight = inputs[:, in_slice], self.weight[..., in_slice]
+            if self.settings.ideal:
+                partial = grouped_product(tile_inputs.contiguous(), tile_weight, groups)
+                total = partial if total is None else total.add_(partial)
+                continue
+            partial, row_factor = self._tile_product(tile_inputs, tile_weight, groups)
+            total = self._accumulate(total, partial, row_factor, index, groups)
+        assert total is not None
+        return total
+
+    def _accumulate(
+        self,
+        total: torch.Tensor | None,
+        partial: torch.Tensor,
+        row_factor: torch.Tensor | float,
+        index: int,
+        groups: RowGroups,
+    ) -> torch.Tensor:
+        """Step 6: ``total + partial * row_factor * out_scales`` of input tile ``index``."""
+        single = self.num_matrices == 1
+        if self._tile_width:  # one scale per column tile: scale [S, tiles, 1] views
+            scales = self.tile_scales[:, index]
+            factor = (scales if single else scales[groups.row_matrix]) * row_factor
+            shape = (partial.shape[0], self.grid.column_tiles, self._tile_width)
+            view, factor = partial.view(shape), factor.unsqueeze(-1)
+            if total is None:
+                return view.mul_(factor).view_as(partial)
+            total.view(shape).addcmul_(view, factor)
+            return total
+        scales = self.out_scales[:, index]
+        scales = scales if single else scales[groups.row_matrix]
+        if isinstance(row_factor, torch.Tensor) or row_factor != 1.0:
+            partial.mul_(row_factor)
+        return partial.mul_(scales) if total is None else total.addcmul_(partial, scales)
+
+    def _tile_product(
+        self, tile_inputs: torch.Tensor, tile_weight: torch.Tensor, groups: RowGroups
+    ) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """Steps 1-5 for one input-tile position, all matrices and column tiles. Returns the
+        outputs and the per-row factor that still has to multiply them."""
+        settings = self.settings
+        input_scale: torch.Tensor | float = 1.0
+        if settings.noise_management == "abs-max":
+            abs_max = tile_inputs.abs().amax(dim=-1, keepdim=True)
+            abs_max.masked_fill_(abs_max <= 0.0, 1.0)
+            input_scale = 1.0 / abs_max
+        reduction = 1.0
+        result: torch.Tensor | None = None
+        redo: torch.Tensor | None = None  # [E, column tiles]: tiles recomputed this round
+        while True:
+            scale = input_scale / reduction if reduction != 1.0 else input_scale
+            outputs, unit, clipped = self._periphery_product(
+                tile_inputs, tile_weight, groups, scale
+            )
+            if clipped is None and result is None:  # the common case: nothing clipped
+                return outputs, unit / scale
+            outputs.mul_(unit / scale)  # rounds differ in scale: merge in final units
+            result = outputs if result is None else self._merge(result, outputs, redo, groups)
+            if clipped is None:
+                return result, 1.0
+            clipped = clipped if redo is None else clipped & redo
+            if reduction > settings.max_bound_reduction or not bool(clipped.any()):
+                return result, 1.0
+            redo, reduction = clipped, reduction * 2.0
+
+    def _merge(
+        self,
+        result: torch.Tensor,
+        outputs: torch.Tensor,
+        redo: torch.Tensor | None,
+        groups: RowGroups,
+    ) -> torch.Tensor:
+        assert redo is not None
+        return torch.where(redo[groups.row_matrix][:, self.column_tile], outputs, result)
+
+    def _periphery_product(
+        self,
+        tile_inputs: torch.Tensor,
+        tile_weight: torch.Tensor,
+        groups: RowGroups,
+        scale: torch.Tensor | float,
+    ) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+        """DAC, crossbar, output noise, ADC, clipping. Returns the outputs in units of the ADC
+        step (``unit``, 1 without ADC; not yet multiplied back by ``1 / scale``) and, if
+        bound management is on and an output clipped, which tiles (``[E, column tiles]``)."""
+        settings = self.settings
+        inp_unit = _step(settings.inp_res, settings.inp_bound) or 1.0
+        unit = _step(settings.out_res, settings.out_bound) or 1.0
+        levels = tile_inputs * (scale / inp_unit)
+        if settings.inp_res > 0:
+            levels.round_()
+        levels.clamp_(-settings.inp_bound / inp_unit, settings.inp_bound / inp_unit)
+        if inp_unit != unit:
+            levels.mul_(inp_unit / unit)  # the product comes out in ADC steps
+        outputs = grouped_product(levels, tile_weight, groups)
+        if settings.out_noise > 0:
+            noise = torch.randn(
+                outputs.shape,
+                generator=self._noise_generator(outputs.device),
+                device=outputs.device,
+                dtype=outputs.dtype,
+            )
+            outputs.add_(noise, alpha=settings.out_noise / unit)
+        if settings.out_res > 0:
+            outputs.round_()
+        clipped = None
+        if outputs.numel():
+            low, high = torch.aminmax(outputs)
+            bound = settings.out_bound
+            if bool((high * unit > bound) | (low * unit < -bound)):
+                if settings.bound_management == "iterative":
+                    clipped = self._clipped_tiles(outputs, groups, bound / unit)
+                outputs.clamp_(-bound / unit, bound / unit)
+        return outputs, unit, clipped
+
+    def _clipped_tiles(
+        self, outputs: torch.Tensor, groups: RowGroups, bound: float
+    ) -> torch.Tensor:
+        """``[E, column tiles]``: whether any row of a matrix clipped in a column tile."""
+        clipped_rows = (outputs.abs() > bound).to(outputs.dtype)  # [S, out]
+        per_column = outputs.new_zeros(self.num_matrices, outputs.shape[1])
+        per_column.index_add_(0, groups.row_matrix, clipped_rows)
+        per_tile = outputs.new_zeros(self.num_matrices, self.grid.column_tiles)
+        per_tile.index_add_(1, self.column_tile, per_column)
+        return per_tile > 0
+
+    def _noise_generator(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(derive_seed(self.seed, "output-noise"))
+        return self._generator
+
+
+def _step(res: float, bound: float) -> float:
+    """aihwkit ``UniformQuantize`` step for resolution ``res`` over ``[-bound, bound]``."""
+    if res <= 0:
+        return 0.0
+    step = 1.0 / res if res > 1.0 else res
+    return step * 2.0 * bound
+
+
+class DigitalStack(nn.Module):
+    """``E`` matrices ``[out, in]`` computed exactly on rows sorted by matrix. Keeps the
+    given tensor (pass a copy if the original must stay independent)."""
+
+    weight: torch.Tensor
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weights.detach())
+
+    @property
+    def num_matrices(self) -> int:
+        return int(self.weight.shape[0])
+
+    def forward(self, inputs: torch.Tensor, groups: RowGroups | None = None) -> torch.Tensor:
+        if groups is None:
+            groups = RowGroups.single(inputs.shape[0], inputs.device)
+        return grouped_product(inputs.to(self.weight.dtype), self.weight, groups)
+
+
+class SimulatedLinear(nn.Module):
+    """Drop-in for ``nn.Linear`` whose matrix runs on simulated AIMC tiles; the bias is digital."""
+
+    bias: torch.Tensor | None
+
+    def __init__(self, linear: nn.Linear, settings: AnalogSettings, seed: int) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.tiles = AnalogTileStack(linear.weight.detach().unsqueeze(0), settings, seed)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.register_buffer("bias", bias)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        leading = inputs.shape[:-1]
+        outputs = self.tiles(inputs.reshape(-1, self.in_features))
+        outputs = outputs.reshape(*leading, self.out_features).to(inputs.dtype)
+        if self.bias is not None:
+            outputs = outputs + self.bias
+        return outputs

@@ -1,0 +1,217 @@
+"""Programming weight matrices onto crossbar tiles with aihwkit's device noise models.
+
+Reads matrices ``[E, out, in]`` and :class:`AnalogSettings`; returns the tile weights (in the
+normalized units the crossbar holds) and the digital output scale of every (matrix, input tile,
+output column). The physics is aihwkit's: hetmap only arranges the tensors so that one call
+covers many tiles.
+
+1. Each fixed-size tile is divided by ``abs-max / omega`` (per tile, or per tile column with
+   ``weight_scaling_columnwise``), as aihwkit's ``apply_weight_scaling`` does per tile; the
+   factor becomes the tile's digital output scale.
+2. Programming noise: ``noise_model.apply_programming_noise`` on the normalized tiles, with
+   the model's programming-noise scale set to ``noise_scale``. With a device-pair converter
+   (abs-max maps to ``g_max``: PCM, Hermes, state-independent) one call covers all tiles:
+   every tile's abs-max is ``omega``, so this equals converting each tile on its own as
+   aihwkit does; cells outside the matrix are zeroed again. Other converters (the single
+   device of ``reram-cmo`` maps min..max) are called tile by tile.
+3. Drift: ``noise_model.apply_drift_noise`` to ``drift_time``; aihwkit re-converts each
+   tile's programmed weights, which the all-tiles call matches by normalizing every tile by
+   its programmed abs-max first.
+4. Global drift compensation, per tile: ``mean|W_programmed| / mean|W_drifted|`` (the quantity
+   aihwkit's ``GlobalDriftCompensation`` reads out, taken here from the conductances directly,
+   i.e. without periphery noise in the read-out), folded into the output scale.
+
+The noise models draw from torch's global generator; :func:`seeded` forks and seeds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import warnings
+from collections.abc import Iterator
+
+import torch
+from aihwkit.inference import (
+    PCMLikeNoiseModel,
+    ReRamCMONoiseModel,
+    ReRamWan2022NoiseModel,
+    StateIndependentNoiseModel,
+)
+from aihwkit.inference.converter.conductance import (
+    NPairConductanceConverter,
+    SinglePairConductanceConverter,
+)
+from aihwkit.inference.noise.base import BaseNoiseModel
+from aihwkit.inference.noise.hermes import HermesNoiseModel
+
+from hetmap.compiler.errors import SimulationError
+
+from .settings import AnalogSettings
+
+# Converters whose mapping of a tile depends only on its abs-max (see _noise_all_tiles).
+_ABS_MAX_CONVERTERS = (SinglePairConductanceConverter, NPairConductanceConverter)
+# aihwkit GlobalDriftCompensation.readout clamps the read-out at this value.
+_GDC_READOUT_MIN = 1e-4
+
+
+def make_noise_model(settings: AnalogSettings) -> BaseNoiseModel:
+    """The aihwkit noise model named by ``settings.noise_model``, scaled by ``noise_scale``."""
+    read_scale = 1.0 if settings.read_noise else 0.0
+    name = settings.noise_model
+    if name == "pcm":
+        return PCMLikeNoiseModel(prog_noise_scale=settings.noise_scale, read_noise_scale=read_scale)
+    if name == "hermes":
+        return HermesNoiseModel(prog_noise_scale=settings.noise_scale, read_noise_scale=read_scale)
+    if name == "reram-cmo":
+        return ReRamCMONoiseModel(
+            prog_noise_scale=settings.noise_scale, read_noise_scale=read_scale
+        )
+    if name == "state-independent":
+        return StateIndependentNoiseModel(
+            prog_noise_scale=settings.noise_scale, read_noise_scale=read_scale
+        )
+    if name == "reram":
+        # One scale for programming and the accumulated noise; the model has no read noise.
+        model = ReRamWan2022NoiseModel(noise_scale=settings.noise_scale)
+        if settings.drifts and settings.drift_time not in model.coeff_dic:
+            times = ", ".join(f"{time:g}" for time in model.coeff_dic)
+            raise SimulationError(
+                f"noise model 'reram' is fitted at drift_time {times} s only; "
+                f"got {settings.drift_time}"
+            )
+        return model
+    raise SimulationError(f"unknown noise model {name!r}")
+
+
+def derive_seed(seed: int, label: str) -> int:
+    """An independent seed for the part ``label`` of something seeded with ``seed``."""
+    digest = hashlib.sha256(f"{seed}/{label}".encode()).digest()
+    return int.from_bytes(digest[:6], "little")
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with torch's global generators forked and seeded (restored afterwards)."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        with warnings.catch_warnings():
+            # aihwkit's Hermes model indexes with a list of masks (deprecated in torch).
+            warnings.filterwarnings(
+                "ignore", message="Using a non-tuple sequence", category=UserWarning
+            )
+            yield
+
+
+def program_matrices(
+    weights: torch.Tensor,
+    rows: int,
+    cols: int,
+    settings: AnalogSettings,
+    noise_model: BaseNoiseModel | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Program matrices ``weights [E, out, in]`` onto ``rows x cols`` tiles each.
+
+    Returns ``(tile_weights [E, out, in], out_scales [E, in_tiles, out])``: an input tile's
+    slice times ``tile_weights``, times ``out_scales``, is that tile's contribution. Runs on
+    the generator state the caller set (see :func:`seeded`).
+    """
+    num, out_features, in_features = weights.shape
+    in_tiles = -(-in_features // rows)
+    if settings.ideal:
+        ones = weights.new_ones(num, in_tiles, out_features)
+        return weights.detach().clone(), ones
+    # A matrix smaller than a tile fills part of one tile: pad only to its own size.
+    rows, cols = min(rows, in_features), min(cols, out_features)
+    out_tiles = -(-out_features // cols)
+    work_dtype = torch.promote_types(weights.dtype, torch.float32)
+    shape = (num, out_tiles * cols, in_tiles * rows)
+    padded = weights.new_zeros(shape, dtype=work_dtype)
+    padded[:, :out_features, :in_features] = weights.detach()
+    inside = torch.zeros_like(padded)
+    inside[:, :out_features, :in_features] = 1.0
+    tiled = padded.view(num, out_tiles, cols, in_tiles, rows)
+    inside_tiled = inside.view(num, out_tiles, cols, in_tiles, rows)
+
+    reduce_dims = (4,) if settings.weight_scaling_columnwise else (2, 4)
+    mapping = tiled.abs().amax(dim=reduce_dims, keepdim=True) / settings.weight_scaling_omega
+    mapping.masked_fill_(mapping == 0.0, 1.0)
+    tiled = tiled / mapping
+    gdc = torch.ones_like(tiled.abs().amax(dim=(2, 4), keepdim=True))
+
+    if settings.programs_noise or settings.drifts:
+        if noise_model is None:
+            raise SimulationError("programming noise or drift needs a noise model")
+        if isinstance(noise_model.g_converter, _ABS_MAX_CONVERTERS):
+            programmed, drifted = _noise_all_tiles(tiled, inside_tiled, noise_model, settings)
+        else:
+            sizes = (out_features, in_features)
+            programmed, drifted = _noise_tile_by_tile(tiled, sizes, noise_model, settings)
+        tiled = programmed
+        if drifted is not None:
+            if settings.gdc:
+                gdc = _tile_mean_abs(programmed, inside_tiled) / _tile_mean_abs(
+                    drifted, inside_tiled
+                )
+            tiled = drifted
+
+    tile_weights = tiled.reshape(shape)[:, :out_features, :in_features]
+    scales = (mapping * gdc).expand(num, out_tiles, cols, in_tiles, 1)
+    out_scales = scales.permute(0, 3, 4, 1, 2).reshape(num, in_tiles, out_tiles * cols)
+    return (
+        tile_weights.to(weights.dtype).contiguous(),
+        out_scales[..., :out_features].to(weights.dtype).contiguous(),
+    )
+
+
+def _noise_all_tiles(
+    tiled: torch.Tensor, inside: torch.Tensor, noise_model: BaseNoiseModel, settings: AnalogSettings
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Steps 2-3 with one noise-model call for all tiles ``[E, out tiles, cols, in tiles,
+    rows]`` (valid for converters that map a tile by its abs-max, which step 1 made equal)."""
+    programmed, drift_params = noise_model.apply_programming_noise(tiled)
+    programmed = programmed * inside
+    if not settings.drifts:
+        return programmed, None
+    tile_max = programmed.abs().amax(dim=(2, 4), keepdim=True)
+    tile_max.masked_fill_(tile_max == 0.0, 1.0)
+    drifted = noise_model.apply_drift_noise(
+        programmed / tile_max, drift_params, float(settings.drift_time or 0.0)
+    )
+    return programmed, drifted * tile_max * inside
+
+
+def _noise_tile_by_tile(
+    tiled: torch.Tensor,
+    sizes: tuple[int, int],
+    noise_model: BaseNoiseModel,
+    settings: AnalogSettings,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Steps 2-3 one tile at a time, as aihwkit does (any conductance converter)."""
+    num, out_tiles, cols, in_tiles, rows = tiled.shape
+    programmed = torch.zeros_like(tiled)
+    drifted = torch.zeros_like(tiled) if settings.drifts else None
+    for index in range(num):
+        for out_tile in range(out_tiles):
+            used_cols = min(cols, sizes[0] - out_tile * cols)
+            for in_tile in range(in_tiles):
+                used_rows = min(rows, sizes[1] - in_tile * rows)
+                cell = (index, out_tile, slice(0, used_cols), in_tile, slice(0, used_rows))
+                tile_programmed, drift_params = noise_model.apply_programming_noise(tiled[cell])
+                programmed[cell] = tile_programmed
+                if drifted is not None:
+                    drifted[cell] = noise_model.apply_drift_noise(
+                        tile_programmed, drift_params, float(settings.drift_time or 0.0)
+                    )
+    return programmed, drifted
+
+
+def _tile_mean_abs(tiled: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """aihwkit's global drift read-out (mean abs output of a one-hot read) of every tile."""
+    total = tiled.abs().sum(dim=(2, 4), keepdim=True)
+    count = inside.sum(dim=(2, 4), keepdim=True).clamp(min=1.0)
+    return (total / count).clamp(min=_GDC_READOUT_MIN)

@@ -1,0 +1,108 @@
+"""Make a model executable with analog non-idealities.
+
+:func:`build_simulated_model` returns a copy of a model in which
+
+1. every ``nn.Linear`` at a path in ``analog_linears`` is replaced by a simulated AIMC layer
+   (:class:`SimulatedLinear`, or aihwkit's ``AnalogLinear`` with ``backend="aihwkit"``);
+2. every fused experts module at a path in ``analog_experts`` is replaced by one whose listed
+   experts run on simulated AIMC tiles and whose other experts stay exact digital
+   (:class:`SimulatedExperts`, or :class:`ReferenceExperts` with ``backend="aihwkit"``);
+3. everything else is an exact copy. The original model is not modified; the weights of the
+   replaced modules are not copied (the new modules are built from the original's weights).
+
+Every replaced module draws its noise from its own seed, derived from ``seed`` and its path, so
+one seed fixes the whole simulated model and two modules never share noise.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping
+
+from torch import nn
+
+from hetmap.compiler.errors import SimulationError
+
+from .analog import SimulatedLinear
+from .experts import SimulatedExperts, fused_experts
+from .programming import derive_seed
+from .reference import ReferenceExperts, ReferenceLinear
+from .settings import AnalogSettings
+
+BACKENDS = ("hetmap", "aihwkit")
+
+
+def module_seed(seed: int, path: str) -> int:
+    """The seed of the module at ``path`` in a simulated model built with ``seed``."""
+    return derive_seed(seed, path)
+
+
+def build_simulated_model(
+    model: nn.Module,
+    analog_linears: Iterable[str],
+    analog_experts: Mapping[str, Iterable[int]],
+    settings: AnalogSettings,
+    seed: int,
+    backend: str = "hetmap",
+) -> nn.Module:
+    """A copy of ``model`` with the given linears and experts on simulated AIMC tiles.
+
+    ``analog_linears``: module paths of ``nn.Linear`` layers. ``analog_experts``: module path of
+    a fused experts module -> the expert indices that run analog. Returns the copy in eval
+    mode. Raises :class:`SimulationError` for unknown paths, wrong module kinds, bad expert
+    indices or an unknown backend.
+    """
+    if backend not in BACKENDS:
+        raise SimulationError(
+            f"unknown simulation backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+        )
+    modules = dict(model.named_modules())
+    linear_paths = sorted(set(analog_linears))
+    expert_paths = sorted(analog_experts)
+    for path in linear_paths:
+        module = _lookup(modules, path)
+        if not isinstance(module, nn.Linear):
+            raise SimulationError(
+                f"analog linear {path!r} is a {type(module).__name__}, not an nn.Linear"
+            )
+    for path in expert_paths:
+        fused_experts(_lookup(modules, path), path)
+    overlap = set(linear_paths) & set(expert_paths)
+    if overlap:
+        raise SimulationError(
+            f"module {sorted(overlap)[0]!r} is listed both as a linear and as experts"
+        )
+
+    make_linear: Callable[[nn.Linear, AnalogSettings, int], nn.Module]
+    make_linear = SimulatedLinear if backend == "hetmap" else ReferenceLinear
+    make_experts = SimulatedExperts if backend == "hetmap" else ReferenceExperts
+    replacements: dict[str, nn.Module] = {}
+    for path in linear_paths:
+        linear = modules[path]
+        assert isinstance(linear, nn.Linear)
+        replacements[path] = make_linear(linear, settings, module_seed(seed, path))
+    for path in expert_paths:
+        indices = [int(index) for index in analog_experts[path]]
+        replacements[path] = make_experts(
+            modules[path], indices, settings, module_seed(seed, path), path
+        )
+
+    # Deep-copy the rest of the model; the replaced modules are memoized to placeholders so
+    # their weights are never copied.
+    memo: dict[int, object] = {id(modules[path]): nn.Module() for path in replacements}
+    simulated = copy.deepcopy(model, memo)
+    for path, replacement in replacements.items():
+        _set_submodule(simulated, path, replacement)
+    return simulated.eval()
+
+
+def _lookup(modules: Mapping[str, nn.Module], path: str) -> nn.Module:
+    if not path or path not in modules:
+        raise SimulationError(f"model has no module at path {path!r}")
+    return modules[path]
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)

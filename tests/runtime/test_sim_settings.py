@@ -1,0 +1,61 @@
+"""AnalogSettings: defaults, dict round trip, validation messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from hetmap.compiler.errors import SimulationError
+from hetmap.runtime import AnalogSettings, tiles_per_matrix
+from hetmap.runtime.tiling import TileGrid
+
+
+def test_defaults_follow_the_paper_and_aihwkit() -> None:
+    settings = AnalogSettings()
+    assert (settings.rows, settings.cols) == (512, 512)
+    assert settings.inp_res == pytest.approx(1 / 254)  # 8-bit DAC, aihwkit's convention
+    assert settings.out_res == pytest.approx(1 / 254)
+    assert settings.noise_management == "abs-max"
+    assert settings.bound_management == "iterative"
+    # aihwkit stops halving once the reduction exceeds max_bm_res / (inp_res * 2 * inp_bound).
+    assert settings.max_bound_reduction == pytest.approx(0.25 * 254 / 2)
+
+
+def test_from_dict_round_trip_and_dashes() -> None:
+    settings = AnalogSettings.from_dict(
+        {"rows": 256, "cols": 128, "noise-scale": 2.5, "drift_time": 3600.0, "adc_bits": None}
+    )
+    assert settings.noise_scale == 2.5 and settings.out_res == 0.0
+    assert AnalogSettings.from_dict(settings.to_dict()) == settings
+
+
+def test_ideal_turns_quantization_off() -> None:
+    settings = AnalogSettings(ideal=True)
+    assert settings.inp_res == 0.0 and settings.out_res == 0.0
+    assert not settings.programs_noise and not settings.drifts
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"rows": 0}, "'rows'"),
+        ({"dac_bits": 1}, "'dac_bits'"),
+        ({"noise_model": "memristor"}, "'noise_model'"),
+        ({"noise_scale": -1.0}, "'noise_scale'"),
+        ({"drift_time": -5.0}, "'drift_time'"),
+        ({"crossbar": 3}, "unknown analog setting 'crossbar'"),
+    ],
+)
+def test_bad_settings_raise_one_line_errors(values: dict[str, object], fragment: str) -> None:
+    with pytest.raises(SimulationError, match=fragment) as caught:
+        AnalogSettings.from_dict(values)
+    assert "\n" not in str(caught.value)
+
+
+def test_tile_counts() -> None:
+    assert tiles_per_matrix(1024, 2048, 512, 512) == 8
+    assert tiles_per_matrix(1000, 513, 512, 512) == 4
+    grid = TileGrid.build(in_features=40, out_splits=(10, 10), rows=16, cols=8)
+    assert grid.in_tiles == 3 and grid.column_tiles == 4 and grid.tiles == 12
+    # gate and up each start on a fresh column tile
+    assert grid.column_tile_index().tolist() == [0] * 8 + [1] * 2 + [2] * 8 + [3] * 2
+    assert [(s.start, s.stop) for s in grid.in_slices()] == [(0, 16), (16, 32), (32, 40)]
