@@ -84,6 +84,7 @@ def cli(ctx: click.Context, traceback: bool) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 @cli.command("compile")
@@ -317,8 +318,11 @@ def demo(out: Path, seeds: int) -> None:
     print_simulation("demo", data)
     plan.write(out, force=True, extra=lambda d: write_json(d / "simulation.json", data))
     console.print(f"\nwrote {out}/plan.json, ir.txt, simulation.json")
-    console.print("next: hetmap inspect out/demo | hetmap compile demo --policy activation-frequency "
-              "--budget 0.25 -o out/af | hetmap sweep demo -o out/sweep --seeds 3")
+    console.print("next steps:")
+    console.print(f"  .venv/bin/hetmap inspect {out}                      # the plan again")
+    console.print("  .venv/bin/hetmap simulate demo --policy activation-frequency --budget 0.25 --seeds 5")
+    console.print("  .venv/bin/hetmap compile demo --emit onnx -o out/demo-onnx   # ONNX with placement tags")
+    console.print("  .venv/bin/hetmap sweep demo -o out/sweep --seeds 3           # policies x budgets x noise")
 
 
 @cli.command()
