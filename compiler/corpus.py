@@ -1,0 +1,182 @@
+"""hetmap's built-in text corpus: the Python standard library's own source files.
+
+The corpus needs no download: every machine that runs hetmap has a Python interpreter, and
+its standard library is a few megabytes of real, varied text. It is used to train the
+built-in ``demo`` model, to calibrate expert activation densities and to measure perplexity.
+
+Rules:
+
+1. Candidate files are the ``*.py`` files under ``sysconfig.get_paths()["stdlib"]``, except
+   anything under ``site-packages``, ``test`` / ``tests`` directories, ``idlelib``,
+   ``lib2to3`` and ``__pycache__``.
+2. Each file goes to one split by a hash of its relative POSIX path (never by random state):
+   bucket = first 8 hex digits of SHA-256 modulo 100; buckets 0-79 are ``train``, 80-89
+   ``calib``, 90-99 ``eval``.
+3. The split actually used is the list committed at ``compiler/assets/corpus_split.json``
+   (written by :func:`write_split`), so every machine reads the same files in the same order.
+   Listed files missing on a machine (another Python version) are skipped.
+4. Text becomes tokens byte by byte: token = byte value modulo the vocabulary size. This is
+   how hetmap tokenizes text for a model without a tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hetmap.compiler.errors import HetmapError, MissingDataError
+
+SPLITS: tuple[str, ...] = ("train", "calib", "eval")
+SPLIT_PATH = Path(__file__).parent / "assets" / "corpus_split.json"
+
+_EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"})
+_SPLIT_BOUNDS = (("train", 80), ("calib", 90), ("eval", 100))
+
+
+def stdlib_root() -> Path:
+    """The directory holding the running interpreter's standard library sources."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def split_of(relative_path: str) -> str:
+    """The split a file belongs to, from a hash of its relative POSIX path (rule 2)."""
+    bucket = int(hashlib.sha256(relative_path.encode("utf-8")).hexdigest()[:8], 16) % 100
+    return next(name for name, bound in _SPLIT_BOUNDS if bucket < bound)
+
+
+def scan_stdlib(root: Path | None = None) -> dict[str, list[str]]:
+    """Assign every candidate file under ``root`` (default: the stdlib) to a split (rules 1-2).
+
+    Returns relative POSIX paths per split, each list sorted.
+    """
+    root = stdlib_root() if root is None else root
+    parts: dict[str, list[str]] = {name: [] for name in SPLITS}
+    for path in root.rglob("*.py"):
+        relative = path.relative_to(root)
+        if _EXCLUDED_DIRS.intersection(relative.parts[:-1]) or not path.is_file():
+            continue
+        parts[split_of(relative.as_posix())].append(relative.as_posix())
+    return {name: sorted(files) for name, files in parts.items()}
+
+
+def write_split(path: Path = SPLIT_PATH, root: Path | None = None) -> dict[str, list[str]]:
+    """Scan the stdlib and write the split list to ``path`` (the committed asset by default)."""
+    parts = scan_stdlib(root)
+    document = {
+        "description": "hetmap corpus split: stdlib *.py files, relative to the stdlib dir; "
+        "see hetmap.compiler.corpus for the rules",
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "splits": parts,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    return parts
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise HetmapError(f"unknown corpus split '{split}': use one of {', '.join(SPLITS)}")
+
+
+def listed_files(split: str) -> list[str]:
+    """The relative paths the committed split list holds for ``split``, in listed order."""
+    _check_split(split)
+    if not SPLIT_PATH.is_file():
+        raise MissingDataError(
+            f"corpus split list {SPLIT_PATH} is missing: regenerate it with "
+            "hetmap.compiler.corpus.write_split()"
+        )
+    document = json.loads(SPLIT_PATH.read_text(encoding="utf-8"))
+    return list(document["splits"][split])
+
+
+def corpus_files(split: str) -> list[Path]:
+    """Absolute paths of the listed files of ``split`` that exist on this machine (rule 3)."""
+    root = stdlib_root()
+    return [root / relative for relative in listed_files(split) if (root / relative).is_file()]
+
+
+def read_corpus_bytes(split: str, max_bytes: int | None = None) -> bytes:
+    """The files of ``split`` concatenated in listed order, cut to ``max_bytes`` if given."""
+    chunks: list[bytes] = []
+    total = 0
+    for path in corpus_files(split):
+        if max_bytes is not None and total >= max_bytes:
+            break
+        chunk = path.read_bytes()
+        chunks.append(chunk)
+        total += len(chunk)
+    data = b"".join(chunks)
+    if not data:
+        raise MissingDataError(
+            f"corpus split '{split}' is empty on this machine: none of its files exist under "
+            f"{stdlib_root()}"
+        )
+    return data if max_bytes is None else data[:max_bytes]
+
+
+def bytes_to_tokens(data: bytes, vocab_size: int) -> torch.Tensor:
+    """Tokenize bytes for a model without a tokenizer: token = byte value % ``vocab_size``.
+
+    Returns a 1-D ``torch.long`` tensor with one token per byte.
+    """
+    if vocab_size < 1:
+        raise HetmapError(f"vocab_size must be positive, got {vocab_size}")
+    if not data:
+        return torch.empty(0, dtype=torch.long)
+    values = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+    return values % vocab_size
+
+
+def read_text_file_tokens(
+    path: str | Path, vocab_size: int, max_tokens: int | None = None
+) -> torch.Tensor:
+    """Tokens of a user-given text file (``--calib FILE`` / ``--eval FILE``), bytewise.
+
+    Raises :class:`MissingDataError` when the file is missing, unreadable or empty.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingDataError(f"text file {path} does not exist: pass an existing file")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise MissingDataError(f"cannot read text file {path}: {error.strerror}") from error
+    if not data:
+        raise MissingDataError(f"text file {path} is empty: pass a file with some text")
+    if max_tokens is not None:
+        data = data[:max_tokens]
+    return bytes_to_tokens(data, vocab_size)
+
+
+def token_windows(tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """Cut a 1-D token tensor into non-overlapping [windows, length] rows, dropping the rest."""
+    if length < 2:
+        raise HetmapError(f"window length must be at least 2, got {length}")
+    count = tokens.numel() // length
+    if count == 0:
+        raise MissingDataError(
+            f"{tokens.numel()} tokens are fewer than one window of {length}: pass more text"
+        )
+    return tokens[: count * length].reshape(count, length)
+
+
+def bigram_perplexity(train: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> float:
+    """Perplexity of an add-one smoothed token bigram model fitted on ``train``.
+
+    ``targets`` is a 2-D [windows, length] tensor; each window's first token is context only,
+    as for a causal language model scored on the same windows.
+    """
+    train_np = train.numpy().astype(np.int64)
+    pairs = np.bincount(train_np[:-1] * vocab_size + train_np[1:], minlength=vocab_size**2)
+    counts = pairs.reshape(vocab_size, vocab_size).astype(np.float64) + 1.0
+    log_probs = np.log(counts / counts.sum(axis=1, keepdims=True))
+    windows = targets.numpy().astype(np.int64)
+    scored = log_probs[windows[:, :-1], windows[:, 1:]]
+    return float(np.exp(-scored.mean()))
