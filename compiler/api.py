@@ -1,9 +1,13 @@
 """hetmap's Python API; the CLI is a thin layer over it.
 
-    import hetmap.compiler as hc
-    plan = hc.compile_model("olmoe-tiny", policy="activation-frequency", budget=0.25)
-    print(plan.summary["digital_param_fraction"])
-    plan.write("out/olmoe", force=True)          # plan.json + ir.txt
+    from hetmap.compiler.api import compile_model, load_plan
+    plan = compile_model("demo", policy="activation-frequency", budget=0.25)
+    print(plan.summary["digital_param_fraction"], plan.placement("model.layers.0.mlp.experts.3"))
+    plan.write("out/demo-af", force=True)         # plan.json + ir.txt
+    plan.emit_onnx("out/demo-af")                 # model.onnx with placement metadata
+    result = plan.simulate(seeds=3)               # perplexity all-digital vs mapped
+    print(result.digital_ppl, result.mapped_ppl_mean, result.mapped_ppl_std)
+    same = load_plan("out/demo-af")               # a plan directory back as a Plan
 """
 
 from __future__ import annotations
@@ -89,6 +93,12 @@ class Plan:
             "summary": self.summary,
             "nodes": [node_json(n) for n in self.graph],
         }
+
+    def emit_onnx(self, out_dir: str | Path, *, tiles: bool = False) -> list[Path]:
+        """Write ``out_dir/model.onnx`` with placement metadata (see the onnx emitter)."""
+        from hetmap.compiler.backends.onnx_emitter import emit_onnx
+
+        return emit_onnx(self, Path(out_dir), tiles=tiles)
 
     def simulate(self, **options: Any) -> Any:
         """Perplexity all-digital vs mapped; see :func:`hetmap.compiler.simulate.simulate_plan`."""

@@ -122,10 +122,8 @@ def compile_cmd(model: str, out: Path | None, force: bool, emit: str, onnx_tiles
                          **pass_overrides(kw))
     extra = None
     if emit == "onnx":
-        from hetmap.compiler.backends.onnx_emitter import emit_onnx
-
         def extra(staging: Path) -> None:
-            emit_onnx(plan, staging, tiles=onnx_tiles)
+            plan.emit_onnx(staging, tiles=onnx_tiles)
     print_summary(plan.to_json())
     if out is not None:
         plan.write(out, force=force, extra=extra)
