@@ -1,0 +1,30 @@
+"""A regular (non-editable) install carries the package mapping, targets and the demo model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_installs_and_runs(tmp_path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("hetmap-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for required in ("hetmap/compiler/cli.py", "hetmap/runtime/rewrite.py",
+                     "hetmap/targets/aimc-512.toml", "hetmap/compiler/assets/demo/model.safetensors",
+                     "hetmap/compiler/assets/corpus_split.json"):
+        assert required in names
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    code = ("import hetmap.compiler, hetmap.runtime, hetmap.targets\n"
+            "from hetmap.targets import load_target\n"
+            "assert hetmap.compiler.__file__.startswith(%r), hetmap.compiler.__file__\n"
+            "print(load_target('hermes-256').aimc.rows)\n") % str(tmp_path / "site")
+    proc = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(tmp_path / "site")},
+                          capture_output=True, text=True, check=False, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "256"
