@@ -109,3 +109,5 @@ def test_load_errors(tmp_path) -> None:
         load_model(f"{HANDWRITTEN}:missing")
     with pytest.raises(TraceError, match="Branchy"):
         import_model(load_model(f"{HANDWRITTEN}:untraceable"))
+    with pytest.raises(TraceError, match=r"cannot trace inner \(Branchy\).*Hint"):
+        import_model(load_model(f"{HANDWRITTEN}:nested_untraceable"))

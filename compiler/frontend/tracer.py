@@ -142,7 +142,7 @@ def trace(model: nn.Module, moe_paths: Iterable[str]) -> tuple[fx.GraphModule, b
     except TraceError:
         raise
     except Exception as exc:  # fx raises many types; report the module being traced
-        where = _innermost_module(exc) or type(model).__name__
+        where = _innermost_module(exc, model) or type(model).__name__
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(
             f"torch.fx cannot trace {where}: {first}. Hint: data-dependent Python control flow "
@@ -151,13 +151,15 @@ def trace(model: nn.Module, moe_paths: Iterable[str]) -> tuple[fx.GraphModule, b
     return fx.GraphModule(tracer.root, graph, type(root).__name__), hf
 
 
-def _innermost_module(exc: BaseException) -> str | None:
-    """Find the module path being traced when ``exc`` was raised (from the traceback)."""
+def _innermost_module(exc: BaseException, model: nn.Module) -> str | None:
+    """``<path> (<class>)`` of the innermost module being traced when ``exc`` was raised."""
+    paths = {id(m): path for path, m in model.named_modules()}
     tb = exc.__traceback__
     found = None
     while tb is not None:
         frame_self = tb.tb_frame.f_locals.get("self")
-        if isinstance(frame_self, nn.Module):
-            found = f"{type(frame_self).__name__}"
+        if isinstance(frame_self, nn.Module) and id(frame_self) in paths:
+            path = paths[id(frame_self)] or "the model's forward"
+            found = f"{path} ({type(frame_self).__name__})"
         tb = tb.tb_next
     return found
