@@ -364,9 +364,11 @@ def targets() -> None:
 @cli.command()
 def models() -> None:
     """List built-in model names."""
-    from hetmap.compiler.frontend.builtin import BUILTIN_MODELS
+    from hetmap.compiler.frontend.builtin import BUILTIN_MODELS, TRAINED_MODELS
 
-    console.print(f"  {'demo':<20} trained OLMoE-architecture byte-level model shipped with hetmap")
+    for name, (directory, description) in TRAINED_MODELS.items():
+        if (directory / "config.json").is_file():
+            console.print(f"  {name:<20} trained: {description}")
     for model in BUILTIN_MODELS.values():
         console.print(f"  {model.name:<20} {model.description}")
 

@@ -16,7 +16,13 @@ import transformers
 #: Every built-in model uses eager attention: it traces and exports the same way everywhere.
 ATTENTION = "eager"
 TINY_SEED = 0
-DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEMO_DIR = ASSETS / "demo"
+#: trained models shipped with hetmap: name -> (directory, description)
+TRAINED_MODELS = {
+    "demo": (DEMO_DIR, "OLMoE architecture, byte-level, trained on Python stdlib sources"),
+    "demo-c": (ASSETS / "demo-c", "Mixtral architecture, byte-level, trained on C header files"),
+}
 
 _TINY_COMMON: dict[str, Any] = dict(vocab_size=256, hidden_size=64, num_attention_heads=4,
                                     num_key_value_heads=4, max_position_embeddings=512,

@@ -2,7 +2,7 @@
 
 MODEL is one of (rules, in order):
 
-1. ``demo`` -- the trained OLMoE-architecture model that ships with hetmap;
+1. a trained model that ships with hetmap (``demo``, ``demo-c``);
 2. a built-in config name (see ``hetmap models``): tiny ones get random weights from a fixed
    seed, full-size ones are built on the meta device (structure only, no weight memory);
 3. a local Hugging Face checkpoint directory (``config.json`` + safetensors), local files only;
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hetmap.compiler.errors import MissingDataError, ModelLoadError
-from hetmap.compiler.frontend.builtin import ATTENTION, BUILTIN_MODELS, DEMO_DIR, TINY_SEED
+from hetmap.compiler.frontend.builtin import ATTENTION, BUILTIN_MODELS, TINY_SEED, TRAINED_MODELS
 from hetmap.compiler.weights import CheckpointWeights, ModuleWeights, WeightStore
 
 
@@ -34,7 +34,7 @@ class LoadedModel:
 
     spec: str
     name: str
-    source: str  # "builtin", "demo", "checkpoint" or "factory"
+    source: str  # "builtin", "trained", "checkpoint", "factory" or "module"
     module: nn.Module
     config: Any = None
     tokenizer: Any = None
@@ -122,7 +122,7 @@ def _load_checkpoint(path: Path, spec: str, trust_remote_code: bool, source: str
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         with contextlib.suppress(Exception):
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return LoadedModel(spec=spec, name=path.name if source != "demo" else "demo", source=source,
+    return LoadedModel(spec=spec, name=spec if source == "trained" else path.name, source=source,
                        module=model.eval(), config=config, tokenizer=tokenizer, checkpoint=path,
                        trust_remote_code=trust_remote_code)
 
@@ -164,11 +164,12 @@ def _load_factory(spec: str) -> LoadedModel:
 
 def load_model(spec: str, *, trust_remote_code: bool = False) -> LoadedModel:
     """Resolve ``spec`` (see module docstring); raise :class:`ModelLoadError` on failure."""
-    if spec == "demo":
-        if not (DEMO_DIR / "config.json").is_file():
-            raise ModelLoadError(f"the demo weights are missing from {DEMO_DIR}; "
+    if spec in TRAINED_MODELS:
+        directory = TRAINED_MODELS[spec][0]
+        if not (directory / "config.json").is_file():
+            raise ModelLoadError(f"the {spec} weights are missing from {directory}; "
                                  "run examples/train_demo.py to recreate them")
-        return _load_checkpoint(DEMO_DIR, spec, False, "demo")
+        return _load_checkpoint(directory, spec, False, "trained")
     if spec in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[spec]
         config = builtin.make_config()
@@ -182,6 +183,6 @@ def load_model(spec: str, *, trust_remote_code: bool = False) -> LoadedModel:
     if path.exists():
         raise ModelLoadError(f"{spec} is a file, not a checkpoint directory; for a factory "
                              f"write '{spec}:function'")
-    known = ", ".join(["demo", *BUILTIN_MODELS])
+    known = ", ".join([*TRAINED_MODELS, *BUILTIN_MODELS])
     raise ModelLoadError(f"unknown model {spec!r}: not a built-in name ({known}), "
                          "a checkpoint directory, or a factory 'file.py:function'")
