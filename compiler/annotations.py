@@ -9,8 +9,12 @@ same way.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import numpy as np
 
 from hetmap.compiler.errors import VerificationError
 from hetmap.compiler.ir import Node
@@ -50,15 +54,49 @@ class Density:
         return f"density={self.value:.3f}" + ("" if self.source == "calibration" else f"({self.source})")
 
 
+@dataclass(frozen=True, eq=False)
+class InputMoments:
+    """Second moments ``E[x_j^2]`` of the inputs of an expert's matrices, over the calibration
+    tokens routed to it.
+
+    ``second_moments`` maps a matrix role (``gate``, ``up``, ``down``, ...) to a float64 vector
+    ``[in_features]``; for ``down`` the input is the intermediate activation
+    ``act(gate x) * (up x)``. ``tokens`` is the number of routed tokens averaged over (0: the
+    expert was never routed; the vectors are zeros). plan.json gets only ``input_rms``, the
+    root mean square of the first matrix's input.
+    """
+
+    second_moments: Mapping[str, np.ndarray]
+    tokens: int
+
+    def check(self, node: Node) -> None:
+        widths = {m.role: m.in_features for m in node.matrices}
+        for role, moment in self.second_moments.items():
+            if widths.get(role) != moment.shape[-1] or moment.ndim != 1:
+                raise VerificationError(f"{node.name}: input moments of {role!r} have shape "
+                                        f"{moment.shape}, matrix inputs {widths.get(role)}")
+            if not bool(np.all(moment >= 0.0)):
+                raise VerificationError(f"{node.name}: negative or NaN input moment of {role!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        first = next(iter(self.second_moments.values()), None)
+        if first is None or not self.tokens:
+            return {}
+        return {"input_rms": round(float(np.sqrt(first.mean())), 6)}
+
+
 @dataclass(frozen=True)
 class ExpertScore:
-    """Per-expert scores: the paper's maximum-neuron-norm product and the router-row norm."""
+    """Per-expert scores: the paper's maximum-neuron-norm product, the router-row norm and the
+    expected output-error impact under the target's programming noise (see
+    :mod:`hetmap.compiler.impact`)."""
 
     max_norm: float | None = None
     router_norm: float | None = None
+    expected_impact: float | None = None
 
     def check(self, node: Node) -> None:
-        for value in (self.max_norm, self.router_norm):
+        for value in (self.max_norm, self.router_norm, self.expected_impact):
             if value is not None and not value >= 0.0:
                 raise VerificationError(f"{node.name}: negative or NaN score {value}")
 
@@ -68,6 +106,8 @@ class ExpertScore:
             out["score"] = self.max_norm
         if self.router_norm is not None:
             out["router_norm"] = self.router_norm
+        if self.expected_impact is not None:
+            out["expected_impact"] = self.expected_impact
         return out
 
     def brief(self) -> str:
@@ -76,7 +116,32 @@ class ExpertScore:
             parts.append(f"score={self.max_norm:.4g}")
         if self.router_norm is not None:
             parts.append(f"router_norm={self.router_norm:.4g}")
+        if self.expected_impact is not None:
+            parts.append(f"impact={self.expected_impact:.4g}")
         return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """Measured increase of the calibration loss (mean next-token NLL, nats) when this expert
+    alone runs on simulated AIMC tiles with the target's noise, averaged over ``seeds``
+    programming seeds (``seed_std``: their sample standard deviation), on ``tokens``
+    calibration tokens (written by ``sensitivity``)."""
+
+    loss_increase: float
+    seeds: int = 1
+    tokens: int = 0
+    seed_std: float = 0.0
+
+    def check(self, node: Node) -> None:
+        if not math.isfinite(self.loss_increase):
+            raise VerificationError(f"{node.name}: non-finite sensitivity {self.loss_increase}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sensitivity": self.loss_increase}
+
+    def brief(self) -> str:
+        return f"sensitivity={self.loss_increase:.4g}"
 
 
 @dataclass(frozen=True)

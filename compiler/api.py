@@ -155,6 +155,7 @@ def compile_model(model: str | nn.Module | LoadedModel, *, target: str = "aimc-5
                   registries: Registries | None = None, dump_dir: Path | None = None,
                   progress: Callable[[str, int], Callable[[int], None]] | None = None,
                   on_pass: Callable[[PassTiming], None] | None = None,
+                  log: Callable[[str], None] | None = None,
                   **options: Any) -> Plan:
     """Compile ``model`` (a MODEL string, an nn.Module or a LoadedModel) into a :class:`Plan`.
 
@@ -183,6 +184,8 @@ def compile_model(model: str | nn.Module | LoadedModel, *, target: str = "aimc-5
                          registries=registries, seed=seed)
     if progress is not None:
         ctx.progress = progress
+    if log is not None:
+        ctx.log = log
     graph = import_model(loaded)
     run = run_pipeline(graph, passes, ctx, dump_dir=dump_dir, on_pass=on_pass)
     return Plan(run.graph, loaded, ctx.target, ",".join(str(s) for s in specs), run.timings,

@@ -114,7 +114,7 @@ def compile_cmd(model: str, out: Path | None, force: bool, emit: str, onnx_tiles
     _warn_plugins(registries)
     plan = compile_model(model, target=kw["target"], pipeline=kw["pipeline"], seed=kw["seed"],
                          trust_remote_code=kw["trust_remote_code"], dump_dir=dump_ir,
-                         registries=registries,
+                         registries=registries, log=lambda message: err.print(message, markup=False),
                          progress=progress_factory(err.is_terminal),
                          on_pass=(lambda t: err.print(f"  pass {t.name:<14} {t.seconds * 1000:8.1f} ms"
                                                       f"{'  ' + '; '.join(t.notes) if t.notes else ''}"))
@@ -226,7 +226,8 @@ def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
     else:
         plan = compile_model(plan_or_model, target=kw["target"], pipeline=kw["pipeline"],
                              seed=kw["seed"], trust_remote_code=kw["trust_remote_code"],
-                             progress=progress, **pass_overrides(kw))
+                             progress=progress, log=lambda m: err.print(m, markup=False),
+                             **pass_overrides(kw))
     result = plan.simulate(seeds=seeds, seed=kw["seed"], noise_scale=noise_scale,
                            drift_time=drift_time, ideal=ideal, eval_file=eval_file,
                            eval_tokens=eval_tokens, backend=backend, device=device,

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from hetmap.compiler.annotations import Density, ExpertScore
+from hetmap.compiler.annotations import Density, ExpertScore, Sensitivity
 from hetmap.compiler.errors import MissingDataError
 from hetmap.compiler.ir import Graph, Node
 from hetmap.compiler.passes.base import CompileContext
@@ -79,6 +79,46 @@ class RouterNorm:
                         "router norms (expert-score pass)", ctx)
 
 
+class ExpectedImpact:
+    """``density x sum over matrices of sum_ij sigma_ij^2 E[x_j^2]``: the expected squared
+    output error an expert adds per token on AIMC tiles, with ``sigma_ij`` from aihwkit's
+    programming-noise model at the target's settings and ``E[x_j^2]`` the calibration inputs'
+    second moments (written by ``expert-score``; see :mod:`hetmap.compiler.impact`)."""
+
+    name: ClassVar[str] = "expected-impact"
+    description: ClassVar[str] = "largest expected output error under the target's noise first"
+    fixed: ClassVar[str | None] = None
+
+    def scores(self, graph: Graph, experts: list[Node], ctx: CompileContext) -> dict[str, float]:
+        return _require(experts, self.name,
+                        lambda n: getattr(n.get(ExpertScore), "expected_impact", None),
+                        "expected impacts (density, then expert-score)", ctx)
+
+
+#: The pipeline the ``measured`` policy's error message suggests.
+MEASURED_PIPELINE = "density,expert-score,sensitivity,place,tile,allocate,cost"
+
+
+class Measured:
+    """Calibration-loss increase when the expert alone runs analog with the target's noise,
+    measured by the ``sensitivity`` pass (one simulation per expert and seed)."""
+
+    name: ClassVar[str] = "measured"
+    description: ClassVar[str] = "largest measured loss increase when analog first (sensitivity)"
+    fixed: ClassVar[str | None] = None
+
+    def scores(self, graph: Graph, experts: list[Node], ctx: CompileContext) -> dict[str, float]:
+        values = {n.name: getattr(n.get(Sensitivity), "loss_increase", None) for n in experts}
+        if ctx.model.has_weights and any(v is None for v in values.values()):
+            layer = next(n.layer for n in experts if values[n.name] is None)
+            raise MissingDataError(
+                f"policy {self.name} needs measured sensitivities, but layer {layer} has none; "
+                f"add sensitivity to the pipeline before place (e.g. --pipeline "
+                f"{MEASURED_PIPELINE})")
+        return _require(experts, self.name, lambda n: values[n.name],
+                        "measured sensitivities (sensitivity pass)", ctx)
+
+
 class Random:
     name: ClassVar[str] = "random"
     description: ClassVar[str] = "uniformly random experts (seeded sanity baseline)"
@@ -109,7 +149,8 @@ class AllExperts:
 
 
 def builtin_policies() -> list[type[Any]]:
-    return [MaxNorm, ActivationFrequency, ActivationWeight, RouterNorm, Random, NoExperts, AllExperts]
+    return [MaxNorm, ActivationFrequency, ActivationWeight, RouterNorm, ExpectedImpact, Measured,
+            Random, NoExperts, AllExperts]
 
 
 def check_scores(policy: Any, origin: str, experts: list[Node], scores: Any) -> dict[str, float]:

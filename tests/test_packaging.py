@@ -20,10 +20,11 @@ def test_wheel_installs_and_runs(tmp_path) -> None:
                      "hetmap/compiler/assets/corpus_split.json"):
         assert required in names
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    site = str(tmp_path / "site")
     code = ("import hetmap.compiler, hetmap.runtime, hetmap.targets\n"
             "from hetmap.targets import load_target\n"
-            "assert hetmap.compiler.__file__.startswith(%r), hetmap.compiler.__file__\n"
-            "print(load_target('hermes-256').aimc.rows)\n") % str(tmp_path / "site")
+            f"assert hetmap.compiler.__file__.startswith({site!r}), hetmap.compiler.__file__\n"
+            "print(load_target('hermes-256').aimc.rows)\n")
     proc = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(tmp_path / "site")},
                           capture_output=True, text=True, check=False, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

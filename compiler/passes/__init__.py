@@ -11,6 +11,8 @@ def builtin_passes() -> list[type[Any]]:
     from hetmap.compiler.passes.density import DensityPass
     from hetmap.compiler.passes.expert_score import ExpertScorePass
     from hetmap.compiler.passes.place import PlacePass
+    from hetmap.compiler.passes.sensitivity import SensitivityPass
     from hetmap.compiler.passes.tile import TilePass
 
-    return [DensityPass, ExpertScorePass, PlacePass, TilePass, AllocatePass, CostPass]
+    return [DensityPass, ExpertScorePass, SensitivityPass, PlacePass, TilePass, AllocatePass,
+            CostPass]

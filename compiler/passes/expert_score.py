@@ -1,7 +1,10 @@
-"""``expert-score``: the paper's maximum-neuron-norm score and the router-norm score.
+"""``expert-score``: the paper's maximum-neuron-norm score, the router-norm score and each
+expert's expected output-error impact under the target's programming noise.
 
 Reads: expert and router matrices (weights streamed one tensor at a time from a checkpoint,
-or views of a live module's parameters). Writes: :class:`ExpertScore` on every expert node.
+or views of a live module's parameters); :class:`Density` and :class:`InputMoments` (from
+``density``) for rule 3; the target's analog settings. Writes: :class:`ExpertScore` on every
+expert node.
 
 Rules:
 
@@ -10,17 +13,27 @@ Rules:
    neurons of ``down`` are columns (the hidden unit's output weights). Experts without a gate
    use up and down only.
 2. ``router_norm(e)`` = L2 norm of row e of the router weight.
-3. A model without weights gets no scores (a note says so); policies needing them refuse.
+3. ``expected_impact(e) = density(e) * sum over the expert's matrices W of
+   sum_ij sigma_ij^2 E[x_j^2]``: the expected squared output error the expert adds per token
+   when it runs on AIMC tiles. ``x`` is the matrix's input over the calibration tokens routed
+   to the expert (for ``down``: ``act(gate x) * (up x)``); ``sigma_ij^2`` is the mean squared
+   programming error of weight ``ij`` in weight units, from aihwkit's noise model at the
+   target's settings (model, ``prog_noise_scale``, tile size) after the runtime's per-tile
+   abs-max scaling and device-pair conversion (see :mod:`hetmap.compiler.impact`). Computed
+   only when every expert of a layer has a calibration density and input moments (``density``
+   ran first); a note says when it was not.
+4. A model without weights gets no scores (a note says so); policies needing them refuse.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from hetmap.compiler.annotations import ExpertScore
+from hetmap.compiler.annotations import Density, ExpertScore, InputMoments
+from hetmap.compiler.impact import expert_expected_impact
 from hetmap.compiler.ir import Graph, Matrix, Node
 from hetmap.compiler.passes.base import CompileContext, PassResult
 from hetmap.compiler.weights import WeightStore
@@ -36,16 +49,30 @@ def max_neuron_norm(weight: torch.Tensor, matrix: Matrix) -> float:
 
 
 def expert_max_norm(node: Node, store: WeightStore) -> float:
+    return _max_norm(node, {m.role: store.load(m.weight) for m in node.matrices})
+
+
+def _max_norm(node: Node, weights: dict[str, torch.Tensor]) -> float:
     score = 1.0
     for matrix in node.matrices:
-        score *= max_neuron_norm(store.load(matrix.weight), matrix)
+        score *= max_neuron_norm(weights[matrix.role], matrix)
     return score
+
+
+def _impact_inputs(node: Node) -> tuple[float, InputMoments] | None:
+    """(calibration density, input moments) of an expert, if rule 3 can use them."""
+    density, moments = node.get(Density), node.get(InputMoments)
+    if density is None or density.source != "calibration" or moments is None:
+        return None
+    if {m.role for m in node.matrices} - set(moments.second_moments):
+        return None
+    return density.value, moments
 
 
 @dataclass(frozen=True)
 class ExpertScorePass:
     name: ClassVar[str] = "expert-score"
-    description: ClassVar[str] = "max-neuron-norm and router-norm score per routed expert"
+    description: ClassVar[str] = "max-neuron-norm, router-norm and expected-impact score per expert"
 
     def run(self, graph: Graph, ctx: CompileContext) -> PassResult:
         if not graph.moe_layers:
@@ -55,11 +82,40 @@ class ExpertScorePass:
         store = ctx.model.weights()
         layers = graph.experts_by_layer()
         advance = ctx.progress("scoring experts", sum(len(v) for v in layers.values()))
+        noise: tuple[Any, Any] | None = None
+        without_impact = []
         for layer, experts in layers.items():
             router = graph.node(graph.moe_layers[layer].router)
             router_rows = store.load(router.matrices[0].weight).norm(dim=1)
+            inputs = {node.name: _impact_inputs(node) for node in experts}
+            if any(value is None for value in inputs.values()):
+                without_impact.append(layer)
+            elif noise is None:
+                noise = self._noise(ctx)
             for node in experts:
-                node.annotate(ExpertScore(max_norm=expert_max_norm(node, store),
-                                          router_norm=float(router_rows[node.expert])))
+                weights = {m.role: store.load(m.weight) for m in node.matrices}
+                impact_inputs = inputs[node.name] if layer not in without_impact else None
+                impact = None
+                if impact_inputs is not None and noise is not None:
+                    density, moments = impact_inputs
+                    impact = expert_expected_impact(density, weights, moments.second_moments,
+                                                    *noise)
+                node.annotate(ExpertScore(
+                    max_norm=_max_norm(node, weights), router_norm=float(router_rows[node.expert]),
+                    expected_impact=impact))
                 advance(1)
-        return PassResult(graph, True)
+        notes = []
+        if without_impact:
+            where = "" if len(without_impact) == len(layers) else f" in layers {without_impact}"
+            notes.append(f"no expected impact{where} (needs density, with moments, first)")
+        return PassResult(graph, True, notes)
+
+    @staticmethod
+    def _noise(ctx: CompileContext) -> tuple[Any, Any]:
+        """The runtime's analog settings and aihwkit noise model for the target."""
+        from hetmap.compiler.simulate import settings_for
+        from hetmap.runtime.programming import make_noise_model
+
+        settings = settings_for(ctx.target)
+        return settings, make_noise_model(settings)
+

@@ -1,0 +1,173 @@
+"""Expected output error of a matrix on AIMC tiles, in closed form from aihwkit's noise model.
+
+A matrix ``W [out, in]`` programmed with noise becomes ``W + D``; for an input ``x`` the output
+error is ``D x``. With the weights' errors independent of each other and of the input,
+
+    E ||D x||^2 = sum_ij sigma_ij^2 E[x_j^2]          (1)
+
+where ``sigma_ij^2 = E[D_ij^2]`` is the mean squared programming error of weight ``ij`` in
+weight units and ``E[x_j^2]`` the input's second moment (over the calibration tokens). (1)
+drops the cross terms ``sum_{j != k} E[D_ij] E[D_ik] E[x_j x_k]``, which the small clamping bias
+below makes nonzero only for correlated inputs.
+
+``sigma_ij^2`` follows the runtime's mapping (:mod:`hetmap.runtime.programming`) exactly:
+
+1. Each fixed ``rows x cols`` tile (or tile column, ``weight_scaling_columnwise``) is divided
+   by its abs-max / ``omega``; the factor comes back digitally at the output.
+2. aihwkit's conductance converter (``noise_model.g_converter``) maps the normalized tile to
+   conductances; a ``SinglePairConductanceConverter`` gives a pair ``g+ = g_max * max(u, 0)``,
+   ``g- = g_max * max(-u, 0)`` (plus ``g_min``): the idle device of the pair sits at ``g_min``
+   (0 by default) and is programmed with noise too.
+3. Each device gets ``g_prog = max(g + c * s(g) * n, 0)``, ``n ~ N(0, 1)``, with ``s(g)`` the
+   model's polynomial ``sum_k prog_coeff[k] (g / g_max)^k`` (times ``g_max /
+   prog_coeff_g_max_reference`` for PCM and Hermes) and ``c = prog_noise_scale``: all read from
+   the aihwkit model object the runtime builds (``runtime.programming.make_noise_model``).
+   The clamp at 0 makes the error a rectified Gaussian, whose mean ``m`` and second moment ``M``
+   are closed-form (:func:`device_error_moments`); the idle device at 0 contributes
+   ``M = (c s(0))^2 / 2``, half of what a plain Gaussian would.
+4. ``sigma_ij^2 = (M+ + M- - 2 m+ m-) * (tile abs-max / (g_max - g_min))^2`` (the two devices
+   are independent; ``- 2 m+ m-`` is the product of their biases).
+
+Noise models or converters without this closed form (ReRAM models, n-pair converters) get
+``sigma_ij^2`` estimated from ``FALLBACK_SAMPLES`` programmings by the runtime itself. Drift
+and read noise are not included: the figure is the programming-noise error right after
+programming.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from hetmap.runtime import AnalogSettings
+
+#: Programmings averaged when a noise model has no closed form (see module docstring).
+FALLBACK_SAMPLES = 8
+#: ``g / sigma`` beyond which the clamp at 0 is ignored (the terms it drops are below 1e-12 of
+#: ``sigma^2``; evaluating them would only underflow).
+_Z_CAP = 8.0
+
+
+def _polynomial_models() -> dict[Any, bool]:
+    """aihwkit models whose programming noise is ``clamp(g + c * poly(g / g_max) * n, 0)``,
+    mapped to whether the polynomial is rescaled by ``g_max / prog_coeff_g_max_reference``."""
+    from aihwkit.inference import PCMLikeNoiseModel, StateIndependentNoiseModel
+    from aihwkit.inference.noise.hermes import HermesNoiseModel
+
+    return {PCMLikeNoiseModel.apply_programming_noise_to_conductance: True,
+            HermesNoiseModel.apply_programming_noise_to_conductance: True,
+            StateIndependentNoiseModel.apply_programming_noise_to_conductance: False}
+
+
+def has_closed_form(noise_model: Any) -> bool:
+    """Whether :func:`weight_error_variance` is exact for ``noise_model`` (else sampled)."""
+    from aihwkit.inference.converter.conductance import SinglePairConductanceConverter
+
+    method = type(noise_model).apply_programming_noise_to_conductance
+    return (method in _polynomial_models()
+            and type(noise_model.g_converter) is SinglePairConductanceConverter)
+
+
+def programming_sigma(noise_model: Any, conductance: torch.Tensor) -> torch.Tensor:
+    """Std (in uS) of the programming noise added to target ``conductance``, before the clamp:
+    ``prog_noise_scale * poly(g / g_max)`` with the model's own coefficients."""
+    rescaled = _polynomial_models()[type(noise_model).apply_programming_noise_to_conductance]
+    relative = conductance / noise_model.g_max
+    sigma = torch.zeros_like(conductance)
+    for power, coeff in enumerate(noise_model.prog_coeff):
+        sigma = sigma + coeff * relative**power
+    if rescaled:
+        sigma = sigma * (noise_model.g_max / noise_model.prog_coeff_g_max_reference)
+    return (noise_model.prog_noise_scale * sigma).abs()
+
+
+def device_error_moments(conductance: torch.Tensor, sigma: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and second moment of ``max(g + sigma n, 0) - g`` for ``n ~ N(0, 1)``.
+
+    With ``z = g / sigma``, ``phi``/``Phi`` the standard normal pdf/cdf:
+    mean ``= sigma phi(z) - g Phi(-z)``; second moment ``= sigma^2 (Phi(z) - z phi(z)) +
+    g^2 Phi(-z)``. ``sigma = 0`` gives zeros; ``z`` is capped at ``_Z_CAP``.
+    """
+    noisy = sigma > 0
+    z = (conductance / torch.where(noisy, sigma, torch.ones_like(sigma))).clamp(max=_Z_CAP)
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    below = torch.special.ndtr(-z)
+    mean = sigma * pdf - conductance * below
+    second = sigma**2 * (torch.special.ndtr(z) - z * pdf) + conductance**2 * below
+    zero = torch.zeros_like(conductance)
+    return torch.where(noisy, mean, zero), torch.where(noisy, second, zero)
+
+
+def tile_abs_max(weight: torch.Tensor, rows: int, cols: int, columnwise: bool) -> torch.Tensor:
+    """For every weight of ``[out, in]``, the abs-max of its crossbar tile (or tile column)."""
+    out_features, in_features = weight.shape
+    rows, cols = min(rows, in_features), min(cols, out_features)
+    out_tiles, in_tiles = -(-out_features // cols), -(-in_features // rows)
+    padded = weight.new_zeros(out_tiles * cols, in_tiles * rows)
+    padded[:out_features, :in_features] = weight.abs()
+    tiled = padded.view(out_tiles, cols, in_tiles, rows)
+    reduce_dims = (3,) if columnwise else (1, 3)
+    scale = tiled.amax(dim=reduce_dims, keepdim=True).expand_as(tiled)
+    return scale.reshape(padded.shape)[:out_features, :in_features]
+
+
+def weight_error_variance(weight: torch.Tensor, settings: AnalogSettings, noise_model: Any,
+                          seed: int = 0) -> torch.Tensor:
+    """``sigma_ij^2 = E[(W_prog - W)_ij^2]`` of every weight of ``[out, in]``, in weight units
+    (float32, as the runtime programs)."""
+    weight = weight.detach().to(torch.float32)
+    if not settings.programs_noise:
+        return torch.zeros_like(weight)
+    if not has_closed_form(noise_model):
+        return _sampled_error_variance(weight, settings, noise_model, seed)
+    abs_max = tile_abs_max(weight, settings.rows, settings.cols, settings.weight_scaling_columnwise)
+    mapping = torch.where(abs_max > 0, abs_max, torch.ones_like(abs_max))
+    mapping = mapping / settings.weight_scaling_omega
+    (g_plus, g_minus), params = noise_model.g_converter.convert_to_conductances(weight / mapping)
+    mean_plus, second_plus = device_error_moments(g_plus, programming_sigma(noise_model, g_plus))
+    mean_minus, second_minus = device_error_moments(g_minus,
+                                                    programming_sigma(noise_model, g_minus))
+    squared = second_plus + second_minus - 2.0 * mean_plus * mean_minus
+    return squared * (mapping / params["scale_ratio"]) ** 2
+
+
+def _sampled_error_variance(weight: torch.Tensor, settings: AnalogSettings, noise_model: Any,
+                            seed: int) -> torch.Tensor:
+    """The runtime's own programming, ``FALLBACK_SAMPLES`` times (for models without (1))."""
+    from hetmap.runtime.programming import derive_seed, program_matrices, seeded
+
+    total = torch.zeros_like(weight)
+    rows = min(settings.rows, weight.shape[1])
+    for sample in range(FALLBACK_SAMPLES):
+        with seeded(derive_seed(seed, f"expected-impact/{sample}"), weight.device):
+            tile_weights, out_scales = program_matrices(weight.unsqueeze(0), settings.rows,
+                                                        settings.cols, settings, noise_model)
+        scales = out_scales[0].repeat_interleave(rows, dim=0)[: weight.shape[1]].T
+        total += (tile_weights[0] * scales - weight) ** 2
+    return total / FALLBACK_SAMPLES
+
+
+def expected_squared_error(weight: torch.Tensor, second_moment: np.ndarray | torch.Tensor,
+                           settings: AnalogSettings, noise_model: Any) -> float:
+    """(1): ``sum_ij sigma_ij^2 E[x_j^2]`` for ``W [out, in]`` and ``E[x^2] [in]``."""
+    variance = weight_error_variance(weight, settings, noise_model).double()
+    moment = torch.as_tensor(np.asarray(second_moment), dtype=torch.float64)
+    return float(variance.sum(dim=0) @ moment)
+
+
+def expert_expected_impact(density: float, matrices: Mapping[str, torch.Tensor],
+                           second_moments: Mapping[str, np.ndarray], settings: AnalogSettings,
+                           noise_model: Any) -> float:
+    """``density * sum over the expert's matrices of (1)``; ``matrices`` and
+    ``second_moments`` are keyed by matrix role (``gate``, ``up``, ``down``, ...)."""
+    if density == 0.0:
+        return 0.0
+    return density * sum(expected_squared_error(weight, second_moments[role], settings,
+                                                noise_model)
+                         for role, weight in matrices.items())
