@@ -32,6 +32,8 @@ from hetmap.compiler.registry import Registries, load_registries
 from hetmap.compiler.summary import summarize
 
 DEFAULT_PIPELINE = "density,expert-score,place,tile,allocate,cost"
+#: the default pipeline for policies that rank by a costly analysis pass of their own
+POLICY_PIPELINES = {"measured": "density,expert-score,sensitivity,place,tile,allocate,cost"}
 
 
 def version() -> str:
@@ -170,7 +172,7 @@ def compile_model(model: str | nn.Module | LoadedModel, *, target: str = "aimc-5
                              source="module", module=model.eval(), config=getattr(model, "config", None))
     else:
         loaded = model
-    text = pipeline or DEFAULT_PIPELINE
+    text = pipeline or POLICY_PIPELINES.get(str(options.get("policy")), DEFAULT_PIPELINE)
     specs = parse_pipeline(text)
     passes = build_passes(specs, registries.passes, options)
     used = {k for p in passes for k in getattr(p, "__dataclass_fields__", {})}

@@ -247,3 +247,11 @@ def test_layer_option() -> None:
         compile_model("olmoe-tiny", pipeline="sensitivity{layers=x}")
     with pytest.raises(PipelineError, match=r"layers \[7\] are not MoE layers"):
         compile_model("olmoe-tiny", pipeline="sensitivity{layers=7}")
+
+
+def test_measured_policy_gets_a_pipeline_with_sensitivity() -> None:
+    from hetmap.compiler.api import compile_model
+
+    plan = compile_model("olmoe-tiny", policy="measured", calib_tokens=256)
+    assert "sensitivity" in plan.pipeline.split(",")
+    assert plan.summary["experts_digital"] == 2
