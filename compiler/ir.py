@@ -119,8 +119,26 @@ class Matrix:
 A = TypeVar("A")
 
 
+class Annotated:
+    """Holder of typed annotations: one dataclass instance per annotation type."""
+
+    annotations: dict[type, object]
+
+    def annotate(self, annotation: object) -> None:
+        """Attach (or replace) the annotation of ``type(annotation)``."""
+        if not dataclasses.is_dataclass(annotation):
+            raise TypeError(f"annotations must be dataclass instances, got {type(annotation)!r}")
+        self.annotations[type(annotation)] = annotation
+
+    def get(self, kind: type[A]) -> A | None:
+        return self.annotations.get(kind)  # type: ignore[return-value]
+
+    def has(self, kind: type) -> bool:
+        return kind in self.annotations
+
+
 @dataclass(eq=False)
-class Node:
+class Node(Annotated):
     """One node of the IR. Identity is the (unique) ``name``."""
 
     name: str
@@ -143,19 +161,6 @@ class Node:
         """Parameters of this node's weight matrices (and their biases) only."""
         return sum(m.params for m in self.matrices)
 
-    def annotate(self, annotation: object) -> None:
-        """Attach (or replace) the annotation of ``type(annotation)``."""
-        if not dataclasses.is_dataclass(annotation):
-            raise TypeError(f"annotations must be dataclass instances, got {type(annotation)!r}")
-        self.annotations[type(annotation)] = annotation
-
-    def get(self, kind: type[A]) -> A | None:
-        value = self.annotations.get(kind)
-        return value  # type: ignore[return-value]
-
-    def has(self, kind: type) -> bool:
-        return kind in self.annotations
-
     def __repr__(self) -> str:
         return f"Node({self.name!r}, {self.kind.value})"
 
@@ -174,7 +179,7 @@ class MoeLayer:
     shared: tuple[str, ...] = ()
 
 
-class Graph:
+class Graph(Annotated):
     """Nodes in program order with data-flow edges, plus the model's MoE layers."""
 
     def __init__(self, name: str) -> None:
@@ -184,15 +189,7 @@ class Graph:
         self.moe_layers: dict[int, MoeLayer] = {}
         self.params_total: int = 0
         #: graph-level typed annotations (allocation, cost totals, ...), keyed by type
-        self.annotations: dict[type, object] = {}
-
-    def annotate(self, annotation: object) -> None:
-        if not dataclasses.is_dataclass(annotation):
-            raise TypeError(f"annotations must be dataclass instances, got {type(annotation)!r}")
-        self.annotations[type(annotation)] = annotation
-
-    def get(self, kind: type[A]) -> A | None:
-        return self.annotations.get(kind)  # type: ignore[return-value]
+        self.annotations = {}
 
     # -- construction ------------------------------------------------------------------
     def add(self, node: Node, inputs: Iterable[str] = ()) -> Node:
