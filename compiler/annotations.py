@@ -168,3 +168,14 @@ class Placement:
 
     def brief(self) -> str:
         return f"@{self.target}"
+
+
+@dataclass(frozen=True, eq=False)
+class Coactivation:
+    """Graph-level: per MoE layer, ``[E, E]`` counts of calibration tokens routed to both
+    experts i and j (the diagonal: to i). Read by ``allocate{spread_experts=true}``."""
+
+    layers: dict[int, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY
+from conftest import FIXTURES, TINY
 
 from hetmap.compiler.api import compile_model
 from hetmap.compiler.cli import main
@@ -78,3 +78,37 @@ def test_tiered_target_serializes_tiers() -> None:
     tiered = compile_model("olmoe-1b-7b", policy="none", target="3d-aimc", chips="auto")
     assert tiered.summary["tiles_used"] == flat.summary["tiles_used"]
     assert tiered.summary["latency_per_token_s"] >= flat.summary["latency_per_token_s"]
+
+
+def test_spread_experts_puts_coactivated_experts_on_distinct_sites() -> None:
+    """Experts 3 and 5 are always routed together (router bias); on a tiered system with 6
+    array sites they share sites in plain order, and not once spread by co-activation."""
+    from test_placement import _biased_handwritten
+
+    from hetmap.compiler.annotations import Coactivation
+    from hetmap.compiler.hwannotations import ArrayAssignment
+    from hetmap.compiler.registry import load_registries
+    from hetmap.targets import load_target, target_from_dict
+
+    spec = load_target(str(FIXTURES / "xbar-32.toml")).to_json()
+    spec["name"] = "tiered-6"
+    spec["aimc"].update(tiers=8, arrays_per_chip=6, chips=1, packing=False)
+    registries = load_registries(plugins=False)
+    registries.targets.register("tiered-6", target_from_dict(spec))
+
+    def sites(spread: bool) -> tuple[set[int], set[int]]:
+        plan = compile_model(
+            _biased_handwritten({3: 8.0, 5: 8.0}), target="tiered-6", registries=registries,
+            policy="none", pipeline="density{calib_tokens=512,seq_len=128},place,tile,"
+            f"allocate{{spread_experts={str(spread).lower()}}},cost")
+        counts = plan.graph.get(Coactivation).layers[0]
+        assert counts[3, 5] == counts[3, 3] == 512  # always together
+        def of(e: int) -> set[int]:
+            assignment = plan.graph.node(f"layers.0.mlp.experts.{e}").get(ArrayAssignment)
+            return {slot % 6 for m in range(3) for slot in assignment.slots(m)}
+        return of(3), of(5)
+
+    plain = sites(False)
+    assert plain[0] == plain[1]
+    spread = sites(True)
+    assert not spread[0] & spread[1]

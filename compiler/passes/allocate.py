@@ -7,22 +7,25 @@ Reads: :class:`Tiling`, the target. Writes: :class:`ArrayAssignment` per analog 
 Rules: see :mod:`hetmap.compiler.allocation`. Input-side matrices of one node with the same
 input width (gate and up of an expert; q, k and v) read the same input: they form an input
 group and may share arrays side by side.
-``spread_experts`` keeps the experts of one MoE layer on distinct array sites so that
-experts routed together run in parallel. ``chips`` is the target's count, a number, or
+``spread_experts`` keeps experts that are routed together on distinct array sites so that
+they run in parallel: with calibration co-activation counts (:class:`Coactivation`), each
+layer's experts are grouped by :func:`~hetmap.compiler.allocation.coactivation_groups`
+(groups of as many experts as the system's sites hold); without them a layer is one group. ``chips`` is the target's count, a number, or
 ``auto`` (the fewest chips that fit); too few arrays is a :class:`CapacityError`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-from hetmap.compiler.allocation import allocate
+from hetmap.compiler.allocation import allocate, coactivation_groups
+from hetmap.compiler.annotations import Coactivation
 from hetmap.compiler.errors import PipelineError
 from hetmap.compiler.hwannotations import AllocationSummary, ArrayAssignment, Tiling
-from hetmap.compiler.ir import Graph, NodeKind
+from hetmap.compiler.ir import Graph, Node, NodeKind
 from hetmap.compiler.passes.base import CompileContext, PassResult
 
 _OUTPUT_SIDE = {"down", "o_proj", "down_proj", "fc2", "wo"}
@@ -42,7 +45,28 @@ class AllocatePass:
             return f"chips must be a positive number, 'auto' or 'target', got {self.chips!r}"
         return None
 
+    @staticmethod
+    def _spread_group(node: Node, graph: Graph, ctx: CompileContext,
+                      layer_groups: dict[int, Any]) -> int:
+        if node.kind is not NodeKind.EXPERT or node.layer is None or node.expert is None:
+            return -1
+        groups = layer_groups.get(node.layer)
+        if groups is None:
+            coactivation = graph.get(Coactivation)
+            counts = coactivation.layers.get(node.layer) if coactivation is not None else None
+            if counts is None:
+                groups = np.zeros(graph.moe_layers[node.layer].num_experts, dtype=np.int64)
+            else:
+                tiling = node.get(Tiling)
+                per_expert = tiling.count if tiling is not None else 1
+                sites = ctx.target.aimc.chips * ctx.target.aimc.arrays_per_chip
+                group_size = max(1, sites // max(per_expert, 1))
+                groups = coactivation_groups(counts, group_size)
+            layer_groups[node.layer] = groups
+        return node.layer * 1_000_000 + int(groups[node.expert])
+
     def run(self, graph: Graph, ctx: CompileContext) -> PassResult:
+        layer_groups: dict[int, Any] = {}
         nodes = [n for n in graph.matrix_nodes() if n.has(Tiling)]
         outs, ins, groups, spread, owners = [], [], [], [], []
         group_of: dict[tuple[int, int], int] = {}
@@ -54,7 +78,7 @@ class AllocatePass:
                 shared_input = matrix.role not in _OUTPUT_SIDE
                 key = (index, matrix.in_features)
                 groups.append(group_of.setdefault(key, len(group_of)) if shared_input else -1)
-                spread.append(node.layer if node.kind is NodeKind.EXPERT and node.layer is not None else -1)
+                spread.append(self._spread_group(node, graph, ctx, layer_groups))
                 owners.append((node, m_index))
         chips: int | str | None = None if self.chips == "target" else (
             "auto" if self.chips == "auto" else int(self.chips))

@@ -12,7 +12,9 @@ Rules:
    pre-hook on a fused experts module sees ``(hidden, top_k_index, top_k_weights)``; for
    per-expert (ModuleList) experts, a hook on the router turns its output (indices and
    weights, or logits -> softmax -> top-k) into the same. The expert's mean routing weight
-   (over the tokens routed to it) is recorded too. Hooks are removed afterwards.
+   (over the tokens routed to it) is recorded too, and per layer the co-activation counts
+   (tokens routed to both experts i and j) as a graph-level :class:`Coactivation`. Hooks are
+   removed afterwards.
 3. Calibration text: ``calib`` (a file) or the default corpus' calibration split, at most
    ``calib_tokens`` tokens, in windows of ``seq_len``.
    A checkpoint is run streamed, one leaf module at a time (see
@@ -41,7 +43,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from hetmap.compiler.annotations import Density, InputMoments
+from hetmap.compiler.annotations import Coactivation, Density, InputMoments
 from hetmap.compiler.ir import DENSE_KINDS, Graph, MoeLayer, Node, NodeKind
 from hetmap.compiler.passes.base import CompileContext, PassResult
 from hetmap.compiler.textdata import batches, load_tokens
@@ -52,6 +54,8 @@ class _RoutingCounter:
         self.moe = moe
         self.counts = torch.zeros(moe.num_experts, dtype=torch.float64)
         self.weight_sums = torch.zeros(moe.num_experts, dtype=torch.float64)
+        #: tokens routed to both experts i and j (diagonal: to i)
+        self.coactivation = torch.zeros(moe.num_experts, moe.num_experts, dtype=torch.float64)
         self.tokens = 0
         #: the last batch's routing ``[T, k]`` (read by the per-expert moment hooks)
         self.last_index: torch.Tensor | None = None
@@ -64,6 +68,9 @@ class _RoutingCounter:
         self.counts += torch.bincount(flat, minlength=self.moe.num_experts)[: self.moe.num_experts].double()
         if weights is not None:
             self.weight_sums.index_add_(0, flat, weights.reshape(-1).double())
+        routed = torch.zeros(index.shape[0], self.moe.num_experts, dtype=torch.float64)
+        routed.scatter_(1, index.clamp(max=self.moe.num_experts - 1), 1.0)
+        self.coactivation += routed.T @ routed
 
     def pre_hook(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
@@ -241,6 +248,8 @@ class DensityPass:
                 node.annotate(Density(count / counter.tokens, "calibration", counter.tokens, mean_weight))
                 if layer in collectors and collectors[layer].sums.sums:
                     node.annotate(collectors[layer].sums.moments(e, collectors[layer].streams))
+        graph.annotate(Coactivation({layer: c.coactivation.numpy() for layer, c in counters.items()
+                                     if c.tokens}))
         missing = [layer for layer, c in counters.items() if c.tokens == 0]
         notes = [f"calibrated on {max((c.tokens for c in counters.values()), default=0)} tokens"]
         if missing:
