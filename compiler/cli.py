@@ -327,10 +327,17 @@ def demo(out: Path, seeds: int) -> None:
 @cli.command()
 @click.argument("out_dir", type=click.Path(path_type=Path))
 def inspect(out_dir: Path) -> None:
-    """Print the summary and per-layer table of a compiled plan directory."""
+    """Print the summary and per-layer table of a compiled plan directory (and its
+    simulation results, if simulated)."""
+    import json
+
     from hetmap.compiler.plan import read_plan
 
-    print_summary(read_plan(out_dir))
+    plan = read_plan(out_dir)
+    print_summary(plan)
+    simulation = out_dir / "simulation.json"
+    if simulation.is_file():
+        print_simulation(plan["model"]["name"], json.loads(simulation.read_text()))
 
 
 @cli.command()

@@ -65,6 +65,7 @@ def test_simulate_cli_on_model_and_plan(tmp_path, capsys) -> None:
         assert key in data
     assert data["seeds"] == [0, 1] and data["settings"]["noise_scale"] == 1.5
     assert "all digital" in capsys.readouterr().out
+    assert main(["inspect", str(out)]) == 0 and "mapped" in capsys.readouterr().out
     code = main(["simulate", str(out), "--seeds", "1", "--eval-tokens", "512", "--ideal"])
     assert code == 0
     again = json.loads((out / "simulation.json").read_text())
