@@ -17,6 +17,12 @@ Rules:
    Listed files missing on a machine (another Python version) are skipped.
 4. Text becomes tokens byte by byte: token = byte value modulo the vocabulary size. This is
    how hetmap tokenizes text for a model without a tokenizer.
+
+A second corpus, ``c-headers``, trains the ``demo-c`` model on a different kind of text: the
+CPython C headers (``*.h`` files, recursively, under ``sysconfig.get_paths()["include"]``),
+which ship with every Python that can build extensions. Same hash rule (2) on the path
+relative to the include directory; its split list is ``compiler/assets/corpus_split_c.json``.
+Select it with ``corpus="c-headers"`` (every function defaults to ``"stdlib"``).
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ from hetmap.compiler.errors import HetmapError, MissingDataError
 SPLITS: tuple[str, ...] = ("train", "calib", "eval")
 SPLIT_PATH = Path(__file__).parent / "assets" / "corpus_split.json"
 
+SPLIT_PATH_C = Path(__file__).parent / "assets" / "corpus_split_c.json"
+CORPORA: tuple[str, ...] = ("stdlib", "c-headers")
+
 _EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"})
 _SPLIT_BOUNDS = (("train", 80), ("calib", 90), ("eval", 100))
 
@@ -42,6 +51,28 @@ _SPLIT_BOUNDS = (("train", 80), ("calib", 90), ("eval", 100))
 def stdlib_root() -> Path:
     """The directory holding the running interpreter's standard library sources."""
     return Path(sysconfig.get_paths()["stdlib"])
+
+
+def include_root() -> Path:
+    """The directory holding the running interpreter's C headers (the ``c-headers`` corpus)."""
+    return Path(sysconfig.get_paths()["include"])
+
+
+def _check_corpus(corpus: str) -> None:
+    if corpus not in CORPORA:
+        raise HetmapError(f"unknown corpus '{corpus}': use one of {', '.join(CORPORA)}")
+
+
+def corpus_root(corpus: str = "stdlib") -> Path:
+    """The directory a corpus's listed paths are relative to."""
+    _check_corpus(corpus)
+    return stdlib_root() if corpus == "stdlib" else include_root()
+
+
+def split_path(corpus: str = "stdlib") -> Path:
+    """The committed split list of a corpus."""
+    _check_corpus(corpus)
+    return SPLIT_PATH if corpus == "stdlib" else SPLIT_PATH_C
 
 
 def split_of(relative_path: str) -> str:
@@ -65,6 +96,31 @@ def scan_stdlib(root: Path | None = None) -> dict[str, list[str]]:
     return {name: sorted(files) for name, files in parts.items()}
 
 
+def scan_headers(root: Path | None = None) -> dict[str, list[str]]:
+    """Assign every ``*.h`` file under ``root`` (default: the C include dir) to a split."""
+    root = include_root() if root is None else root
+    parts: dict[str, list[str]] = {name: [] for name in SPLITS}
+    for path in root.rglob("*.h"):
+        if path.is_file():
+            relative = path.relative_to(root).as_posix()
+            parts[split_of(relative)].append(relative)
+    return {name: sorted(files) for name, files in parts.items()}
+
+
+def write_split_c(path: Path = SPLIT_PATH_C, root: Path | None = None) -> dict[str, list[str]]:
+    """Scan the C include dir and write the ``c-headers`` split list (the committed asset)."""
+    parts = scan_headers(root)
+    document = {
+        "description": "hetmap c-headers corpus split: CPython *.h files, relative to "
+        "sysconfig include dir; see hetmap.compiler.corpus for the rules",
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "splits": parts,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    return parts
+
+
 def write_split(path: Path = SPLIT_PATH, root: Path | None = None) -> dict[str, list[str]]:
     """Scan the stdlib and write the split list to ``path`` (the committed asset by default)."""
     parts = scan_stdlib(root)
@@ -84,29 +140,35 @@ def _check_split(split: str) -> None:
         raise HetmapError(f"unknown corpus split '{split}': use one of {', '.join(SPLITS)}")
 
 
-def listed_files(split: str) -> list[str]:
+def listed_files(split: str, corpus: str = "stdlib") -> list[str]:
     """The relative paths the committed split list holds for ``split``, in listed order."""
     _check_split(split)
-    if not SPLIT_PATH.is_file():
+    path = split_path(corpus)
+    if not path.is_file():
+        writer = "write_split" if corpus == "stdlib" else "write_split_c"
         raise MissingDataError(
-            f"corpus split list {SPLIT_PATH} is missing: regenerate it with "
-            "hetmap.compiler.corpus.write_split()"
+            f"corpus split list {path} is missing: regenerate it with "
+            f"hetmap.compiler.corpus.{writer}()"
         )
-    document = json.loads(SPLIT_PATH.read_text(encoding="utf-8"))
+    document = json.loads(path.read_text(encoding="utf-8"))
     return list(document["splits"][split])
 
 
-def corpus_files(split: str) -> list[Path]:
+def corpus_files(split: str, corpus: str = "stdlib") -> list[Path]:
     """Absolute paths of the listed files of ``split`` that exist on this machine (rule 3)."""
-    root = stdlib_root()
-    return [root / relative for relative in listed_files(split) if (root / relative).is_file()]
+    root = corpus_root(corpus)
+    return [
+        root / relative
+        for relative in listed_files(split, corpus)
+        if (root / relative).is_file()
+    ]
 
 
-def read_corpus_bytes(split: str, max_bytes: int | None = None) -> bytes:
+def read_corpus_bytes(split: str, max_bytes: int | None = None, corpus: str = "stdlib") -> bytes:
     """The files of ``split`` concatenated in listed order, cut to ``max_bytes`` if given."""
     chunks: list[bytes] = []
     total = 0
-    for path in corpus_files(split):
+    for path in corpus_files(split, corpus):
         if max_bytes is not None and total >= max_bytes:
             break
         chunk = path.read_bytes()
@@ -116,7 +178,7 @@ def read_corpus_bytes(split: str, max_bytes: int | None = None) -> bytes:
     if not data:
         raise MissingDataError(
             f"corpus split '{split}' is empty on this machine: none of its files exist under "
-            f"{stdlib_root()}"
+            f"{corpus_root(corpus)}"
         )
     return data if max_bytes is None else data[:max_bytes]
 

@@ -14,6 +14,13 @@ It saves ``config.json`` + ``model.safetensors`` (fp32, ``from_pretrained``-load
 ``TRAINING.md`` into ``--out``. Run from the repository root::
 
     .venv/bin/python examples/train_demo.py            # writes compiler/assets/demo/
+
+The same machinery trains ``demo-c``, a second MoE of another architecture on another kind of
+text: ``MixtralForCausalLM`` (softmax over all experts, top-k renormalised) on the
+``c-headers`` corpus (CPython's C headers)::
+
+    .venv/bin/python examples/train_demo.py --arch mixtral --corpus c-headers \
+        --out compiler/assets/demo-c --steps 1500 --batch-size 16 --seed 0
 """
 
 from __future__ import annotations
@@ -30,9 +37,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import OlmoeConfig, OlmoeForCausalLM
+from transformers import MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM
 
 from hetmap.compiler.corpus import (
+    CORPORA,
     bigram_perplexity,
     bytes_to_tokens,
     read_corpus_bytes,
@@ -40,6 +48,7 @@ from hetmap.compiler.corpus import (
 )
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "compiler" / "assets" / "demo"
+ARCHITECTURES = ("olmoe", "mixtral")
 VOCAB_SIZE = 256
 SEQ_LEN = 256
 EVAL_BYTES = 1 << 20  # the whole eval split (about 1 MB)
@@ -85,6 +94,42 @@ def demo_config(aux_loss_coef: float = 0.05) -> OlmoeConfig:
         eos_token_id=None,
         dtype="float32",
     )
+
+
+def mixtral_config(aux_loss_coef: float = 0.05, hidden_size: int = 96) -> MixtralConfig:
+    """``demo-c``'s architecture: Mixtral, 4 layers, 8 experts, top-2 renormalised, bytes.
+
+    Mixtral's router takes a softmax over all experts, keeps the top 2 and renormalises their
+    weights to sum to one (OLMoE keeps the un-renormalised softmax weights). Hidden 96 keeps
+    the fp32 weights under 6 MB.
+    """
+    return MixtralConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=SEQ_LEN,
+        sliding_window=None,
+        router_aux_loss_coef=aux_loss_coef,
+        output_router_logits=True,
+        tie_word_embeddings=False,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+        attn_implementation="eager",
+        dtype="float32",
+    )
+
+
+def build_model(arch: str, aux_loss_coef: float) -> torch.nn.Module:
+    """A fresh model of the named architecture."""
+    if arch == "mixtral":
+        return MixtralForCausalLM(mixtral_config(aux_loss_coef))
+    return OlmoeForCausalLM(demo_config(aux_loss_coef))
 
 
 def learning_rate(step: int, settings: TrainSettings) -> float:
@@ -233,7 +278,9 @@ def save(model: OlmoeForCausalLM, out: Path) -> None:
         model.save_pretrained(staging)
         for name in ("config.json", "model.safetensors"):
             shutil.copyfile(Path(staging) / name, out / name)
-    reloaded = OlmoeForCausalLM.from_pretrained(out)
+    reloaded = type(model).from_pretrained(
+        out, attn_implementation=model.config._attn_implementation
+    )
     probe = torch.randint(0, VOCAB_SIZE, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         if not torch.equal(model(input_ids=probe).logits, reloaded(input_ids=probe).logits):
@@ -248,26 +295,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--aux-loss-coef", type=float, default=0.05, help="router load-balancing loss weight"
     )
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="olmoe",
+                        help="model architecture (olmoe: demo; mixtral: demo-c)")
+    parser.add_argument("--corpus", choices=CORPORA, default="stdlib",
+                        help="training text (stdlib: Python sources; c-headers: CPython C headers)")
+    parser.add_argument("--batch-size", type=int, default=32, help="windows per step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    settings = TrainSettings(steps=args.steps, seed=args.seed)
-    train_tokens = bytes_to_tokens(read_corpus_bytes("train"), VOCAB_SIZE)
+    settings = TrainSettings(
+        steps=args.steps, seed=args.seed, batch_size=args.batch_size, peak_lr=args.lr
+    )
+    corpus = args.corpus
+    train_tokens = bytes_to_tokens(read_corpus_bytes("train", corpus=corpus), VOCAB_SIZE)
     eval_windows = token_windows(
-        bytes_to_tokens(read_corpus_bytes("eval", EVAL_BYTES), VOCAB_SIZE), SEQ_LEN
+        bytes_to_tokens(read_corpus_bytes("eval", EVAL_BYTES, corpus=corpus), VOCAB_SIZE),
+        SEQ_LEN,
     )
     calib_windows = token_windows(
-        bytes_to_tokens(read_corpus_bytes("calib", CALIB_BYTES), VOCAB_SIZE), SEQ_LEN
+        bytes_to_tokens(read_corpus_bytes("calib", CALIB_BYTES, corpus=corpus), VOCAB_SIZE),
+        SEQ_LEN,
     )
     bigram = bigram_perplexity(train_tokens, eval_windows, VOCAB_SIZE)
     print(f"train {train_tokens.numel()} bytes, eval {eval_windows.numel()} bytes; "
           f"bigram baseline eval perplexity {bigram:.3f}", flush=True)
 
-    model = OlmoeForCausalLM(demo_config(args.aux_loss_coef))
+    model = build_model(args.arch, args.aux_loss_coef)
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"OLMoE demo model: {parameters} parameters", flush=True)
+    print(f"{type(model).__name__} ({args.arch}): {parameters} parameters", flush=True)
     train(model, train_tokens, settings)
     perplexity = model_perplexity(model, eval_windows)
     counts = routing_counts(model, calib_windows)
@@ -283,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
 def write_training_notes(
     args: argparse.Namespace,
     settings: TrainSettings,
-    config: OlmoeConfig,
+    config: OlmoeConfig | MixtralConfig,
     parameters: int,
     wall: float,
     perplexity: float,
@@ -293,11 +351,28 @@ def write_training_notes(
     """Write TRAINING.md next to the weights."""
     size = (args.out / "model.safetensors").stat().st_size
     command = "python examples/train_demo.py " + " ".join(sys.argv[1:])
+    if args.arch == "mixtral":
+        title = "# hetmap demo-c model: training record"
+        intro = (
+            "Byte-level `MixtralForCausalLM` (transformers; softmax router, top-k weights "
+            "renormalised), trained by `examples/train_demo.py` on the `train` split of the "
+            "`c-headers` corpus (CPython's C headers; `hetmap.compiler.corpus`)."
+            if args.corpus == "c-headers" else
+            "Byte-level `MixtralForCausalLM` (transformers), trained by "
+            f"`examples/train_demo.py` on the `train` split of the {args.corpus} corpus."
+        )
+        name = "demo-c Mixtral"
+    else:
+        title = "# hetmap demo model: training record"
+        intro = (
+            "Byte-level `OlmoeForCausalLM` (transformers), trained by `examples/train_demo.py` "
+            f"on the `train` split of the {args.corpus} corpus (`hetmap.compiler.corpus`)."
+        )
+        name = "demo OLMoE"
     lines = [
-        "# hetmap demo model: training record",
+        title,
         "",
-        "Byte-level `OlmoeForCausalLM` (transformers), trained by `examples/train_demo.py` on "
-        "the `train` split of the stdlib corpus (`hetmap.compiler.corpus`).",
+        intro,
         "",
         f"- Command: `{command.strip()}`",
         f"- Wall time: {wall / 60:.1f} min ({wall:.0f} s) on {os.cpu_count()} CPU cores, "
@@ -318,7 +393,7 @@ def write_training_notes(
         "",
         "| model | perplexity |",
         "|---|---|",
-        f"| demo OLMoE | {perplexity:.3f} |",
+        f"| {name} | {perplexity:.3f} |",
         f"| byte bigram, add-one smoothed, fitted on train | {bigram:.3f} |",
         "",
         "## Routing frequency on the calib split",
