@@ -48,7 +48,7 @@ def compile_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Target name (see 'hetmap targets') or a TOML file."),
         click.option("--pipeline", default=None,
                      help="Pass pipeline, e.g. 'density,expert-score,place{policy=max-norm},tile'."),
-        click.option("--policy", default=None, help="Placement policy (see 'hetmap passes'). [default: max-norm]"),
+        click.option("--policy", default=None, help="Placement policy (see 'hetmap passes'). [default: expected-impact]"),
         click.option("--budget", type=float, default=None, help="Fraction of experts per layer on digital. [default: 0.125]"),
         click.option("--budget-scope", type=click.Choice(["layer", "global"]), default=None,
                      help="Rank experts within each layer or across layers. [default: layer]"),
@@ -263,7 +263,7 @@ def print_simulation(name: str, data: dict[str, Any]) -> None:
 @click.argument("model")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
-@click.option("--policies", default="max-norm,activation-frequency,activation-weight,router-norm,random",
+@click.option("--policies", default="expected-impact,max-norm,activation-frequency,activation-weight,router-norm,random",
               show_default=True, help="Comma-separated placement policies.")
 @click.option("--budgets", default="0.125,0.25", show_default=True, help="Comma-separated budgets.")
 @click.option("--noise-scales", default="1.5,2.5", show_default=True, help="Comma-separated c values.")
