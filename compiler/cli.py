@@ -319,7 +319,7 @@ def demo(out: Path, seeds: int) -> None:
     console.print(f"\nwrote {out}/plan.json, ir.txt, simulation.json")
     console.print("next steps:")
     console.print(f"  .venv/bin/hetmap inspect {out}                      # the plan again")
-    console.print("  .venv/bin/hetmap simulate demo --policy activation-frequency --budget 0.25 --seeds 5")
+    console.print("  .venv/bin/hetmap simulate demo --policy max-norm --budget 0.25 --seeds 5   # the paper's score")
     console.print("  .venv/bin/hetmap compile demo --emit onnx -o out/demo-onnx   # ONNX with placement tags")
     console.print("  .venv/bin/hetmap sweep demo -o out/sweep --seeds 3           # policies x budgets x noise")
 
