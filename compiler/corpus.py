@@ -107,32 +107,27 @@ def scan_headers(root: Path | None = None) -> dict[str, list[str]]:
     return {name: sorted(files) for name, files in parts.items()}
 
 
-def write_split_c(path: Path = SPLIT_PATH_C, root: Path | None = None) -> dict[str, list[str]]:
-    """Scan the C include dir and write the ``c-headers`` split list (the committed asset)."""
-    parts = scan_headers(root)
-    document = {
-        "description": "hetmap c-headers corpus split: CPython *.h files, relative to "
-        "sysconfig include dir; see hetmap.compiler.corpus for the rules",
-        "python": ".".join(map(str, sys.version_info[:3])),
-        "splits": parts,
-    }
+def _write_split_document(path: Path, parts: dict[str, list[str]], description: str
+                          ) -> dict[str, list[str]]:
+    document = {"description": description, "python": ".".join(map(str, sys.version_info[:3])),
+                "splits": parts}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     return parts
+
+
+def write_split_c(path: Path = SPLIT_PATH_C, root: Path | None = None) -> dict[str, list[str]]:
+    """Scan the C include dir and write the ``c-headers`` split list (the committed asset)."""
+    return _write_split_document(
+        path, scan_headers(root), "hetmap c-headers corpus split: CPython *.h files, relative "
+        "to sysconfig include dir; see hetmap.compiler.corpus for the rules")
 
 
 def write_split(path: Path = SPLIT_PATH, root: Path | None = None) -> dict[str, list[str]]:
     """Scan the stdlib and write the split list to ``path`` (the committed asset by default)."""
-    parts = scan_stdlib(root)
-    document = {
-        "description": "hetmap corpus split: stdlib *.py files, relative to the stdlib dir; "
-        "see hetmap.compiler.corpus for the rules",
-        "python": ".".join(map(str, sys.version_info[:3])),
-        "splits": parts,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
-    return parts
+    return _write_split_document(
+        path, scan_stdlib(root), "hetmap corpus split: stdlib *.py files, relative to the "
+        "stdlib dir; see hetmap.compiler.corpus for the rules")
 
 
 def _check_split(split: str) -> None:
