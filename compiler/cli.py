@@ -124,9 +124,10 @@ def compile_cmd(model: str, out: Path | None, force: bool, emit: str, onnx_tiles
     if emit == "onnx":
         def extra(staging: Path) -> None:
             plan.emit_onnx(staging, tiles=onnx_tiles)
+    if out is not None:  # files first: a closed stdout (e.g. '| head') must not lose them
+        plan.write(out, force=force, extra=extra)
     print_summary(plan.to_json())
     if out is not None:
-        plan.write(out, force=force, extra=extra)
         files = "plan.json, ir.txt" + (", model.onnx" if emit == "onnx" else "")
         err.print(f"wrote {out}/ ({files})")
     else:
@@ -409,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
+    except BrokenPipeError:  # stdout closed early (e.g. piped into head): nothing to report
+        sys.stderr.close()
+        return 0
     return 0
 
 
