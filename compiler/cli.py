@@ -399,8 +399,13 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         err.print("aborted")
         return 130
+    except click.UsageError as exc:  # one line, like every other user error
+        command = exc.ctx.command_path if exc.ctx is not None else "hetmap"
+        err.print(f"error: {exc.format_message()} (see '{command} --help')", markup=False,
+                  soft_wrap=True)
+        return exc.exit_code
     except click.ClickException as exc:
-        exc.show()
+        err.print(f"error: {exc.format_message()}", markup=False, soft_wrap=True)
         return exc.exit_code
     except HetmapError as exc:
         if show_tb:

@@ -84,3 +84,16 @@ def test_listing_commands(capsys) -> None:
     assert code == 0 and "aimc-512" in stdout and "hermes-256" in stdout
     code, stdout, _ = run(capsys, "models")
     assert code == 0 and "deepseek-v3" in stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compile", "olmoe-tiny", "--budget-scope", "nope"], "Invalid value for '--budget-scope'"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+    (["compile"], "Missing argument 'MODEL'"),
+    (["compile", "olmoe-tiny", "--emit", "onnx"], "--emit onnx needs -o OUT"),
+    (["compile", "olmoe-tiny", "--target", "/nonexistent.toml"], "no such target file"),
+])
+def test_usage_errors_are_one_line(capsys, args: list[str], message: str) -> None:
+    code, _, err = run(capsys, *args)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
