@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hetmap.compiler.errors import OutputError
-from hetmap.compiler.ir import Graph, Node
+from hetmap.compiler.ir import Node
 
 PLAN_FILE = "plan.json"
 IR_FILE = "ir.txt"
@@ -110,7 +110,3 @@ def read_plan(out: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise OutputError(f"{path} is not valid JSON (line {exc.lineno}): recompile it") from exc
     return data
-
-
-def graph_text(graph: Graph) -> str:
-    return str(graph)
