@@ -34,6 +34,7 @@ from hetmap.compiler.passes.manager import build_passes, run_pipeline
 from hetmap.compiler.passes.pipeline import parse_pipeline
 from hetmap.compiler.registry import load_registries
 from hetmap.compiler.simulate import analog_part, perplexity, settings_for
+from hetmap.compiler.sweep import policy_panel
 from hetmap.compiler.textdata import batches, load_tokens
 from hetmap.runtime import build_simulated_model
 
@@ -172,21 +173,13 @@ def plot(path: Path, result: dict[str, Any]) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, scale in zip(axes, NOISE, strict=True):
-        for policy in POLICIES:
-            rows = sorted((r for r in result["rows"] if r["policy"] == policy and r["noise_scale"] == scale),
-                          key=lambda r: r["digital_fraction"])
-            ax.errorbar([r["digital_fraction"] * 100 for r in rows], [r["ppl_mean"] for r in rows],
-                        yerr=[r["ppl_std"] for r in rows], marker="o", capsize=3, label=policy)
         for row in result["rows"]:
             if row["config"] in ("all analog", "dense digital") and row["noise_scale"] == scale:
                 ax.errorbar([row["digital_fraction"] * 100], [row["ppl_mean"]], yerr=[row["ppl_std"]],
                             marker="s", color="gray", capsize=3)
                 ax.annotate(row["config"], (row["digital_fraction"] * 100, row["ppl_mean"]), fontsize=8)
-        ax.axhline(result["digital_ppl"], color="black", linestyle="--", linewidth=1, label="all digital")
-        ax.set_xlabel("digital parameters (% of model)")
-        ax.set_ylabel("perplexity")
-        ax.set_title(f"{result['model']}, noise scale c = {scale}")
-        ax.legend(fontsize=7)
+        policy_panel(ax, result["rows"], POLICIES, scale, result["digital_ppl"],
+                     f"{result['model']}, noise scale c = {scale}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -83,7 +83,8 @@ class Plan:
     def nodes(self) -> list[Node]:
         return list(self.graph)
 
-    def to_json(self) -> dict[str, Any]:
+    def header(self) -> dict[str, Any]:
+        """plan.json without its per-node list (what summaries and reports need)."""
         return {
             "hetmap_version": version(),
             "model": {"spec": _portable_spec(self.model.spec), "name": self.model.name,
@@ -93,8 +94,10 @@ class Plan:
             "options": self.options,
             "timings": [{"pass": t.name, "seconds": round(t.seconds, 4)} for t in self.timings],
             "summary": self.summary,
-            "nodes": [node_json(n) for n in self.graph],
         }
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.header(), "nodes": [node_json(n) for n in self.graph]}
 
     def emit_onnx(self, out_dir: str | Path, *, tiles: bool = False) -> list[Path]:
         """Write ``out_dir/model.onnx`` with placement metadata (see the onnx emitter)."""

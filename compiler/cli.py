@@ -126,7 +126,7 @@ def compile_cmd(model: str, out: Path | None, force: bool, emit: str, onnx_tiles
             plan.emit_onnx(staging, tiles=onnx_tiles)
     if out is not None:  # files first: a closed stdout (e.g. '| head') must not lose them
         plan.write(out, force=force, extra=extra)
-    print_summary(plan.to_json())
+    print_summary(plan.header())
     if out is not None:
         files = "plan.json, ir.txt" + (", model.onnx" if emit == "onnx" else "")
         err.print(f"wrote {out}/ ({files})")
@@ -311,7 +311,7 @@ def demo(out: Path, seeds: int) -> None:
     progress = progress_factory(err.is_terminal)
     err.print("compiling the demo model (OLMoE architecture, trained on Python stdlib sources)...")
     plan = compile_model("demo", progress=progress)
-    print_summary(plan.to_json())
+    print_summary(plan.header())
     err.print(f"simulating {seeds} programming seeds on held-out text...")
     result = plan.simulate(seeds=seeds, progress=progress)
     data = {**result.to_json(), "digital_param_fraction": plan.summary["digital_param_fraction"]}

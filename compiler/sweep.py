@@ -147,6 +147,23 @@ def write_outputs(directory: Path, points: list[SweepPoint], ppl: list[float],
     plot(directory / "sweep.png", summary, extra.get("digital_ppl"))
 
 
+def policy_panel(ax: Any, rows: list[dict[str, Any]], policies: list[str], scale: float,
+                 digital_ppl: float | None, title: str) -> None:
+    """One panel: perplexity against digital parameter share, a line per policy, error bars
+    over seeds (rows carry policy, noise_scale, digital_fraction, ppl_mean, ppl_std)."""
+    for policy in policies:
+        line = sorted((r for r in rows if r["policy"] == policy and r["noise_scale"] == scale),
+                      key=lambda r: r["digital_fraction"])
+        ax.errorbar([r["digital_fraction"] * 100 for r in line], [r["ppl_mean"] for r in line],
+                    yerr=[r["ppl_std"] for r in line], marker="o", capsize=3, label=policy)
+    if digital_ppl is not None:
+        ax.axhline(digital_ppl, color="black", linestyle="--", linewidth=1, label="all digital")
+    ax.set_xlabel("digital parameters (% of model)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
 def plot(path: Path, summary: list[dict[str, Any]], digital_ppl: float | None) -> None:
     import matplotlib
 
@@ -155,18 +172,9 @@ def plot(path: Path, summary: list[dict[str, Any]], digital_ppl: float | None) -
 
     scales = sorted({row["noise_scale"] for row in summary})
     fig, axes = plt.subplots(1, len(scales), figsize=(5.5 * len(scales), 4), squeeze=False)
+    policies = sorted({row["policy"] for row in summary})
     for ax, scale in zip(axes[0], scales, strict=True):
-        for policy in sorted({row["policy"] for row in summary}):
-            rows = sorted((r for r in summary if r["policy"] == policy and r["noise_scale"] == scale),
-                          key=lambda r: r["digital_fraction"])
-            ax.errorbar([r["digital_fraction"] * 100 for r in rows], [r["ppl_mean"] for r in rows],
-                        yerr=[r["ppl_std"] for r in rows], marker="o", capsize=3, label=policy)
-        if digital_ppl is not None:
-            ax.axhline(digital_ppl, color="black", linestyle="--", linewidth=1, label="all digital")
-        ax.set_xlabel("digital parameters (% of model)")
-        ax.set_ylabel("perplexity")
-        ax.set_title(f"noise scale c = {scale}")
-        ax.legend(fontsize=8)
+        policy_panel(ax, summary, policies, scale, digital_ppl, f"noise scale c = {scale}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
