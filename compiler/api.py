@@ -143,7 +143,7 @@ def load_plan(out: str | Path, *, registries: Registries | None = None) -> Plan:
     data = read_plan(Path(out))
     registries = registries or load_registries()
     loaded = load_model(data["model"]["spec"])
-    graph = import_model(loaded)
+    graph = import_model(loaded, allow_dense=bool(data.get("options", {}).get("allow_dense")))
     for entry in data["nodes"]:
         if "placement" not in entry:
             continue
@@ -157,7 +157,7 @@ def load_plan(out: str | Path, *, registries: Registries | None = None) -> Plan:
 
 def compile_model(model: str | nn.Module | LoadedModel, *, target: str = "aimc-512",
                   pipeline: str | None = None, seed: int = 0, trust_remote_code: bool = False,
-                  registries: Registries | None = None, dump_dir: Path | None = None,
+                  allow_dense: bool = False, registries: Registries | None = None, dump_dir: Path | None = None,
                   progress: Callable[[str, int], Callable[[int], None]] | None = None,
                   on_pass: Callable[[PassTiming], None] | None = None,
                   log: Callable[[str], None] | None = None,
@@ -166,6 +166,7 @@ def compile_model(model: str | nn.Module | LoadedModel, *, target: str = "aimc-5
 
     ``options`` fill pass options the pipeline text does not set (``policy``, ``budget``,
     ``calib_tokens``, ``chips``, ...); an option no pass in the pipeline takes is an error.
+    A model in which no MoE block is found is an error unless ``allow_dense`` is set.
     """
     registries = registries or load_registries()
     if isinstance(model, str):
@@ -191,10 +192,12 @@ def compile_model(model: str | nn.Module | LoadedModel, *, target: str = "aimc-5
         ctx.progress = progress
     if log is not None:
         ctx.log = log
-    graph = import_model(loaded)
+    graph = import_model(loaded, allow_dense=allow_dense)
     run = run_pipeline(graph, passes, ctx, dump_dir=dump_dir, on_pass=on_pass)
+    recorded = {"seed": seed, **({"allow_dense": True} if allow_dense else {}),
+                **{k: v for k, v in options.items() if v is not None}}
     return Plan(run.graph, loaded, ctx.target, ",".join(str(s) for s in specs), run.timings,
-                {"seed": seed, **{k: v for k, v in options.items() if v is not None}})
+                recorded)
 
 
 def run_sweep(model: str, *, policies: list[str], budgets: list[float], noise_scales: list[float],

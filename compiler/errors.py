@@ -20,6 +20,10 @@ class TraceError(HetmapError):
     """torch.fx could not trace a module (message names the module path and a hint)."""
 
 
+class NoMoeError(TraceError):
+    """No MoE block was found in a model (and dense-only mapping was not asked for)."""
+
+
 class PipelineError(HetmapError):
     """A malformed pipeline string, or an unknown pass or pass option."""
 

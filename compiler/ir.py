@@ -42,6 +42,7 @@ class NodeKind(StrEnum):
     DENSE_FFN = "dense-ffn"
     LINEAR = "linear"
     LM_HEAD = "lm-head"
+    OPAQUE = "opaque"
     NORM = "norm"
     OP = "op"
 
@@ -52,7 +53,7 @@ class NodeKind(StrEnum):
 #: Kinds that always compute on every token (activation density 1 by structure).
 DENSE_KINDS = frozenset(
     {NodeKind.ATTENTION, NodeKind.ROUTER, NodeKind.SHARED_EXPERT, NodeKind.DENSE_FFN,
-     NodeKind.LINEAR, NodeKind.LM_HEAD}
+     NodeKind.LINEAR, NodeKind.LM_HEAD, NodeKind.OPAQUE}
 )
 
 
@@ -60,8 +61,10 @@ DENSE_KINDS = frozenset(
 class WeightRef:
     """Where a matrix's weights live: a state-dict tensor, optionally one expert's slice.
 
-    The loaded matrix is ``t[expert]`` (if ``expert`` is set), transposed if ``transposed``,
-    then rows ``out_start:out_stop:out_step`` -- always in nn.Linear ``[out, in]`` orientation.
+    The loaded matrix is ``t[expert]`` (if ``expert`` is set; of ``t`` viewed as ``[split,
+    -1, ...]`` when ``split`` is set, for flat 2-D expert stacks), transposed if
+    ``transposed``, then rows ``out_start:out_stop:out_step`` -- always in nn.Linear
+    ``[out, in]`` orientation.
     """
 
     tensor: str
@@ -70,9 +73,12 @@ class WeightRef:
     out_start: int | None = None
     out_stop: int | None = None
     out_step: int = 1
+    split: int | None = None
 
     def select(self, full: Any) -> Any:
         """Apply this reference to the full stored tensor (torch or numpy)."""
+        if self.split is not None:
+            full = full.reshape(self.split, -1, *full.shape[1:])
         t = full[self.expert] if self.expert is not None else full
         if self.transposed:
             t = t.T
@@ -82,6 +88,8 @@ class WeightRef:
 
     def __str__(self) -> str:
         text = self.tensor
+        if self.split is not None:
+            text += f".split({self.split})"
         if self.expert is not None:
             text += f"[{self.expert}]"
         if self.transposed:
@@ -177,6 +185,8 @@ class MoeLayer:
     num_experts: int
     top_k: int
     shared: tuple[str, ...] = ()
+    #: router slots beyond ``num_experts`` taken by identity ("zero") experts
+    identity_experts: int = 0
 
 
 class Graph(Annotated):
@@ -188,6 +198,8 @@ class Graph(Annotated):
         self._nodes: dict[str, Node] = {}
         self.moe_layers: dict[int, MoeLayer] = {}
         self.params_total: int = 0
+        #: modules the tracer kept whole because torch.fx could not trace them
+        self.opaque_modules: tuple[str, ...] = ()
         #: graph-level typed annotations (allocation, cost totals, ...), keyed by type
         self.annotations = {}
 

@@ -102,15 +102,20 @@ class CheckpointWeights:
             self.keys[name] = (file, key)
         self.where = {name: file for name, (file, _key) in self.keys.items()}
 
-    def _read(self, key: str, expert: int | None) -> torch.Tensor:
+    def _read(self, key: str, expert: int | None, split: int | None = None) -> torch.Tensor:
         file, stored = self.keys[key]
         with safe_open(str(file), "pt") as handle:
             view = handle.get_slice(stored)
-            return view[expert] if expert is not None else view[:]
+            if expert is None:
+                return view[:]
+            if split is None:
+                return view[expert]
+            rows = view.get_shape()[0] // split  # flat stack [E * rows, ...]: expert e's rows
+            return view[expert * rows:(expert + 1) * rows]
 
     def load(self, ref: WeightRef) -> torch.Tensor:
         if ref.tensor in self.where:
-            tensor = self._read(ref.tensor, ref.expert)
+            tensor = self._read(ref.tensor, ref.expert, ref.split)
             return WeightRef(ref.tensor, None, ref.transposed, ref.out_start, ref.out_stop,
                              ref.out_step).select(tensor).float()  # type: ignore[union-attr]
         key = self._per_expert_key(ref)

@@ -58,7 +58,9 @@ def test_failed_compile_leaves_no_output(tmp_path, capsys) -> None:
     (["compile", "olmoe-tiny", "--pipeline", "place{budget=lots}"], "budget='lots'"),
     (["compile", "olmoe-tiny", "--budget", "2"], "budget must be a fraction"),
     (["compile", "olmoe-tiny", "--policy", "nosuch"], "unknown policy 'nosuch'"),
-    (["compile", f"{HANDWRITTEN}:untraceable"], "cannot trace the model's forward (Branchy)"),
+    (["compile", f"{HANDWRITTEN}:untraceable", "--allow-dense"],
+     "cannot trace the model's forward (Branchy)"),
+    (["compile", f"{HANDWRITTEN}:dense"], "no MoE block found in 'dense'"),
     (["compile", "README.md"], "is a file, not a checkpoint directory"),
     (["inspect", "/nonexistent/dir"], "not a compiled plan directory"),
 ])

@@ -8,6 +8,7 @@ import torch
 from conftest import HANDWRITTEN, TINY
 
 from hetmap.compiler.errors import ModelLoadError, TraceError
+from hetmap.compiler.errors import NoMoeError
 from hetmap.compiler.frontend import import_model, load_model
 from hetmap.compiler.frontend.moe import find_moe_blocks
 from hetmap.compiler.frontend.tracer import trace
@@ -46,7 +47,7 @@ def test_tiny_configs_lower_to_expected_ir(name: str) -> None:
 @pytest.mark.parametrize("name", TINY)
 def test_traced_output_equals_eager_on_two_shapes(name: str) -> None:
     loaded = load_model(name)
-    gm, _ = trace(loaded.module, find_moe_blocks(loaded.module, loaded.config))
+    gm, _, _ = trace(loaded.module, find_moe_blocks(loaded.module, loaded.config))
     for shape in [(1, 7), (2, 13)]:
         ids = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
@@ -78,8 +79,10 @@ def test_handwritten_modulelist_moe() -> None:
     assert graph.moe_layers[1].top_k == 2
 
 
-def test_dense_model_has_no_experts() -> None:
-    graph = import_model(load_model(f"{HANDWRITTEN}:dense"))
+def test_dense_model_is_refused_unless_allowed() -> None:
+    with pytest.raises(NoMoeError, match="no MoE block found in 'dense'.*--allow-dense"):
+        import_model(load_model(f"{HANDWRITTEN}:dense"))
+    graph = import_model(load_model(f"{HANDWRITTEN}:dense"), allow_dense=True)
     assert not graph.moe_layers and not graph.experts()
     ffns = graph.by_kind(NodeKind.DENSE_FFN)  # Sequential(Linear, GELU, Linear) is one FFN
     assert [n.layer for n in ffns] == [0, 1]
@@ -107,7 +110,26 @@ def test_load_errors(tmp_path) -> None:
         load_model(str(tmp_path))
     with pytest.raises(ModelLoadError, match="no callable 'missing'"):
         load_model(f"{HANDWRITTEN}:missing")
-    with pytest.raises(TraceError, match="Branchy"):
+    with pytest.raises(NoMoeError, match="no MoE block found"):
         import_model(load_model(f"{HANDWRITTEN}:untraceable"))
-    with pytest.raises(TraceError, match=r"cannot trace inner \(Branchy\).*Hint"):
-        import_model(load_model(f"{HANDWRITTEN}:nested_untraceable"))
+    with pytest.raises(TraceError, match=r"cannot trace the model's forward \(Branchy\).*Hint"):
+        import_model(load_model(f"{HANDWRITTEN}:untraceable"), allow_dense=True)
+    # an untraceable module below the root holds no MoE block: it is kept whole
+    graph = import_model(load_model(f"{HANDWRITTEN}:nested_untraceable"), allow_dense=True)
+    assert graph.opaque_modules == ("inner",)
+    assert [m.key for n in graph.by_kind(NodeKind.OPAQUE) for m in n.matrices] == ["inner.proj"]
+
+
+def test_untraceable_module_is_kept_whole_and_nested_router_found() -> None:
+    loaded = load_model(f"{HANDWRITTEN}:untraceable_mixer")
+    graph = import_model(loaded)
+    assert graph.opaque_modules == ("layers.0.mixer", "layers.1.mixer")
+    assert [m.router for m in graph.moe_layers.values()] == ["layers.0.mlp.router.wg",
+                                                              "layers.1.mlp.router.wg"]
+    assert len(graph.experts()) == 16
+    mixers = graph.by_kind(NodeKind.OPAQUE)
+    assert [n.name for n in mixers] == ["layers.0.mixer", "layers.1.mixer"]
+    assert [m.key for m in mixers[0].matrices] == ["layers.0.mixer.mix"]
+    gm, _, _ = trace(loaded.module, find_moe_blocks(loaded.module))
+    ids = torch.randint(0, 256, (2, 9))
+    torch.testing.assert_close(gm(ids), loaded.module(ids), rtol=0, atol=0)

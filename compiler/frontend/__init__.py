@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hetmap.compiler.errors import NoMoeError
 from hetmap.compiler.frontend.loader import LoadedModel, load_model
 from hetmap.compiler.frontend.lower import lower
 from hetmap.compiler.frontend.moe import find_moe_blocks
@@ -9,13 +10,23 @@ from hetmap.compiler.frontend.tracer import trace
 from hetmap.compiler.ir import Graph, verify
 
 
-def import_model(model: LoadedModel) -> Graph:
-    """Trace ``model`` and lower it to a verified IR graph."""
+def import_model(model: LoadedModel, *, allow_dense: bool = False) -> Graph:
+    """Trace ``model`` and lower it to a verified IR graph.
+
+    A model in which no MoE block is found is an error (an undetected MoE would otherwise be
+    mapped as a dense model without a word) unless ``allow_dense`` is set.
+    """
     blocks = find_moe_blocks(model.module, model.config)
-    gm, wrapped = trace(model.module, blocks)
+    if not blocks and not allow_dense:
+        raise NoMoeError(
+            f"no MoE block found in {model.name!r}: looked for a module holding routed experts "
+            "(3-D expert tensors, flat expert stacks, or a ModuleList of MLPs) beside a router "
+            "(a module with a 2-D weight [experts, hidden]); pass --allow-dense to map it with "
+            "the dense rule only")
+    gm, wrapped, opaque = trace(model.module, blocks)
     model.traced = (gm, wrapped)
     graph = lower(gm, model.module, blocks, name=model.name, wrapped=wrapped,
-                  vocab_size=model.vocab_size)
+                  vocab_size=model.vocab_size, opaque=opaque)
     verify(graph)
     return graph
 

@@ -6,7 +6,9 @@ Rules (one fx node becomes one IR node, except MoE blocks):
    dropped (they carry no data flow).
 2. A leaf module becomes one typed node named by its module path: attention (all its
    nn.Linear as matrices), dense FFN, embedding, norm, linear / lm-head (the nn.Linear whose
-   output is the vocabulary), or ``op`` for anything else (e.g. rotary embeddings).
+   output is the vocabulary), ``opaque`` for any other leaf holding nn.Linear layers (a
+   module the tracer kept whole: all its nn.Linear as matrices, placed by the dense rule),
+   or ``op`` for anything else (e.g. rotary embeddings).
 3. An MoE block expands to a ``router`` node, one ``expert`` node per routed expert
    (``<experts>.<e>``), its ``shared-expert`` and small ``linear`` nodes, and an ``op`` node
    ``<block>`` (op ``moe-combine``) that stands for the block's output.
@@ -92,6 +94,10 @@ class _Lowering:
             node = Node(name, NodeKind.DENSE_FFN, path, linear_matrices(module, path), layer=layer)
         elif is_norm(module):
             node = Node(name, NodeKind.NORM, path, layer=layer, extra_params=_own_params(module))
+        elif any(isinstance(child, nn.Linear) for child in module.modules()):
+            node = Node(name, NodeKind.OPAQUE, path, linear_matrices(module, path), layer=layer,
+                        op=type(module).__name__)
+            node.extra_params = _own_params(module) - node.params
         else:
             node = Node(name, NodeKind.OP, path, layer=layer, op=type(module).__name__,
                         extra_params=_own_params(module))
@@ -123,14 +129,16 @@ class _Lowering:
         self.graph.moe_layers[layer] = MoeLayer(
             layer=layer, block=block.path, router=block.router, experts_module=block.experts,
             layout=block.layout, num_experts=block.num_experts, top_k=block.top_k,
-            shared=block.shared)
+            shared=block.shared, identity_experts=block.identity_experts)
         return name
 
 
 def lower(gm: fx.GraphModule, model: nn.Module, blocks: dict[str, MoeBlock], *, name: str,
-          wrapped: bool, vocab_size: int | None) -> Graph:
-    """Build the IR graph of ``model`` from its trace ``gm``."""
+          wrapped: bool, vocab_size: int | None, opaque: tuple[str, ...] = ()) -> Graph:
+    """Build the IR graph of ``model`` from its trace ``gm`` (``opaque``: modules the tracer
+    kept whole because they could not be traced)."""
     graph = Graph(name)
+    graph.opaque_modules = opaque
     graph.params_total = sum(p.numel() for p in model.parameters())
     lowering = _Lowering(graph, model, blocks, vocab_size)
     for fx_node in gm.graph.nodes:

@@ -2,15 +2,16 @@
 
 A module is an MoE block when it has (rules, in order):
 
-1. a *router* child: a module (often ``gate`` or ``router``) whose 2-D ``weight`` is
-   ``[E, H]`` -- an ``nn.Linear(H, E)`` or a custom top-k router;
-2. an *experts* child holding E experts, in one of these layouts:
-   ``fused``      -- 3-D parameters ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``
-                     (or ``up_proj`` instead of ``gate_up_proj`` for gate-less experts);
-   ``fused-t``    -- the transposed GPT-OSS form ``gate_up_proj [E, H, 2I]`` (gate/up
-                     interleaved) and ``down_proj [E, I, H]``, with optional biases;
-   ``modulelist`` -- an ``nn.ModuleList``/``nn.ModuleDict`` of E MLPs made of ``nn.Linear``.
-3. Other parametrised children of the block are shared experts (MLPs) or small dense
+1. an *experts* child holding the routed experts, read by
+   :func:`hetmap.runtime.layouts.read_layout` (fused 3-D stacks in either orientation,
+   concatenated or interleaved gate/up, biases, gate-less experts, flat 2-D stacks, identity
+   experts, experts called with routed or pre-scaled dense inputs), or an
+   ``nn.ModuleList``/``nn.ModuleDict`` of E MLPs made of ``nn.Linear``;
+2. a *router* at any depth inside the block but outside the experts: the first module (in
+   definition order) whose 2-D ``weight`` is ``[E, H]``, E the number of router slots the
+   experts take (for identity experts, more than the experts with weights). Its containing
+   child of the block belongs to the router (e.g. AfMoE ``router.gate``, DBRX ``router.layer``);
+3. other parametrised children of the block are shared experts (MLPs) or small dense
    linears (e.g. Qwen2-MoE's ``shared_expert_gate``).
 
 No class names are consulted. Each expert's matrices are described by :class:`Matrix`
@@ -19,18 +20,25 @@ entries in nn.Linear ``[out, in]`` terms; weights are referenced by state-dict n
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
+from hetmap.compiler.errors import TraceError
 from hetmap.compiler.ir import Matrix, WeightRef
+from hetmap.runtime.layouts import ExpertLayout, LayoutError, read_layout
 
 #: nn.Linear child names mapped to the paper's roles (gate, up, down).
 ROLE_ALIASES = {
     "gate_proj": "gate", "w1": "gate", "wi_0": "gate", "gate": "gate",
-    "up_proj": "up", "w3": "up", "wi_1": "up", "fc1": "up", "wi": "up", "up": "up",
+    "up_proj": "up", "w3": "up", "v1": "up", "wi_1": "up", "fc1": "up", "wi": "up", "up": "up",
     "down_proj": "down", "w2": "down", "wo": "down", "fc2": "down", "down": "down",
 }
+#: attribute names that hold the number of experts chosen per token
+_TOP_K_NAMES = ("top_k", "num_experts_per_tok", "moe_topk", "moe_top_k", "num_selected_experts",
+                "router_topk", "k")
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,8 @@ class MoeBlock:
     shared: tuple[str, ...]
     other_linears: tuple[str, ...]
     expert_matrices: tuple[tuple[Matrix, ...], ...]
+    #: router slots beyond ``num_experts`` whose experts pass their input through unchanged
+    identity_experts: int = 0
 
 
 def _join(prefix: str, name: str) -> str:
@@ -57,7 +67,7 @@ def _join(prefix: str, name: str) -> str:
 
 def _router_rows(module: nn.Module) -> tuple[int, int] | None:
     weight = getattr(module, "weight", None)
-    if isinstance(weight, nn.Parameter | __import__("torch").Tensor) and weight.dim() == 2:
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
         return int(weight.shape[0]), int(weight.shape[1])
     return None
 
@@ -81,48 +91,28 @@ def linear_matrices(module: nn.Module, path: str) -> tuple[Matrix, ...]:
     return tuple(found)
 
 
-def _fused_matrices(experts: nn.Module, path: str, num_experts: int, hidden: int
-                    ) -> tuple[str, tuple[tuple[Matrix, ...], ...]] | None:
-    params = dict(experts.named_parameters(recurse=False))
-    down = params.get("down_proj")
-    gate_up = params.get("gate_up_proj")
-    up_only = params.get("up_proj")
-    if down is None or down.dim() != 3 or down.shape[0] != num_experts:
+def _ref(path: str, layout: ExpertLayout, role: str, expert: int, bias: bool) -> WeightRef | None:
+    where = layout.slice(role, expert, bias=bias)
+    if where is None:
         return None
-    fused_in = gate_up if gate_up is not None else up_only
-    if fused_in is None or fused_in.dim() != 3 or fused_in.shape[0] != num_experts:
-        return None
-    transposed = bool(getattr(experts, "is_transposed", False))
-    if not hasattr(experts, "is_transposed"):
-        transposed = int(down.shape[2]) == hidden and int(down.shape[1]) != hidden
-    has_gate = gate_up is not None
-    inter = int(down.shape[1] if transposed else down.shape[2])
-    in_name = f"{path}.{'gate_up_proj' if has_gate else 'up_proj'}"
-    down_bias = f"{path}.down_proj_bias" if "down_proj_bias" in params else None
-    in_bias = f"{in_name}_bias" if f"{in_name.rsplit('.', 1)[1]}_bias" in params else None
+    return WeightRef(_join(path, where.tensor), where.expert, where.transposed, where.start,
+                     where.stop, where.step, where.split)
+
+
+def layout_matrices(layout: ExpertLayout, path: str) -> tuple[tuple[Matrix, ...], ...]:
+    """Per expert, its matrices (gate, up, down) as the IR describes them."""
     table = []
-    for e in range(num_experts):
+    for e in range(layout.num_experts):
         mats = []
-        if has_gate:
-            # standard: rows [0:I] gate, [I:2I] up; transposed (GPT-OSS): interleaved columns
-            spans: dict[str, tuple[int, int | None, int]] = {
-                "gate": (0, inter, 1), "up": (inter, 2 * inter, 1)}
-            if transposed:
-                spans = {"gate": (0, None, 2), "up": (1, None, 2)}
-            for role, (start, stop, step) in spans.items():
-                mats.append(Matrix(
-                    role=role, key=f"{path}.{e}.{role}", out_features=inter, in_features=hidden,
-                    weight=WeightRef(in_name, e, transposed, start, stop, step),
-                    bias=WeightRef(in_bias, e, False, start, stop, step) if in_bias else None))
-        else:
-            mats.append(Matrix(role="up", key=f"{path}.{e}.up", out_features=inter,
-                               in_features=hidden, weight=WeightRef(in_name, e, transposed),
-                               bias=WeightRef(in_bias, e) if in_bias else None))
-        mats.append(Matrix(role="down", key=f"{path}.{e}.down", out_features=hidden,
-                           in_features=inter, weight=WeightRef(f"{path}.down_proj", e, transposed),
-                           bias=WeightRef(down_bias, e) if down_bias else None))
+        for role in layout.roles:
+            weight = _ref(path, layout, role, e, False)
+            assert weight is not None
+            out_features, in_features = layout.matrix_shape(role)
+            mats.append(Matrix(role=role, key=f"{path}.{e}.{role}", out_features=out_features,
+                               in_features=in_features, weight=weight,
+                               bias=_ref(path, layout, role, e, True)))
         table.append(tuple(mats))
-    return ("fused-t" if transposed else "fused"), tuple(table)
+    return tuple(table)
 
 
 def _list_matrices(experts: nn.Module, path: str, num_experts: int
@@ -137,46 +127,72 @@ def _list_matrices(experts: nn.Module, path: str, num_experts: int
     return table
 
 
-def _find_top_k(block: nn.Module, router: nn.Module, config: object | None) -> int:
-    for owner in (router, block, getattr(block, "experts", None)):
-        for attr in ("top_k", "num_experts_per_tok", "k"):
-            value = getattr(owner, attr, None)
-            if isinstance(value, int) and value > 0:
-                return value
-    value = getattr(config, "num_experts_per_tok", None)
-    return value if isinstance(value, int) and value > 0 else 1
+def _top_k_from(owner: object) -> int | None:
+    for attr in _TOP_K_NAMES:
+        value = getattr(owner, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _find_top_k(owners: list[object], config: object | None) -> int:
+    for owner in owners:
+        value = _top_k_from(owner)
+        if value is not None:
+            return value
+    for section in (config, getattr(config, "text_config", None),
+                    getattr(config, "ffn_config", None)):
+        value = _top_k_from(section) if section is not None else None
+        if value is not None:
+            return value
+    return 1
+
+
+def _router_candidates(module: nn.Module, skip: str) -> Iterator[tuple[str, nn.Module, int, int]]:
+    """Modules under ``module`` (not under child ``skip``) with a 2-D weight ``[E >= 2, H]``."""
+    for name, child in module.named_modules():
+        if not name or name == skip or name.startswith(skip + "."):
+            continue
+        rows = _router_rows(child)
+        if rows is not None and rows[0] >= 2:
+            yield name, child, rows[0], rows[1]
+
+
+def _experts_layout(experts: nn.Module, path: str, slots: int, hidden: int
+                    ) -> tuple[str, tuple[tuple[Matrix, ...], ...], int] | None:
+    try:
+        layout = read_layout(experts, slots, hidden)
+    except LayoutError as exc:
+        raise TraceError(f"experts module {path!r}: {exc}") from exc
+    if layout is not None:
+        return layout.name, layout_matrices(layout, path), layout.identity_experts
+    listed = _list_matrices(experts, path, slots)
+    return None if listed is None else ("modulelist", listed, 0)
 
 
 def detect_moe_block(module: nn.Module, path: str, config: object | None = None) -> MoeBlock | None:
     """Return the MoE description of ``module`` if it is an MoE block, else None."""
     children = dict(module.named_children())
-    for router_name, router in children.items():
-        rows = _router_rows(router)
-        if rows is None or rows[0] < 2:
-            continue
-        num_experts, hidden = rows
-        for experts_name, experts in children.items():
-            if experts_name == router_name:
-                continue
+    for experts_name, experts in children.items():
+        for router_name, router, slots, hidden in _router_candidates(module, experts_name):
             experts_path = _join(path, experts_name)
-            fused = _fused_matrices(experts, experts_path, num_experts, hidden)
-            if fused is not None:
-                layout, table = fused
-            else:
-                listed = _list_matrices(experts, experts_path, num_experts)
-                if listed is None:
-                    continue
-                layout, table = "modulelist", listed
+            found = _experts_layout(experts, experts_path, slots, hidden)
+            if found is None:
+                continue
+            layout, table, identity = found
+            router_child = router_name.split(".", 1)[0]
             shared: list[str] = []
             others: list[str] = []
             for name, child in children.items():
-                if name in (router_name, experts_name) or not any(True for _ in child.parameters()):
+                if name in (router_child, experts_name) or not any(True for _ in child.parameters()):
                     continue
                 (others if isinstance(child, nn.Linear) else shared).append(_join(path, name))
+            owners = [router, module, experts, children[router_child]]
             return MoeBlock(
                 path=path, router=_join(path, router_name), experts=experts_path, layout=layout,
-                num_experts=num_experts, hidden=hidden, top_k=_find_top_k(module, router, config),
-                shared=tuple(shared), other_linears=tuple(others), expert_matrices=table)
+                num_experts=len(table), hidden=hidden, top_k=_find_top_k(owners, config),
+                shared=tuple(shared), other_linears=tuple(others), expert_matrices=table,
+                identity_experts=identity)
     return None
 
 

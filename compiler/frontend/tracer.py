@@ -10,7 +10,10 @@ Rules:
    autowrap search (its forwards are decorated).
 3. Config objects reaching the graph become ``get_attr`` nodes of the root instead of being
    rebuilt inside the graph (rebuilding silently drops the attention implementation).
-4. A module that fx cannot trace raises :class:`TraceError` naming its path and a hint.
+4. A module that fx cannot trace and that holds no MoE block becomes an opaque leaf (kept
+   whole, whatever its class name), and tracing starts again; its weight matrices still
+   become IR nodes. A module that cannot be traced and holds an MoE block (or the model's
+   own forward) raises :class:`TraceError` naming its path and a hint.
 """
 
 from __future__ import annotations
@@ -82,15 +85,16 @@ class HetmapTracer(fx.Tracer):
     """fx tracer keeping MoE blocks, attention, MLPs, norms and embeddings whole."""
 
     def __init__(self, moe_paths: Iterable[str], autowrap_modules: tuple[Any, ...] = (),
-                 autowrap_functions: tuple[Any, ...] = ()) -> None:
+                 autowrap_functions: tuple[Any, ...] = (), opaque: Iterable[str] = ()) -> None:
         super().__init__(autowrap_modules=(__import__("math"), *autowrap_modules),
                          autowrap_functions=autowrap_functions)
         self.moe_paths = set(moe_paths)
+        self.opaque = set(opaque)
         self._constants: dict[int, str] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         name = module_qualified_name.removeprefix("model.") if self._wrapped else module_qualified_name
-        if name in self.moe_paths:
+        if name in self.moe_paths or name in self.opaque:
             return True
         if is_attention(m) or is_dense_mlp(m) or is_norm(m) or is_rotary(m):
             return True
@@ -127,39 +131,63 @@ def _hf_autowrap(model: nn.Module) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     return tuple(modules), functions
 
 
-def trace(model: nn.Module, moe_paths: Iterable[str]) -> tuple[fx.GraphModule, bool]:
-    """Trace ``model``; return the GraphModule and whether it is wrapped as HF causal LM.
+#: at most this many modules are made opaque before tracing gives up
+MAX_OPAQUE = 256
+
+
+def trace(model: nn.Module, moe_paths: Iterable[str]) -> tuple[fx.GraphModule, bool, tuple[str, ...]]:
+    """Trace ``model``; return the GraphModule, whether it is wrapped as HF causal LM, and the
+    paths of the modules kept whole because they could not be traced (rule 4).
 
     In the wrapped form, module paths in the graph carry a leading ``model.``.
     """
+    moe_paths = set(moe_paths)
     hf = is_hf_model(model)
     root: nn.Module = CausalLMWrapper(model) if hf else model
     modules, functions = _hf_autowrap(model) if hf else ((), ())
-    tracer = HetmapTracer(moe_paths, modules, functions)
-    tracer._wrapped = hf
-    try:
-        graph = tracer.trace(root)
-    except TraceError:
-        raise
-    except Exception as exc:  # fx raises many types; report the module being traced
-        where = _innermost_module(exc, model) or type(model).__name__
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TraceError(
-            f"torch.fx cannot trace {where}: {first}. Hint: data-dependent Python control flow "
-            "inside a module breaks symbolic tracing; make that module a leaf (wrap it in an MoE "
-            "block, attention or MLP module) or rewrite the branch with torch.where") from exc
-    return fx.GraphModule(tracer.root, graph, type(root).__name__), hf
+    opaque: list[str] = []
+    while True:
+        tracer = HetmapTracer(moe_paths, modules, functions, opaque)
+        tracer._wrapped = hf
+        try:
+            graph = tracer.trace(root)
+            break
+        except TraceError:
+            raise
+        except Exception as exc:  # fx raises many types; find the module being traced
+            failing = _innermost_module(exc, model)
+            if failing is None or not _can_be_opaque(failing[0], moe_paths, opaque):
+                raise _trace_error(exc, failing, model) from exc
+            opaque.append(failing[0])
+    return fx.GraphModule(tracer.root, graph, type(root).__name__), hf, tuple(opaque)
 
 
-def _innermost_module(exc: BaseException, model: nn.Module) -> str | None:
-    """``<path> (<class>)`` of the innermost module being traced when ``exc`` was raised."""
+def _can_be_opaque(path: str, moe_paths: set[str], opaque: list[str]) -> bool:
+    """A module can be kept whole if it is not the root and holds no MoE block."""
+    if not path or path in opaque or len(opaque) >= MAX_OPAQUE:
+        return False
+    return not any(p == path or p.startswith(path + ".") for p in moe_paths)
+
+
+def _trace_error(exc: BaseException, failing: tuple[str, str] | None, model: nn.Module) -> TraceError:
+    where = f"{failing[0] or 'the model' + chr(39) + 's forward'} ({failing[1]})" if failing \
+        else type(model).__name__
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    holds = " (it holds an MoE block, so it cannot be kept whole)" if failing and failing[0] else ""
+    return TraceError(
+        f"torch.fx cannot trace {where}{holds}: {first}. Hint: data-dependent Python control "
+        "flow breaks symbolic tracing; rewrite the branch with torch.where, or move the MoE "
+        "block out of that module")
+
+
+def _innermost_module(exc: BaseException, model: nn.Module) -> tuple[str, str] | None:
+    """``(path, class name)`` of the innermost module being traced when ``exc`` was raised."""
     paths = {id(m): path for path, m in model.named_modules()}
     tb = exc.__traceback__
     found = None
     while tb is not None:
         frame_self = tb.tb_frame.f_locals.get("self")
         if isinstance(frame_self, nn.Module) and id(frame_self) in paths:
-            path = paths[id(frame_self)] or "the model's forward"
-            found = f"{path} ({type(frame_self).__name__})"
+            found = (paths[id(frame_self)], type(frame_self).__name__)
         tb = tb.tb_next
     return found

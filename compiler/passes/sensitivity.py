@@ -63,7 +63,7 @@ def parse_layers(text: str | None) -> set[int] | None:
 def _analog_part(moe: MoeLayer, node: Node) -> tuple[tuple[str, ...], dict[str, tuple[int, ...]]]:
     """Rule 2: what of the model runs analog when ``node`` alone is perturbed."""
     assert node.expert is not None
-    if moe.layout.startswith("fused"):
+    if moe.layout != "modulelist":  # an experts store, simulated vectorised
         return (), {moe.experts_module: (node.expert,)}
     return tuple(m.key for m in node.matrices), {}
 
