@@ -19,7 +19,9 @@ Rules (:func:`read_layout`; no class names are consulted):
    directly on the module or on one child); down is used transposed (``x @ w2[e]``).
 3. ``gate_up_proj`` with more experts than ``down_proj`` (LongCat-Flash): the extra router
    slots are identity ("zero") experts: they pass their input through, weighted, and hold no
-   weights.
+   weights. Other extra router slots (up to E more) are not experts: Zaya's "skip" slot,
+   which its block masks (weight 0) before the experts see it, or Inkling's shared-expert
+   gates. A router with exactly E rows is preferred over one with extra slots.
 4. Calling convention, from ``forward``'s signature: ``routed`` -- ``(hidden [T, H],
    top_k_index [T, k], top_k_weights [T, k])``; ``dense-input`` -- ``(hidden [E * T, H])``,
    each expert's block of T rows already scaled by its routing score (Llama 4).
@@ -165,7 +167,13 @@ def _fused(module: nn.Module, router_experts: int, hidden: int) -> ExpertLayout 
     if down is None or inner is None or down.dim() != 3 or inner.dim() != 3:
         return None
     experts = int(down.shape[0])
-    if int(inner.shape[0]) not in (experts, router_experts) or experts > router_experts:
+    if int(inner.shape[0]) not in (experts, router_experts):
+        return None
+    if int(inner.shape[0]) == router_experts > experts:
+        identity = router_experts - experts
+    elif experts <= router_experts <= 2 * experts:
+        identity = 0  # extra slots route elsewhere (a skip slot, shared-expert gates)
+    else:
         return None
     transposed = _flag(module, "is_transposed")
     if transposed is None:
@@ -190,7 +198,7 @@ def _fused(module: nn.Module, router_experts: int, hidden: int) -> ExpertLayout 
         storage="fused", num_experts=experts, hidden=hidden, intermediate=inter,
         has_gate=has_gate, transposed=transposed, interleaved=concatenated is False,
         call=_call_convention(module), tensors=tensors, biases=biases,
-        identity_experts=router_experts - experts,
+        identity_experts=identity,
         post_norm=bool(_flag(module, "has_post_expert_norm")))
 
 

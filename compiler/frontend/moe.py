@@ -171,29 +171,47 @@ def _experts_layout(experts: nn.Module, path: str, slots: int, hidden: int
 
 
 def detect_moe_block(module: nn.Module, path: str, config: object | None = None) -> MoeBlock | None:
-    """Return the MoE description of ``module`` if it is an MoE block, else None."""
+    """Return the MoE description of ``module`` if it is an MoE block, else None.
+
+    Among routers that fit an experts child, one with exactly as many rows as experts wins;
+    otherwise the first in definition order (identity or skip slots).
+    """
     children = dict(module.named_children())
     for experts_name, experts in children.items():
+        if not _could_hold_experts(experts):
+            continue
+        experts_path = _join(path, experts_name)
+        fits = []
         for router_name, router, slots, hidden in _router_candidates(module, experts_name):
-            experts_path = _join(path, experts_name)
             found = _experts_layout(experts, experts_path, slots, hidden)
-            if found is None:
+            if found is not None:
+                fits.append((len(found[1]) != slots, router_name, router, hidden, found))
+        if not fits:
+            continue
+        _, router_name, router, hidden, (layout, table, identity) = min(fits, key=lambda f: f[0])
+        router_child = router_name.split(".", 1)[0]
+        shared: list[str] = []
+        others: list[str] = []
+        for name, child in children.items():
+            if name in (router_child, experts_name) or not any(True for _ in child.parameters()):
                 continue
-            layout, table, identity = found
-            router_child = router_name.split(".", 1)[0]
-            shared: list[str] = []
-            others: list[str] = []
-            for name, child in children.items():
-                if name in (router_child, experts_name) or not any(True for _ in child.parameters()):
-                    continue
-                (others if isinstance(child, nn.Linear) else shared).append(_join(path, name))
-            owners = [router, module, experts, children[router_child]]
-            return MoeBlock(
-                path=path, router=_join(path, router_name), experts=experts_path, layout=layout,
-                num_experts=len(table), hidden=hidden, top_k=_find_top_k(owners, config),
-                shared=tuple(shared), other_linears=tuple(others), expert_matrices=table,
-                identity_experts=identity)
+            (others if isinstance(child, nn.Linear) else shared).append(_join(path, name))
+        owners = [router, module, experts, children[router_child]]
+        return MoeBlock(
+            path=path, router=_join(path, router_name), experts=experts_path, layout=layout,
+            num_experts=len(table), hidden=hidden, top_k=_find_top_k(owners, config),
+            shared=tuple(shared), other_linears=tuple(others), expert_matrices=table,
+            identity_experts=identity)
     return None
+
+
+def _could_hold_experts(module: nn.Module) -> bool:
+    """Cheap pre-check: a container of modules, or 3-D / 2-D parameters on it or a child."""
+    if isinstance(module, nn.ModuleList | nn.ModuleDict):
+        return True
+    owners = [module, *module.children()]
+    return any(p.dim() >= 2 for owner in owners for p in owner.parameters(recurse=False)) \
+        and not isinstance(module, nn.Linear | nn.Embedding)
 
 
 def find_moe_blocks(model: nn.Module, config: object | None = None) -> dict[str, MoeBlock]:
