@@ -3,9 +3,11 @@ analog non-idealities, over several programming seeds.
 
 Rules:
 
-1. The analog part of a plan is read from its placements: experts of fused experts modules
-   become ``analog_experts`` (vectorized per layer), every other analog matrix whose key is an
-   ``nn.Linear`` path becomes an analog linear. An analog matrix that is not an ``nn.Linear``
+1. The analog part of a plan is read from its placements: experts of every MoE layer whose
+   experts are stored as stacks (any layout but ``modulelist``) become ``analog_experts``
+   (vectorized per layer; the layout is read with the router's size), every other analog
+   matrix whose key is an ``nn.Linear`` path (e.g. ``modulelist`` experts) becomes an analog
+   linear. An analog matrix that is not an ``nn.Linear``
    (e.g. a custom top-k router's weight under ``--dense analog``) stays digital in the
    simulation and is listed in ``simulated_digital`` -- never silently.
 2. Settings come from the target (crossbar size, DAC/ADC bits, output noise, noise model and
@@ -43,6 +45,17 @@ class AnalogPart:
     linears: tuple[str, ...]
     experts: dict[str, tuple[int, ...]]
     simulated_digital: tuple[str, ...] = ()
+    #: experts module path -> its ExpertLayout (hetmap.runtime.layouts)
+    layouts: dict[str, Any] = field(default_factory=dict)
+
+
+def _layouts(graph: Graph, modules: dict[str, nn.Module], paths: set[str]) -> dict[str, Any]:
+    """Experts module path -> layout, for the MoE layers whose experts are at ``paths``."""
+    from hetmap.runtime.experts import routed_layout
+
+    return {moe.experts_module: routed_layout(modules[moe.experts_module], moe.experts_module,
+                                              modules.get(moe.router))
+            for moe in graph.moe_layers.values() if moe.experts_module in paths}
 
 
 def analog_part(graph: Graph, model: nn.Module) -> AnalogPart:
@@ -50,12 +63,12 @@ def analog_part(graph: Graph, model: nn.Module) -> AnalogPart:
     linears: list[str] = []
     experts: dict[str, list[int]] = {}
     kept: list[str] = []
-    fused = {m.experts_module for m in graph.moe_layers.values() if m.layout.startswith("fused")}
+    stacked = {m.experts_module for m in graph.moe_layers.values() if m.layout != "modulelist"}
     for node in graph.matrix_nodes():
         placement = node.get(Placement)
         if placement is None or not placement.analog:
             continue
-        if node.kind is NodeKind.EXPERT and node.module in fused:
+        if node.kind is NodeKind.EXPERT and node.module in stacked:
             assert node.module is not None and node.expert is not None
             experts.setdefault(node.module, []).append(node.expert)
             continue
@@ -64,7 +77,8 @@ def analog_part(graph: Graph, model: nn.Module) -> AnalogPart:
                 linears.append(matrix.key)
             else:
                 kept.append(matrix.key)
-    return AnalogPart(tuple(linears), {k: tuple(sorted(v)) for k, v in experts.items()}, tuple(kept))
+    return AnalogPart(tuple(linears), {k: tuple(sorted(v)) for k, v in experts.items()},
+                      tuple(kept), _layouts(graph, modules, set(experts)))
 
 
 def settings_for(target: Any, *, noise_scale: float | None = None, drift_time: float | None = None,
@@ -150,7 +164,8 @@ def simulate_plan(plan: Plan, *, seeds: int = 1, seed: int = 0, noise_scale: flo
     mapped: list[float] = []
     for index in range(seeds):
         simulated = build_simulated_model(model, part.linears, part.experts, settings,
-                                          seed=seed + index, backend=backend).to(device)
+                                          seed=seed + index, backend=backend,
+                                          layouts=part.layouts).to(device)
         mapped.append(perplexity(simulated, windows, device))
         del simulated
         advance(1)

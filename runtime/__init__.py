@@ -5,7 +5,7 @@ analog tile model (or, for reference, on aihwkit ``AnalogLinear`` modules).
 """
 
 from .analog import AnalogTileStack, DigitalStack, SimulatedLinear
-from .experts import FusedExperts, SimulatedExperts, fused_experts
+from .experts import SimulatedExperts, experts_layout
 from .grouped import RowGroups, grouped_product
 from .reference import ReferenceExperts, ReferenceLinear, reference_linear, reference_rpu_config
 from .rewrite import BACKENDS, build_simulated_model, module_seed
@@ -18,7 +18,6 @@ __all__ = [
     "AnalogSettings",
     "AnalogTileStack",
     "DigitalStack",
-    "FusedExperts",
     "ReferenceExperts",
     "ReferenceLinear",
     "RowGroups",
@@ -26,7 +25,7 @@ __all__ = [
     "SimulatedLinear",
     "TileGrid",
     "build_simulated_model",
-    "fused_experts",
+    "experts_layout",
     "grouped_product",
     "module_seed",
     "reference_linear",

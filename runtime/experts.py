@@ -1,28 +1,38 @@
-"""Simulated fused Mixture-of-Experts experts: some experts analog, the rest exact digital.
+"""Simulated Mixture-of-Experts experts: some experts analog, the rest exact digital.
 
-Replaces a transformers 5.x fused experts module (``gate_up_proj [E, 2I, H]``, ``down_proj
-[E, H, I]``, ``act_fn``; forward ``(hidden_states [T, H], top_k_index [T, k], top_k_weights
-[T, k]) -> [T, H]``, as in ``OlmoeExperts``, ``MixtralExperts``, ``Qwen2MoeExperts``,
-``DeepseekV3NaiveMoe``) with a module of the same forward signature:
+Replaces an experts module of any layout :func:`~.layouts.read_layout` reads (fused
+``[E, 2I, H]`` stacks, transposed or gate/up interleaved, with biases, gate-less, flat 2-D
+stacks, post-expert norm, identity experts, routed or dense-input calls) with a module of the
+same call convention. The matrices are taken in canonical ``[out, in]`` form
+(:func:`~.layouts.canonical`), so the storage layout matters only when reading them.
 
-1. The listed experts' gate (``gate_up_proj[e, :I]``), up (``gate_up_proj[e, I:]``) and down
-   (``down_proj[e]``) matrices are programmed onto AIMC tiles as two :class:`AnalogTileStack`s
-   (gate and up side by side, each on its own column tiles; down); the other experts stay
-   exact digital (:class:`DigitalStack`).
-2. Per group (analog, digital) the routed (token, expert) pairs are sorted by expert; each
-   matrix of the group is one grouped product over all its experts (:mod:`.grouped`).
-3. ``act_fn(gate) * up``, then down; outputs are weighted by ``top_k_weights`` and summed per
-   token. Sentinel expert indices (``>= E``, expert parallelism) are skipped.
-
-Only the default layout is supported (``has_gate``, no bias, not transposed, gate/up
-concatenated, no post-expert norm, default gating); others are refused with a
-:class:`SimulationError`.
+1. The listed experts' gate and up matrices are programmed side by side onto one
+   :class:`AnalogTileStack` (each on its own column tiles; up alone for gate-less experts),
+   their down matrices onto another; the other experts stay exact digital
+   (:class:`DigitalStack`). Biases are digital: added after the tile product.
+2. Per group (analog, digital) the (token, expert) pairs are sorted by expert; each matrix of
+   the group is one grouped product over all its experts (:mod:`.grouped`).
+3. The module's own gating (:func:`~.layouts.activation_of`: ``act(gate) * up``, a custom
+   ``_apply_gate``, or ``act(up)`` without a gate) gives down's input; the post-expert norm,
+   if any, applies to each expert's output, then the routing weight.
+4. ``routed`` calls: ``(hidden [T, H] or [..., H], top_k_index [T, k], top_k_weights [T, k])``;
+   indices ``E .. E + identity - 1`` are identity experts (the weighted input is added),
+   other indices outside ``0 .. E - 1`` (expert-parallel sentinels) are skipped.
+   ``dense-input`` calls (Llama 4): ``hidden [slots * T, H]``, block ``e`` holding expert
+   ``e``'s inputs already scaled by its routing score; output row for row. Without biases an
+   all-zero input row is a token not routed to that expert: it is not computed (its exact
+   output is zero; analog hardware would not run it) and gives zero.
+5. The output has the original module's shape (read once at construction by running the
+   original on two zero tokens: the input's shape, or ``[batch, -1, H]`` like DBRX) and the
+   input's dtype.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import copy
+import inspect
+from collections.abc import Callable, Iterable, Iterator
+from typing import cast
 
 import torch
 from torch import nn
@@ -31,69 +41,111 @@ from hetmap.compiler.errors import SimulationError
 
 from .analog import AnalogTileStack, DigitalStack
 from .grouped import RowGroups
+from .layouts import (
+    CanonicalExperts,
+    ExpertLayout,
+    LayoutError,
+    activation_of,
+    canonical,
+    read_layout,
+)
 from .programming import derive_seed
 from .settings import AnalogSettings
 
-# transformers' use_experts_implementation flags and the values hetmap supports.
-_SUPPORTED_FLAGS = {
-    "has_gate": True,
-    "has_bias": False,
-    "is_transposed": False,
-    "is_concatenated": True,
-    "has_post_expert_norm": False,
-}
+#: integer attributes that hold the number of experts of a flat (2-D) expert stack
+_COUNT_NAMES = ("num_experts", "moe_num_experts", "num_local_experts", "n_routed_experts")
+
+Activation = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class FusedExperts:
-    """The weights and activation of a supported fused experts module."""
-
-    gate_up: torch.Tensor  # [E, 2I, H]
-    down: torch.Tensor  # [E, H, I]
-    act_fn: Callable[[torch.Tensor], torch.Tensor]
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.gate_up.shape[0])
-
-    @property
-    def intermediate(self) -> int:
-        return int(self.down.shape[2])
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of ``module`` and of its direct children, by relative name."""
+    named = [*module.named_parameters(), *module.named_buffers()]
+    return {name: tensor for name, tensor in named if name.count(".") <= 1}
 
 
-def fused_experts(module: nn.Module, path: str) -> FusedExperts:
-    """The weights of a supported fused experts module at ``path``; else raise."""
-    gate_up = getattr(module, "gate_up_proj", None)
-    down = getattr(module, "down_proj", None)
-    act_fn = getattr(module, "act_fn", None)
-    if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor):
+def _size_candidates(module: nn.Module) -> list[tuple[int, int]]:
+    """``(router slots, hidden)`` pairs that ``module``'s stored tensors allow."""
+    tensors = _tensors(module)
+    down, inner = tensors.get("down_proj"), tensors.get("gate_up_proj", tensors.get("up_proj"))
+    found: list[tuple[int, int]] = []
+    if down is not None and inner is not None and down.dim() == 3 and inner.dim() == 3:
+        found += [(int(inner.shape[0]), int(width)) for width in down.shape[1:]]
+    owners = [module, *module.children()]
+    attributes = [getattr(owner, name, None) for owner in owners for name in _COUNT_NAMES]
+    counts = {count for count in attributes if isinstance(count, int) and count > 0}
+    widths = {int(t.shape[1]) for t in tensors.values() if t.dim() == 2}
+    found += [(count, width) for count in sorted(counts) for width in sorted(widths)]
+    return list(dict.fromkeys(found))
+
+
+def _shapes_agree(module: nn.Module, layout: ExpertLayout) -> bool:
+    """Whether the canonical views of ``module`` read with ``layout`` have its matrix shapes
+    (a layout flag such as ``is_transposed`` fixes the orientation whatever ``hidden`` is)."""
+    views = canonical(module, layout).weights
+    return all(tuple(view.shape[1:]) == layout.matrix_shape(role) for role, view in views.items())
+
+
+def experts_layout(
+    module: nn.Module, path: str, router_experts: int | None = None, hidden: int | None = None
+) -> ExpertLayout:
+    """The layout of the experts module at ``path``; raise :class:`SimulationError` if none.
+
+    Without ``router_experts`` and ``hidden`` they are inferred from the module: the router
+    slots from the first dimension of ``gate_up_proj``/``up_proj`` (or, for flat stacks, an
+    attribute such as ``num_experts``), the hidden size from ``down_proj``'s dimensions.
+    """
+    if router_experts is not None and hidden is not None:
+        candidates = [(router_experts, hidden)]
+    else:
+        candidates = _size_candidates(module)
+    layouts: list[ExpertLayout] = []
+    problems: list[str] = []
+    for slots, width in candidates:
+        try:
+            layout = read_layout(module, slots, width)
+            if layout is None or not _shapes_agree(module, layout) or layout in layouts:
+                continue
+        except LayoutError as exc:
+            problems.append(str(exc))
+            continue
+        layouts.append(layout)
+    where = f"experts module {path!r} ({type(module).__name__})"
+    if len(layouts) == 1:
+        return layouts[0]
+    if layouts:
+        names = ", ".join(f"{layout.name} (hidden {layout.hidden})" for layout in layouts)
         raise SimulationError(
-            f"module {path!r} ({type(module).__name__}) is not a fused experts module "
-            "(needs gate_up_proj [E, 2I, H] and down_proj [E, H, I] parameters)"
+            f"{where} can be read as {names}; pass its layout (build_simulated_model(layouts=))"
         )
-    for flag, expected in _SUPPORTED_FLAGS.items():
-        if getattr(module, flag, expected) != expected:
-            raise SimulationError(
-                f"experts module {path!r} ({type(module).__name__}) has {flag}="
-                f"{getattr(module, flag)}; hetmap simulates only {flag}={expected}"
-            )
-    apply_gate = getattr(type(module), "_apply_gate", None)
-    if apply_gate is not None and getattr(apply_gate, "__name__", "") != "_default_apply_gate":
-        raise SimulationError(
-            f"experts module {path!r} ({type(module).__name__}) has a custom _apply_gate; "
-            "hetmap simulates only act_fn(gate) * up"
-        )
-    if not callable(act_fn):
-        raise SimulationError(f"experts module {path!r} has no act_fn")
-    if gate_up.ndim != 3 or down.ndim != 3:
-        raise SimulationError(f"experts module {path!r}: gate_up_proj and down_proj must be 3-D")
-    experts, double_inter, hidden = gate_up.shape
-    if double_inter % 2 or tuple(down.shape) != (experts, hidden, double_inter // 2):
-        raise SimulationError(
-            f"experts module {path!r}: gate_up_proj {tuple(gate_up.shape)} and down_proj "
-            f"{tuple(down.shape)} are not [E, 2I, H] and [E, H, I]"
-        )
-    return FusedExperts(gate_up.detach(), down.detach(), act_fn)
+    if problems:
+        raise SimulationError(f"{where}: {problems[0]}")
+    raise SimulationError(
+        f"{where} is not an experts store hetmap can read (needs gate_up_proj/up_proj and "
+        "down_proj [E, ., .] stacks, or flat [E * I, H] w1/v1/w2 stacks)"
+    )
+
+
+def routed_layout(experts: nn.Module, path: str, router: nn.Module | None) -> ExpertLayout:
+    """:func:`experts_layout` with the router slots and hidden size of ``router``'s 2-D
+    ``weight [slots, H]`` (inferred from the experts module if the router has none)."""
+    weight = getattr(router, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return experts_layout(experts, path, int(weight.shape[0]), int(weight.shape[1]))
+    return experts_layout(experts, path)
+
+
+def canonical_experts(
+    module: nn.Module, path: str, layout: ExpertLayout | None = None
+) -> CanonicalExperts:
+    """The experts of ``module`` (at ``path``) in canonical form; raise if unreadable."""
+    layout = layout or experts_layout(module, path)
+    try:
+        return canonical(module, layout)
+    except LayoutError as exc:
+        raise SimulationError(f"experts module {path!r}: {exc}") from exc
+
+
 
 
 def checked_expert_indices(indices: Iterable[int], num_experts: int, path: str) -> list[int]:
@@ -107,8 +159,196 @@ def checked_expert_indices(indices: Iterable[int], num_experts: int, path: str) 
     return chosen
 
 
-class SimulatedExperts(nn.Module):
-    """Fused experts with ``analog_experts`` on simulated AIMC tiles, the rest exact."""
+def _stored(module: nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer ``name`` (relative, dotted) of ``module``."""
+    owner_path, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    return cast(torch.Tensor, getattr(owner, leaf))
+
+
+def _weightless_copy(module: nn.Module, layout: ExpertLayout) -> nn.Module:
+    """A copy of ``module`` without its expert weights and biases (those become None): its
+    activation, gating constants and post-expert norm, as small as they are."""
+    names = [*layout.tensors.values(), *layout.biases.values()]
+    memo: dict[int, object] = {id(_stored(module, name)): None for name in names}
+    return copy.deepcopy(module, memo)
+
+
+def _batch_view(module: nn.Module, layout: ExpertLayout, like: torch.Tensor, path: str) -> bool:
+    """Whether ``module`` returns ``[batch, -1, H]`` (DBRX) rather than its input's shape, read
+    by calling its own forward on two zero tokens (undecorated: no hooks, and the module's
+    eager code rather than transformers' ``experts_implementation`` kernels, which not every
+    dtype has)."""
+    slots = layout.num_experts + layout.identity_experts
+    rows = slots if layout.call == "dense-input" else 2
+    probe = like.new_zeros(rows, layout.hidden)
+    forward = inspect.unwrap(type(module).forward)
+    with torch.no_grad():
+        if layout.call == "dense-input":
+            output = forward(module, probe)
+        else:
+            index = torch.zeros(rows, 2, dtype=torch.long, device=like.device)
+            output = forward(module, probe, index, like.new_ones(rows, 2))
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+    if shape == tuple(probe.shape):
+        return False
+    if shape == (rows, 1, layout.hidden):
+        return True
+    raise SimulationError(
+        f"experts module {path!r} ({type(module).__name__}) returns "
+        f"{type(output).__name__} {shape} for hidden states {tuple(probe.shape)}; hetmap "
+        "mimics only outputs of the input's shape or [batch, -1, hidden]"
+    )
+
+
+class LayoutExperts(nn.Module):
+    """What every replacement of an experts module shares: the call convention, identity
+    experts, post-expert norm, output shape. Subclasses compute the experts' outputs."""
+
+    def __init__(
+        self, experts: nn.Module, analog_experts: Iterable[int], path: str,
+        layout: ExpertLayout | None,
+    ) -> None:
+        super().__init__()
+        self.layout = layout or experts_layout(experts, path)
+        self.path = path
+        self.num_experts = self.layout.num_experts
+        self.hidden = self.layout.hidden
+        self.analog_experts = tuple(checked_expert_indices(analog_experts, self.num_experts, path))
+        self.shell = _weightless_copy(experts, self.layout)
+        try:
+            activation_of(self.shell, self.layout)
+        except LayoutError as exc:
+            raise SimulationError(f"experts module {path!r}: {exc}") from exc
+        like = _stored(experts, self.layout.tensors["down"])
+        self.batch_view = _batch_view(experts, self.layout, like, path)
+
+    def extra_repr(self) -> str:
+        return (f"layout={self.layout.name}, experts={self.num_experts}, "
+                f"analog={list(self.analog_experts)}")
+
+    def expert_outputs(
+        self, inputs: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor,
+        activation: Activation,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """For pairs (row of ``inputs``, expert ``< E``): ``(pair positions, outputs)`` chunks,
+        every pair exactly once, outputs before post-norm and routing weights."""
+        raise NotImplementedError
+
+    def _outputs(
+        self, inputs: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        activation = activation_of(self.shell, self.layout)
+        norm = getattr(self.shell, "post_expert_norm", None) if self.layout.post_norm else None
+        for positions, outputs in self.expert_outputs(inputs, pair_row, pair_expert, activation):
+            yield positions, outputs if norm is None else norm(outputs)
+
+    def _shaped(self, output: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.batch_view:
+            return output.view(hidden_states.shape[0], -1, self.hidden)
+        return output.view(hidden_states.shape)
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+        top_k_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.layout.call == "dense-input":
+            return self._shaped(self._dense_input(hidden_states), hidden_states)
+        if top_k_index is None or top_k_weights is None:
+            raise SimulationError(
+                f"experts module {self.path!r} is called with (hidden, top_k_index, "
+                "top_k_weights)")
+        return self._shaped(self._routed(hidden_states, top_k_index, top_k_weights),
+                            hidden_states)
+
+    def _routed(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        flat = hidden_states.reshape(-1, self.hidden)
+        final = torch.zeros_like(flat)
+        index = top_k_index.reshape(flat.shape[0], -1)
+        token = torch.arange(flat.shape[0], device=flat.device).repeat_interleave(index.shape[1])
+        expert = index.reshape(-1)
+        weight = top_k_weights.reshape(-1)
+        pairs = ((expert >= 0) & (expert < self.num_experts)).nonzero().squeeze(1)
+        for positions, outputs in self._outputs(flat, token[pairs], expert[pairs]):
+            chosen = pairs[positions]
+            outputs = outputs * weight[chosen].unsqueeze(-1).to(outputs.dtype)
+            final.index_add_(0, token[chosen], outputs.to(final.dtype))
+        if self.layout.identity_experts:
+            last = self.num_experts + self.layout.identity_experts
+            identity = ((expert >= self.num_experts) & (expert < last)).nonzero().squeeze(1)
+            passed = flat[token[identity]] * weight[identity].unsqueeze(-1).to(flat.dtype)
+            final.index_add_(0, token[identity], passed.to(final.dtype))
+        return final
+
+    def _dense_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        flat = hidden_states.reshape(-1, self.hidden)
+        slots = self.num_experts + self.layout.identity_experts
+        if flat.shape[0] % slots:
+            raise SimulationError(
+                f"experts module {self.path!r} takes blocks of rows for {slots} experts; got "
+                f"{flat.shape[0]} rows")
+        row = torch.arange(flat.shape[0], device=flat.device)
+        expert = row // (flat.shape[0] // slots)
+        if not self.layout.biases:
+            routed = flat.ne(0).any(dim=-1)
+            row, expert = row[routed], expert[routed]
+        output = torch.zeros_like(flat)
+        computed = expert < self.num_experts
+        pair_row, pair_expert = row[computed], expert[computed]
+        for positions, outputs in self._outputs(flat, pair_row, pair_expert):
+            output.index_copy_(0, pair_row[positions], outputs.to(output.dtype))
+        passed = row[~computed]
+        output[passed] = flat[passed]
+        return output
+
+
+class _ExpertGroup(nn.Module):
+    """The experts of one group: gate/up (or up) and down stacks, their digital biases."""
+
+    inner_bias: torch.Tensor | None
+    down_bias: torch.Tensor | None
+
+    def __init__(self, inner: nn.Module, down: nn.Module, inner_bias: torch.Tensor | None,
+                 down_bias: torch.Tensor | None, intermediate: int, gated: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        self.down = down
+        self.register_buffer("inner_bias", inner_bias)
+        self.register_buffer("down_bias", down_bias)
+        self.intermediate = intermediate
+        self.gated = gated
+
+    def forward(self, inputs: torch.Tensor, rows: RowGroups, activation: Activation
+                ) -> torch.Tensor:
+        projected = self.inner(inputs, rows)
+        if self.inner_bias is not None:
+            projected = projected + self.inner_bias[rows.row_matrix]
+        if self.gated:
+            gate, up = projected.split(self.intermediate, dim=-1)
+            hidden = activation(gate, up)
+        else:
+            hidden = activation(None, projected)
+        outputs = self.down(hidden, rows)
+        if self.down_bias is not None:
+            outputs = outputs + self.down_bias[rows.row_matrix]
+        return outputs
+
+
+def _inner_bias(experts: CanonicalExperts, chosen: list[int]) -> torch.Tensor | None:
+    """``[len(chosen), (2)I]`` gate/up biases (zeros for a role without one), or None."""
+    biases = experts.biases
+    roles = [role for role in experts.layout.roles if role != "down"]
+    if not any(role in biases for role in roles):
+        return None
+    parts = [biases[role][chosen] if role in biases
+             else experts.weights[role].new_zeros(len(chosen), experts.weights[role].shape[1])
+             for role in roles]
+    return torch.cat(parts, dim=1).contiguous()
+
+
+class SimulatedExperts(LayoutExperts):
+    """An experts module with ``analog_experts`` on simulated AIMC tiles, the rest exact."""
 
     is_analog: torch.Tensor
     local_index: torch.Tensor
@@ -120,69 +360,56 @@ class SimulatedExperts(nn.Module):
         settings: AnalogSettings,
         seed: int,
         path: str = "experts",
+        layout: ExpertLayout | None = None,
     ) -> None:
-        super().__init__()
-        fused = fused_experts(experts, path)
-        num_experts, intermediate = fused.num_experts, fused.intermediate
-        analog = checked_expert_indices(analog_experts, num_experts, path)
-        digital = [index for index in range(num_experts) if index not in set(analog)]
-        self.num_experts = num_experts
-        self.analog_experts = tuple(analog)
-        self.act_fn = fused.act_fn
-        gate_up, down = fused.gate_up, fused.down
-        self.analog_gate_up: AnalogTileStack | None = None
-        self.analog_down: AnalogTileStack | None = None
-        self.digital_gate_up: DigitalStack | None = None
-        self.digital_down: DigitalStack | None = None
-        if analog:
-            self.analog_gate_up = AnalogTileStack(
-                gate_up[analog],
-                settings,
-                derive_seed(seed, "gate_up"),
-                out_splits=(intermediate, intermediate),
-            )
-            self.analog_down = AnalogTileStack(down[analog], settings, derive_seed(seed, "down"))
-        if digital:
-            self.digital_gate_up = DigitalStack(gate_up[digital])
-            self.digital_down = DigitalStack(down[digital])
-        is_analog = torch.zeros(num_experts, dtype=torch.bool)
+        super().__init__(experts, analog_experts, path, layout)
+        canon = canonical_experts(experts, path, self.layout)
+        analog = list(self.analog_experts)
+        digital = [index for index in range(self.num_experts) if index not in set(analog)]
+        self.analog = self._group(canon, analog, settings, seed) if analog else None
+        self.digital = self._group(canon, digital, None, seed) if digital else None
+        device = canon.weights["down"].device
+        is_analog = torch.zeros(self.num_experts, dtype=torch.bool)
         is_analog[analog] = True
-        local_index = torch.zeros(num_experts, dtype=torch.long)
+        local_index = torch.zeros(self.num_experts, dtype=torch.long)
         local_index[analog] = torch.arange(len(analog))
         local_index[digital] = torch.arange(len(digital))
-        self.register_buffer("is_analog", is_analog.to(gate_up.device), persistent=False)
-        self.register_buffer("local_index", local_index.to(gate_up.device), persistent=False)
+        self.register_buffer("is_analog", is_analog.to(device), persistent=False)
+        self.register_buffer("local_index", local_index.to(device), persistent=False)
 
-    def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, analog={list(self.analog_experts)}"
+    def _group(self, canon: CanonicalExperts, chosen: list[int],
+               settings: AnalogSettings | None, seed: int) -> _ExpertGroup:
+        layout = canon.layout
+        gated = layout.has_gate
+        roles = ("gate", "up") if gated else ("up",)
+        inner = torch.cat([canon.weights[role][chosen] for role in roles], dim=1).contiguous()
+        down = canon.weights["down"][chosen].contiguous()
+        down_bias = canon.biases["down"][chosen].contiguous() if "down" in canon.biases else None
+        inner_stack: nn.Module
+        down_stack: nn.Module
+        if settings is None:
+            inner_stack, down_stack = DigitalStack(inner), DigitalStack(down)
+        else:
+            splits = (layout.intermediate,) * len(roles)
+            inner_stack = AnalogTileStack(inner, settings, derive_seed(seed, "gate_up"),
+                                          out_splits=splits)
+            down_stack = AnalogTileStack(down, settings, derive_seed(seed, "down"))
+        return _ExpertGroup(inner_stack, down_stack, _inner_bias(canon, chosen), down_bias,
+                            layout.intermediate, gated)
 
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        final = torch.zeros_like(hidden_states)
-        top_k = top_k_index.shape[-1]
-        token = torch.arange(hidden_states.shape[0], device=hidden_states.device)
-        token = token.repeat_interleave(top_k)
-        expert = top_k_index.reshape(-1)
-        weight = top_k_weights.reshape(-1)
-        routed = (expert >= 0) & (expert < self.num_experts)  # drop sentinel indices
-        safe_expert = expert.clamp(0, self.num_experts - 1)
-        groups = (
-            (True, self.analog_gate_up, self.analog_down),
-            (False, self.digital_gate_up, self.digital_down),
-        )
-        for analog, gate_up, down in groups:
-            if gate_up is None or down is None:
+    def expert_outputs(
+        self, inputs: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor,
+        activation: Activation,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for analog, group in ((True, self.analog), (False, self.digital)):
+            if group is None:
                 continue
-            chosen = (routed & (self.is_analog[safe_expert] == analog)).nonzero().squeeze(1)
+            chosen = (self.is_analog[pair_expert] == analog).nonzero().squeeze(1)
             if chosen.numel() == 0:
                 continue
-            local, order = torch.sort(self.local_index[safe_expert[chosen]], stable=True)
+            local, order = torch.sort(self.local_index[pair_expert[chosen]], stable=True)
             chosen = chosen[order]
-            rows = RowGroups.from_sorted(local, gate_up.num_matrices)
-            pair_token = token[chosen]
-            gate, up = gate_up(hidden_states[pair_token], rows).chunk(2, dim=-1)
-            outputs = down(self.act_fn(gate) * up, rows)
-            outputs = outputs * weight[chosen].unsqueeze(-1).to(outputs.dtype)
-            final.index_add_(0, pair_token, outputs.to(final.dtype))
-        return final
+            inner = cast(AnalogTileStack | DigitalStack, group.inner)
+            rows = RowGroups.from_sorted(local, inner.num_matrices)
+            yield chosen, group(inputs[pair_row[chosen]], rows, activation)
+

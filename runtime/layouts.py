@@ -270,10 +270,16 @@ def activation_of(module: nn.Module, layout: ExpertLayout
     apply_gate = getattr(type(module), "_apply_gate", None)
     custom = apply_gate is not None and getattr(apply_gate, "__name__", "") != "_default_apply_gate"
     if custom:
-        bound = module._apply_gate  # type: ignore[operator]
-        if layout.interleaved:
-            return lambda gate, up: bound(torch.stack((gate, up), dim=-1).flatten(-2))
-        return lambda gate, up: bound(torch.cat((gate, up), dim=-1))
+        bound: Callable[[torch.Tensor], torch.Tensor] = module._apply_gate  # type: ignore[assignment]
+        interleaved = layout.interleaved
+
+        def stored_order_gate(gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
+            assert gate is not None
+            if interleaved:  # back to the stored order the module's own gating reads
+                return bound(torch.stack((gate, up), dim=-1).flatten(-2))
+            return bound(torch.cat((gate, up), dim=-1))
+
+        return stored_order_gate
     if not callable(act_fn):
         raise LayoutError(f"{type(module).__name__} has no act_fn")
     return lambda gate, up: act_fn(gate) * up

@@ -19,7 +19,8 @@ hetmap tile model is checked against, not a simulator to run large models with.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import cast
 
 import torch
@@ -35,7 +36,8 @@ from torch import nn
 
 from hetmap.compiler.errors import SimulationError
 
-from .experts import checked_expert_indices, fused_experts
+from .experts import Activation, LayoutExperts, canonical_experts
+from .layouts import ExpertLayout
 from .programming import derive_seed, make_noise_model, seeded
 from .settings import AnalogSettings
 
@@ -115,13 +117,11 @@ class ReferenceLinear(nn.Module):
         return self.analog(inputs.to(self.tile_dtype)).to(inputs.dtype)
 
 
-class ReferenceExperts(nn.Module):
-    """Fused experts with ``analog_experts`` as aihwkit ``AnalogLinear`` gate/up/down modules
-    (one per matrix per expert), the others exact; loops over experts like transformers'
-    eager implementation."""
-
-    gate_up_proj: torch.Tensor
-    down_proj: torch.Tensor
+class ReferenceExperts(LayoutExperts):
+    """An experts module (any layout :class:`~.experts.LayoutExperts` takes) with
+    ``analog_experts`` as aihwkit ``AnalogLinear`` gate/up/down modules (one per matrix per
+    expert, digital biases), the others exact; loops over experts like transformers' eager
+    implementation."""
 
     def __init__(
         self,
@@ -130,49 +130,46 @@ class ReferenceExperts(nn.Module):
         settings: AnalogSettings,
         seed: int,
         path: str = "experts",
+        layout: ExpertLayout | None = None,
     ) -> None:
-        super().__init__()
-        fused = fused_experts(experts, path)
-        intermediate = fused.intermediate
-        analog = checked_expert_indices(analog_experts, fused.num_experts, path)
-        self.num_experts = fused.num_experts
-        self.act_fn = fused.act_fn
-        self.register_buffer("gate_up_proj", fused.gate_up.clone())
-        self.register_buffer("down_proj", fused.down.clone())
+        super().__init__(experts, analog_experts, path, layout)
+        canon = canonical_experts(experts, path, self.layout)
+        self.roles = self.layout.roles
+        for role in self.roles:
+            weight = canon.weights[role].clone(memory_format=torch.contiguous_format)
+            self.register_buffer(f"{role}_weight", weight)
+            bias = canon.biases.get(role)
+            self.register_buffer(f"{role}_bias", None if bias is None else bias.clone())
         self.analog = nn.ModuleDict()
-        for index in analog:
-            gate_up = self.gate_up_proj[index]
-            matrices = {
-                "gate": gate_up[:intermediate],
-                "up": gate_up[intermediate:],
-                "down": self.down_proj[index],
-            }
-            self.analog[str(index)] = nn.ModuleDict(
-                {
-                    name: reference_linear(
-                        matrix, None, settings, derive_seed(seed, f"{index}.{name}")
-                    )
-                    for name, matrix in matrices.items()
-                }
-            )
+        for index in self.analog_experts:
+            self.analog[str(index)] = nn.ModuleDict({
+                role: reference_linear(
+                    self._matrix(role, index), self._bias(role, index), settings,
+                    derive_seed(seed, f"{index}.{role}"))
+                for role in self.roles
+            })
 
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        final = torch.zeros_like(hidden_states)
-        for index in torch.unique(top_k_index).tolist():
-            if not 0 <= index < self.num_experts:
-                continue
-            token, position = torch.where(top_k_index == index)
-            state = hidden_states[token]
+    def _matrix(self, role: str, index: int) -> torch.Tensor:
+        return cast(torch.Tensor, getattr(self, f"{role}_weight"))[index]
+
+    def _bias(self, role: str, index: int) -> torch.Tensor | None:
+        bias = cast(torch.Tensor | None, getattr(self, f"{role}_bias"))
+        return None if bias is None else bias[index]
+
+    def expert_outputs(
+        self, inputs: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor,
+        activation: Activation,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        dtype = self._matrix("down", 0).dtype
+        for index in torch.unique(pair_expert).tolist():
+            positions = (pair_expert == index).nonzero().squeeze(1)
+            state = inputs[pair_row[positions]].to(dtype)
+            apply: dict[str, Callable[[torch.Tensor], torch.Tensor]]
             if str(index) in self.analog:
                 matrices = cast(nn.ModuleDict, self.analog[str(index)])
-                state = state.to(self.gate_up_proj.dtype)
-                hidden = self.act_fn(matrices["gate"](state)) * matrices["up"](state)
-                outputs = matrices["down"](hidden)
+                apply = {role: matrices[role] for role in self.roles}
             else:
-                gate, up = nn.functional.linear(state, self.gate_up_proj[index]).chunk(2, dim=-1)
-                outputs = nn.functional.linear(self.act_fn(gate) * up, self.down_proj[index])
-            outputs = outputs * top_k_weights[token, position, None].to(outputs.dtype)
-            final.index_add_(0, token, outputs.to(final.dtype))
-        return final
+                apply = {role: partial(nn.functional.linear, weight=self._matrix(role, index),
+                                       bias=self._bias(role, index)) for role in self.roles}
+            gate = apply["gate"](state) if "gate" in apply else None
+            yield positions, apply["down"](activation(gate, apply["up"](state)))

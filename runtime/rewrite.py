@@ -4,9 +4,11 @@
 
 1. every ``nn.Linear`` at a path in ``analog_linears`` is replaced by a simulated AIMC layer
    (:class:`SimulatedLinear`, or aihwkit's ``AnalogLinear`` with ``backend="aihwkit"``);
-2. every fused experts module at a path in ``analog_experts`` is replaced by one whose listed
-   experts run on simulated AIMC tiles and whose other experts stay exact digital
-   (:class:`SimulatedExperts`, or :class:`ReferenceExperts` with ``backend="aihwkit"``);
+2. every experts module at a path in ``analog_experts`` (any layout
+   :func:`~.layouts.read_layout` reads: given in ``layouts``, else inferred from the module by
+   :func:`experts_layout`) is replaced by one whose listed experts run on simulated AIMC
+   tiles and whose other experts stay exact digital (:class:`SimulatedExperts`, or
+   :class:`ReferenceExperts` with ``backend="aihwkit"``);
 3. everything else is an exact copy. The original model is not modified; the weights of the
    replaced modules are not copied (the new modules are built from the original's weights).
 
@@ -24,7 +26,8 @@ from torch import nn
 from hetmap.compiler.errors import SimulationError
 
 from .analog import SimulatedLinear
-from .experts import SimulatedExperts, fused_experts
+from .experts import SimulatedExperts, experts_layout
+from .layouts import ExpertLayout
 from .programming import derive_seed
 from .reference import ReferenceExperts, ReferenceLinear
 from .settings import AnalogSettings
@@ -44,13 +47,16 @@ def build_simulated_model(
     settings: AnalogSettings,
     seed: int,
     backend: str = "hetmap",
+    layouts: Mapping[str, ExpertLayout] | None = None,
 ) -> nn.Module:
     """A copy of ``model`` with the given linears and experts on simulated AIMC tiles.
 
     ``analog_linears``: module paths of ``nn.Linear`` layers. ``analog_experts``: module path of
-    a fused experts module -> the expert indices that run analog. Returns the copy in eval
-    mode. Raises :class:`SimulationError` for unknown paths, wrong module kinds, bad expert
-    indices or an unknown backend.
+    an experts module -> the expert indices that run analog. ``layouts``: module path -> its
+    :class:`ExpertLayout` where known (e.g. read with the router's size); the others are
+    inferred from the module. Returns the copy in eval mode. Raises :class:`SimulationError`
+    for unknown paths, wrong module kinds, unreadable layouts, bad expert indices or an
+    unknown backend.
     """
     if backend not in BACKENDS:
         raise SimulationError(
@@ -65,8 +71,11 @@ def build_simulated_model(
             raise SimulationError(
                 f"analog linear {path!r} is a {type(module).__name__}, not an nn.Linear"
             )
+    given = layouts or {}
+    expert_layouts: dict[str, ExpertLayout] = {}
     for path in expert_paths:
-        fused_experts(_lookup(modules, path), path)
+        module = _lookup(modules, path)
+        expert_layouts[path] = given[path] if path in given else experts_layout(module, path)
     overlap = set(linear_paths) & set(expert_paths)
     if overlap:
         raise SimulationError(
@@ -84,7 +93,7 @@ def build_simulated_model(
     for path in expert_paths:
         indices = [int(index) for index in analog_experts[path]]
         replacements[path] = make_experts(
-            modules[path], indices, settings, module_seed(seed, path), path
+            modules[path], indices, settings, module_seed(seed, path), path, expert_layouts[path]
         )
 
     # Deep-copy the rest of the model; the replaced modules are memoized to placeholders so

@@ -7,8 +7,7 @@ import pytest
 import torch
 from conftest import HANDWRITTEN, TINY
 
-from hetmap.compiler.errors import ModelLoadError, TraceError
-from hetmap.compiler.errors import NoMoeError
+from hetmap.compiler.errors import ModelLoadError, NoMoeError, TraceError
 from hetmap.compiler.frontend import import_model, load_model
 from hetmap.compiler.frontend.moe import find_moe_blocks
 from hetmap.compiler.frontend.tracer import trace

@@ -125,7 +125,7 @@ def test_transposed_experts_use_their_own_gate() -> None:
         for param in model.parameters():
             param.normal_(0.0, 0.1)
     plan = compile_model(model, pipeline=CALIB + ",expert-score")
-    assert plan.graph.moe_layers[0].layout == "fused-t"
+    assert plan.graph.moe_layers[0].layout == "fused-t-interleaved+bias"
     experts = model.model.layers[0].mlp.experts
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     handle = experts.register_forward_pre_hook(lambda _m, args: seen.append((args[0], args[1])))

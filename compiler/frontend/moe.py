@@ -20,7 +20,7 @@ entries in nn.Linear ``[out, in]`` terms; weights are referenced by state-dict n
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -135,7 +135,7 @@ def _top_k_from(owner: object) -> int | None:
     return None
 
 
-def _find_top_k(owners: list[object], config: object | None) -> int:
+def _find_top_k(owners: Sequence[object], config: object | None) -> int:
     for owner in owners:
         value = _top_k_from(owner)
         if value is not None:

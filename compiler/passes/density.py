@@ -8,13 +8,17 @@ Rules:
 1. Dense modules (attention, router, shared experts, dense FFNs, linears, LM head) and
    embeddings compute on every token: density 1.0, source ``structural``.
 2. A routed expert's density is the fraction of calibration tokens routed to it; over one
-   layer the densities sum to top-k. Counted from the chosen top-k indices: a forward
-   pre-hook on a fused experts module sees ``(hidden, top_k_index, top_k_weights)``; for
-   per-expert (ModuleList) experts, a hook on the router turns its output (indices and
-   weights, or logits -> softmax -> top-k) into the same. The expert's mean routing weight
-   (over the tokens routed to it) is recorded too, and per layer the co-activation counts
-   (tokens routed to both experts i and j) as a graph-level :class:`Coactivation`. Hooks are
-   removed afterwards.
+   layer the densities sum to top-k (less what goes to identity experts). Counted from the
+   chosen top-k indices: a forward pre-hook on a stacked experts module (any layout but
+   ``modulelist``) called ``routed`` sees ``(hidden, top_k_index, top_k_weights)``; otherwise
+   a hook on the router turns its output into the same: integer indices (and weights of
+   their shape); for ``dense-input`` experts (Llama 4) the routing scores ``[T, slots]``
+   that are zero where an expert is not chosen; else logits -> softmax -> top-k. Indices
+   outside the experts with weights (identity experts, sentinels) count for no expert. The
+   expert's mean routing weight (over the tokens routed to it) is recorded too, and per
+   layer the co-activation counts (tokens routed to both experts i and j) as a graph-level
+   :class:`Coactivation`. Hooks are removed afterwards. A layer that saw no routing
+   decision is an error naming it, never a zero density.
 3. Calibration text: ``calib`` (a file) or the default corpus' calibration split, at most
    ``calib_tokens`` tokens, in windows of ``seq_len``.
    A checkpoint is run streamed, one leaf module at a time (see
@@ -23,18 +27,20 @@ Rules:
 4. A model without weights gets, for each expert, the uniform-routing assumption
    ``top_k / E`` (source ``uniform-assumption``); policies that need measured densities refuse it.
 5. With ``moments=true`` (the default) each routed expert also gets :class:`InputMoments`:
-   ``E[x_j^2]`` of each of its matrices' inputs over the tokens routed to it. Fused experts:
-   the experts module's pre-hook takes the routed tokens' hidden states (input of gate and up)
-   and computes the down projection's input ``act(gate x) * (up x)`` from the module's own
-   weights (its ``_apply_gate`` where it has one). Per-expert (ModuleList) experts: a pre-hook
-   on every expert linear; when a linear sees every token of the batch (dense dispatch) only
-   the rows routed to its expert (by the router hook of rule 2) are counted.
+   ``E[x_j^2]`` of each of its matrices' inputs over the tokens routed to it. Stacked
+   experts: the experts module's pre-hook takes the routed tokens' rows of its input (input
+   of gate and up; for ``dense-input`` experts the rows of the chosen experts' blocks, already
+   scaled by the routing score) and computes the down projection's input from the module's
+   canonical weights and gating (:func:`hetmap.runtime.layouts.canonical`: biases, transposed
+   or interleaved storage, custom ``_apply_gate``, gate-less experts). Per-expert
+   (ModuleList) experts: a pre-hook on every expert linear; when a linear sees every token of
+   the batch (dense dispatch) only the rows routed to its expert (by the router hook of
+   rule 2) are counted.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar, Literal
@@ -44,32 +50,40 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from hetmap.compiler.annotations import Coactivation, Density, InputMoments
+from hetmap.compiler.errors import PassError
 from hetmap.compiler.ir import DENSE_KINDS, Graph, MoeLayer, Node, NodeKind
 from hetmap.compiler.passes.base import CompileContext, PassResult
 from hetmap.compiler.textdata import batches, load_tokens
+from hetmap.runtime.layouts import CanonicalExperts, ExpertLayout, canonical
 
 
 class _RoutingCounter:
-    def __init__(self, moe: MoeLayer) -> None:
+    def __init__(self, moe: MoeLayer, layout: ExpertLayout | None = None) -> None:
         self.moe = moe
+        #: experts that never see indices (Llama 4): count from the router's scores
+        self.dense_input = layout is not None and layout.call == "dense-input"
         self.counts = torch.zeros(moe.num_experts, dtype=torch.float64)
         self.weight_sums = torch.zeros(moe.num_experts, dtype=torch.float64)
         #: tokens routed to both experts i and j (diagonal: to i)
         self.coactivation = torch.zeros(moe.num_experts, moe.num_experts, dtype=torch.float64)
         self.tokens = 0
-        #: the last batch's routing ``[T, k]`` (read by the per-expert moment hooks)
+        #: the last batch's routing ``[T, k]`` (read by the moment hooks)
         self.last_index: torch.Tensor | None = None
 
     def add(self, index: torch.Tensor, weights: torch.Tensor | None) -> None:
-        index = index.reshape(-1, index.shape[-1]).long()
+        experts = self.moe.num_experts
+        index = index.reshape(-1, index.shape[-1]).long().cpu()
         self.last_index = index
         self.tokens += index.shape[0]
-        flat = index.flatten()
-        self.counts += torch.bincount(flat, minlength=self.moe.num_experts)[: self.moe.num_experts].double()
+        valid = (index >= 0) & (index < experts)  # not identity experts or sentinels
+        flat = index[valid]
+        self.counts += torch.bincount(flat, minlength=experts).double()
         if weights is not None:
-            self.weight_sums.index_add_(0, flat, weights.reshape(-1).double())
-        routed = torch.zeros(index.shape[0], self.moe.num_experts, dtype=torch.float64)
-        routed.scatter_(1, index.clamp(max=self.moe.num_experts - 1), 1.0)
+            chosen = weights.detach().reshape(index.shape).cpu()[valid]
+            self.weight_sums.index_add_(0, flat, chosen.double())
+        routed = torch.zeros(index.shape[0], experts + 1, dtype=torch.float64)
+        routed.scatter_(1, torch.where(valid, index, experts), 1.0)
+        routed = routed[:, :experts]
         self.coactivation += routed.T @ routed
 
     def pre_hook(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -80,16 +94,37 @@ class _RoutingCounter:
 
     def router_hook(self, _module: nn.Module, _args: Any, output: Any) -> None:
         outputs = output if isinstance(output, tuple) else (output,)
-        index = next((t for t in outputs if isinstance(t, torch.Tensor) and not t.is_floating_point()), None)
+        tensors = [t for t in outputs if isinstance(t, torch.Tensor)]
+        index = next((t for t in tensors if not t.is_floating_point()), None)
         if index is not None:
-            weights = next((t for t in outputs if isinstance(t, torch.Tensor) and t.is_floating_point()
-                            and t.shape == index.shape), None)
+            weights = next((t for t in tensors if t.is_floating_point() and t.shape == index.shape),
+                           None)
             self.add(index, weights)
             return
-        logits = outputs[0].float()
+        if self.dense_input:
+            self._add_scores(tensors)
+            return
+        logits = tensors[0].float()
         probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
         weights, index = torch.topk(probs, self.moe.top_k, dim=-1)
         self.add(index, weights)
+
+    def _add_scores(self, tensors: list[torch.Tensor]) -> None:
+        """Routing scores ``[T, slots]``, zero where an expert is not chosen (Llama 4)."""
+        top_k = self.moe.top_k
+        for scores in tensors:
+            if not scores.is_floating_point() or scores.shape[-1] < self.moe.num_experts:
+                continue
+            scores = scores.detach().reshape(-1, scores.shape[-1])
+            if scores.shape[0] and int(scores.ne(0).sum(-1).max()) > top_k:
+                continue
+            weights, index = torch.topk(scores, top_k, dim=-1)
+            self.add(torch.where(weights != 0, index, -1), weights)
+            return
+        raise PassError(
+            f"MoE layer {self.moe.layer}: router {self.moe.router!r} returns no routing scores "
+            f"[tokens, experts] with at most top-k ({top_k}) nonzero per token, which its "
+            f"dense-input experts {self.moe.experts_module!r} need to count routing")
 
 
 class _MomentSums:
@@ -119,85 +154,81 @@ class _MomentSums:
                              if stream in means}, int(max(rows.values(), default=0.0)))
 
 
-def _gating(module: nn.Module, gated: bool) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The map from a fused experts module's (gate_)up projection to the down projection's
-    input: its ``_apply_gate`` (custom or transformers' default ``act(gate) * up``), else
-    ``act_fn(gate) * up`` (``act_fn(up)`` without a gate); None if it has neither."""
-    apply_gate = getattr(module, "_apply_gate", None)
-    act_fn = getattr(module, "act_fn", None)
-    if gated and callable(apply_gate):
-        return apply_gate
-    if not callable(act_fn):
-        return None
-    if not gated:
-        return act_fn
-
-    def gate_times_up(projected: torch.Tensor) -> torch.Tensor:
-        gate, up = projected.chunk(2, dim=-1)
-        return act_fn(gate) * up
-    return gate_times_up
-
-
-def _intermediate(module: nn.Module, inputs: torch.Tensor, experts: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(experts, act(gate x) * (up x))`` of a fused experts module for routed rows ``inputs``
-    (rows reordered by expert), from the module's weights; None if it has no activation."""
-    gate_up = getattr(module, "gate_up_proj", None)
-    weights = gate_up if gate_up is not None else getattr(module, "up_proj", None)
-    gating = _gating(module, gate_up is not None)
-    if not isinstance(weights, torch.Tensor) or gating is None:
-        return None
-    bias = getattr(module, "gate_up_proj_bias" if gate_up is not None else "up_proj_bias", None)
-    transposed = bool(getattr(module, "is_transposed", False))
-    order = torch.argsort(experts, stable=True)
-    present, counts = torch.unique_consecutive(experts[order], return_counts=True)
+def _down_inputs(experts: CanonicalExperts, inputs: torch.Tensor, expert: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(experts, down's input)`` of routed rows ``inputs`` (reordered by expert), computed from
+    the canonical weights, biases and gating of the experts module."""
+    order = torch.argsort(expert, stable=True)
+    present, counts = torch.unique_consecutive(expert[order], return_counts=True)
     parts = []
-    for expert, rows in zip(present.tolist(), inputs[order].split(counts.tolist()), strict=True):
-        projected = rows @ (weights[expert] if transposed else weights[expert].T)
-        if isinstance(bias, torch.Tensor):
-            projected = projected + bias[expert]
-        parts.append(gating(projected))
-    return experts[order], torch.cat(parts)
+    for e, rows in zip(present.tolist(), inputs[order].split(counts.tolist()), strict=True):
+        projected = {role: nn.functional.linear(rows, experts.weights[role][e],
+                                                experts.biases[role][e] if role in experts.biases
+                                                else None)
+                     for role in experts.layout.roles if role != "down"}
+        parts.append(experts.activation(projected.get("gate"), projected["up"]))
+    return expert[order], torch.cat(parts)
 
 
 class _MomentCollector:
     """Rule 5: forward pre-hooks that add the routed tokens' squared inputs to sums."""
 
-    def __init__(self, moe: MoeLayer, counter: _RoutingCounter, experts: list[Node]) -> None:
+    def __init__(self, moe: MoeLayer, counter: _RoutingCounter, experts: list[Node],
+                 layout: ExpertLayout | None) -> None:
         self.moe = moe
         self.counter = counter
         self.experts = experts
+        self.layout = layout  # None: per-expert (ModuleList) experts
         self.sums = _MomentSums(moe.num_experts)
         roles = [m.role for m in experts[0].matrices]
-        #: matrix role -> input stream; gate and up of fused experts share the hidden states
+        #: matrix role -> input stream; gate and up of stacked experts share the hidden states
         self.streams = ({role: "down" if role == "down" else "hidden" for role in roles}
-                        if moe.layout.startswith("fused") else {role: role for role in roles})
+                        if layout is not None else {role: role for role in roles})
 
     def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        if self.moe.layout.startswith("fused"):
+        if self.layout is not None:
             module = model.get_submodule(self.moe.experts_module)
-            return [module.register_forward_pre_hook(self.fused_hook, with_kwargs=True)]
+            return [module.register_forward_pre_hook(self.stacked_hook, with_kwargs=True)]
         return [model.get_submodule(m.key).register_forward_pre_hook(
                     partial(self.linear_hook, node.expert, m.role))
                 for node in self.experts for m in node.matrices]
 
-    def fused_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _routed_rows(self, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(rows of hidden, their experts)`` for every routed (token, expert) pair."""
+        assert self.layout is not None
+        if self.layout.call == "dense-input":  # block e of T rows is expert e's input
+            index = self.counter.last_index
+            if index is None or hidden.shape[0] % index.shape[0]:
+                return None
+            tokens = index.shape[0]
+        else:
+            index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+            if index is None:
+                return None
+            tokens = hidden.shape[0]
+            index = index.reshape(tokens, -1)
+        index = index.long().to(hidden.device)
+        token = torch.arange(tokens, device=hidden.device).repeat_interleave(index.shape[1])
+        expert = index.reshape(-1)
+        routed = (expert >= 0) & (expert < self.moe.num_experts)  # drop identity, sentinels
+        token, expert = token[routed], expert[routed]
+        rows = expert * tokens + token if self.layout.call == "dense-input" else token
+        return rows, expert
+
+    def stacked_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                     ) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
-        if hidden is None or index is None:
+        if hidden is None or self.layout is None:
             return
         hidden = hidden.reshape(-1, hidden.shape[-1])
-        index = index.reshape(hidden.shape[0], -1).long()
-        token = torch.arange(hidden.shape[0], device=hidden.device)
-        token = token.repeat_interleave(index.shape[1])
-        experts = index.reshape(-1)
-        routed = (experts >= 0) & (experts < self.moe.num_experts)  # drop sentinel indices
-        token, experts = token[routed], experts[routed]
-        inputs = hidden[token]
-        self.sums.add("hidden", experts, inputs)
-        intermediate = _intermediate(module, inputs, experts)
-        if intermediate is not None:
-            self.sums.add("down", *intermediate)
+        routed = self._routed_rows(hidden, args, kwargs)
+        if routed is None:
+            return
+        rows, expert = routed
+        inputs = hidden[rows]
+        self.sums.add("hidden", expert, inputs)
+        self.sums.add("down", *_down_inputs(canonical(module, self.layout), inputs, expert))
 
     def linear_hook(self, expert: int, role: str, _module: nn.Module, args: tuple[Any, ...]
                     ) -> None:
@@ -206,6 +237,16 @@ class _MomentCollector:
         if routing is not None and routing.shape[0] == inputs.shape[0]:
             inputs = inputs[(routing.to(inputs.device) == expert).any(dim=-1)]
         self.sums.add(role, torch.full((inputs.shape[0],), expert), inputs)
+
+
+def _layout(model: nn.Module, moe: MoeLayer) -> ExpertLayout | None:
+    """The storage layout of a stacked experts module (read on shapes: meta models too)."""
+    if moe.layout == "modulelist":
+        return None
+    from hetmap.runtime.experts import routed_layout
+
+    return routed_layout(model.get_submodule(moe.experts_module), moe.experts_module,
+                         model.get_submodule(moe.router))
 
 
 @dataclass(frozen=True)
@@ -237,9 +278,13 @@ class DensityPass:
                     node.annotate(Density(moe.top_k / moe.num_experts, "uniform-assumption"))
             return PassResult(graph, True, ["no weights: expert densities assume uniform routing"])
         counters, collectors = self._calibrate(graph, ctx)
+        missing = [f"{layer} ({graph.moe_layers[layer].experts_module})"
+                   for layer, counter in counters.items() if counter.tokens == 0]
+        if missing:
+            raise PassError(f"no routing decisions observed in MoE layer(s) {', '.join(missing)} "
+                            "on the calibration tokens: their router or experts were never called "
+                            "in a way hetmap can count")
         for layer, counter in counters.items():
-            if counter.tokens == 0:
-                continue
             for node in graph.experts(layer):
                 e = node.expert
                 assert e is not None
@@ -250,10 +295,7 @@ class DensityPass:
                     node.annotate(collectors[layer].sums.moments(e, collectors[layer].streams))
         graph.annotate(Coactivation({layer: c.coactivation.numpy() for layer, c in counters.items()
                                      if c.tokens}))
-        missing = [layer for layer, c in counters.items() if c.tokens == 0]
         notes = [f"calibrated on {max((c.tokens for c in counters.values()), default=0)} tokens"]
-        if missing:
-            raise RuntimeError(f"no routing decisions observed in MoE layers {missing}")
         return PassResult(graph, True, notes)
 
     def _streams(self, ctx: CompileContext) -> bool:
@@ -271,8 +313,11 @@ class DensityPass:
         streamed = self._streams(ctx)
         model = ctx.model.module if streamed else ctx.model.runnable()
         tokens = load_tokens(ctx.model, self.calib, "calib", self.calib_tokens)
-        counters = {layer: _RoutingCounter(moe) for layer, moe in graph.moe_layers.items()}
-        collectors = {layer: _MomentCollector(moe, counters[layer], graph.experts(layer))
+        layouts = {layer: _layout(model, moe) for layer, moe in graph.moe_layers.items()}
+        counters = {layer: _RoutingCounter(moe, layouts[layer])
+                    for layer, moe in graph.moe_layers.items()}
+        collectors = {layer: _MomentCollector(moe, counters[layer], graph.experts(layer),
+                                              layouts[layer])
                       for layer, moe in graph.moe_layers.items()} if self.moments else {}
         handles: list[RemovableHandle] = []
         try:
@@ -280,9 +325,11 @@ class DensityPass:
                 handles.extend(collector.attach(model))
             for layer, moe in graph.moe_layers.items():
                 counter = counters[layer]
-                experts = model.get_submodule(moe.experts_module)
-                if moe.layout.startswith("fused"):
-                    handles.append(experts.register_forward_pre_hook(counter.pre_hook, with_kwargs=True))
+                layout = layouts[layer]
+                if layout is not None and layout.call == "routed":
+                    experts = model.get_submodule(moe.experts_module)
+                    handles.append(experts.register_forward_pre_hook(counter.pre_hook,
+                                                                     with_kwargs=True))
                 else:
                     router = model.get_submodule(moe.router)
                     handles.append(router.register_forward_hook(counter.router_hook))

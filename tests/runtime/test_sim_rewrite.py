@@ -106,20 +106,27 @@ def test_bad_requests_raise_simulation_errors(
         build_simulated_model(model, linears, experts, IDEAL, seed=0, backend=backend)
 
 
-class _BiasedExperts(nn.Module):
-    """Fused experts with biases (like GPT-OSS): not a layout hetmap simulates."""
+class _ClaimsBiasExperts(nn.Module):
+    """Fused experts that say ``has_bias`` but hold no bias parameters: unreadable."""
 
     has_bias = True
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = 4, intermediate: int = 6) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.zeros(2, 8, 4))
-        self.down_proj = nn.Parameter(torch.zeros(2, 4, 4))
+        self.gate_up_proj = nn.Parameter(torch.zeros(2, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.zeros(2, hidden, intermediate))
         self.act_fn = nn.SiLU()
 
 
-def test_unsupported_experts_layout_is_refused() -> None:
+@pytest.mark.parametrize(
+    ("experts", "fragment"),
+    [
+        (_ClaimsBiasExperts(), "says has_bias=True"),
+        (_ClaimsBiasExperts(hidden=4, intermediate=4), "cannot tell the orientation"),
+    ],
+)
+def test_unreadable_experts_layout_is_refused(experts: nn.Module, fragment: str) -> None:
     model = nn.Sequential()
-    model.add_module("experts", _BiasedExperts())
-    with pytest.raises(SimulationError, match="has_bias=True"):
+    model.add_module("experts", experts)
+    with pytest.raises(SimulationError, match=f"experts module 'experts'.*{fragment}"):
         build_simulated_model(model, set(), {"experts": [0]}, IDEAL, seed=0)
