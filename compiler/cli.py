@@ -62,6 +62,8 @@ def compile_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--chips", default=None, help="Chips in the system: a number or 'auto'. [default: the target's]"),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for random policies."),
         click.option("--trust-remote-code", is_flag=True, help="Allow checkpoints that ship modeling code."),
+        click.option("--allow-dense", is_flag=True,
+                     help="Map a model in which no MoE block is found (dense rule only)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -113,7 +115,7 @@ def compile_cmd(model: str, out: Path | None, force: bool, emit: str, onnx_tiles
     registries = load_registries()
     _warn_plugins(registries)
     plan = compile_model(model, target=kw["target"], pipeline=kw["pipeline"], seed=kw["seed"],
-                         trust_remote_code=kw["trust_remote_code"], dump_dir=dump_ir,
+                         trust_remote_code=kw["trust_remote_code"], allow_dense=kw["allow_dense"], dump_dir=dump_ir,
                          registries=registries, log=lambda message: err.print(message, markup=False),
                          progress=progress_factory(err.is_terminal),
                          on_pass=(lambda t: err.print(f"  pass {t.name:<14} {t.seconds * 1000:8.1f} ms"
@@ -226,7 +228,7 @@ def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
         plan = load_plan(plan_dir)
     else:
         plan = compile_model(plan_or_model, target=kw["target"], pipeline=kw["pipeline"],
-                             seed=kw["seed"], trust_remote_code=kw["trust_remote_code"],
+                             seed=kw["seed"], trust_remote_code=kw["trust_remote_code"], allow_dense=kw["allow_dense"],
                              progress=progress, log=lambda m: err.print(m, markup=False),
                              **pass_overrides(kw))
     result = plan.simulate(seeds=seeds, seed=kw["seed"], noise_scale=noise_scale,
@@ -374,12 +376,16 @@ def targets() -> None:
 def models() -> None:
     """List built-in model names."""
     from hetmap.compiler.frontend.builtin import BUILTIN_MODELS, TRAINED_MODELS
+    from hetmap.compiler.frontend.zoo import ZOO
 
     for name, (directory, description) in TRAINED_MODELS.items():
         if (directory / "config.json").is_file():
             console.print(f"  {name:<20} trained: {description}")
     for model in BUILTIN_MODELS.values():
         console.print(f"  {model.name:<20} {model.description}")
+    for family in (f for f in ZOO.values() if f.kind != "encoder-decoder"):
+        console.print(f"  tiny:{family.name:<15} {family.model_type} config of transformers, "
+                      f"tiny ({family.kind}, random)", markup=False)
 
 
 def _origin(origin: str) -> str:

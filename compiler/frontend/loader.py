@@ -175,6 +175,18 @@ def load_model(spec: str, *, trust_remote_code: bool = False) -> LoadedModel:
         config = builtin.make_config()
         module = _from_config(config, meta=builtin.full_size)
         return LoadedModel(spec=spec, name=spec, source="builtin", module=module, config=config)
+    if spec.startswith("tiny:"):  # a tiny config of an MoE family of transformers (zoo.py)
+        from hetmap.compiler.frontend.zoo import ZOO
+
+        family = ZOO.get(spec.removeprefix("tiny:"))
+        if family is None or family.kind == "encoder-decoder":
+            why = "an encoder-decoder (hetmap maps causal LMs)" if family else "not a tiny family"
+            known = ", ".join(list(ZOO)[:6])
+            raise ModelLoadError(f"{spec!r} is {why}; tiny families: {known}, ... "
+                                 "(see 'hetmap models')")
+        config = family.make_config()
+        return LoadedModel(spec=spec, name=spec, source="builtin",
+                           module=_from_config(config, meta=False), config=config)
     path = Path(spec)
     if path.is_dir():
         return _load_checkpoint(path, spec, trust_remote_code, "checkpoint")
