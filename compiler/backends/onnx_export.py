@@ -10,7 +10,8 @@ a matrix of a fused experts module by ``<experts path>.<e>.<gate|up|down>``, in 
 
 Rules:
 
-1. Exporter: ``torch.export.export`` (non-strict), the complex-op shims of
+1. Exporter: ``torch.export.export`` (non-strict, with Mamba's sequence loop as one scan op:
+   :mod:`~hetmap.compiler.backends.onnx_scan`), the complex-op shims of
    :mod:`~hetmap.compiler.backends.onnx_complex`, then ``torch.onnx.export(dynamo=True,
    optimize=False)`` on that program. hetmap then runs the onnxscript optimizer itself with
    ``Transpose(weight)`` kept unfolded, so every weight initializer keeps its parameter name,
@@ -19,8 +20,9 @@ Rules:
    deprecated and cannot express the data-dependent dispatch of sparse MoE loops.
 2. Graph interface: input ``input_ids`` int64 ``[batch, sequence]``, output ``logits``
    ``[batch, sequence, vocab]``; both input dims are dynamic.
-3. Model form: see :mod:`~hetmap.compiler.backends.onnx_prepare`. Fused Hugging Face experts
-   become a static dense dispatch with one initializer per expert matrix; hand-written
+3. Model form: see :mod:`~hetmap.compiler.backends.onnx_prepare`. Experts stores of every
+   layout :mod:`hetmap.runtime.layouts` reads become a static dense dispatch with one
+   initializer per expert matrix (and per bias); hand-written
    ModuleList/ModuleDict experts keep their ``nn.Linear`` initializers and are exported as
    written unless their container is called as ``experts(hidden, top_k_index,
    top_k_weights)`` (then dispatched densely). A hand-written dispatch must be traceable by
@@ -32,9 +34,12 @@ Rules:
    :class:`~hetmap.compiler.backends.onnx_modules.TiledLinear`); tile initializers are named
    ``<key>.tiles.<i>`` and hold ``W[c0:c1, r0:r1]`` in ``[out, in]`` layout.
 6. The file is written to a staging folder next to ``path``, checked with
-   ``onnx.checker.check_model(full_check=True)``, then moved into place (data file first), so
-   a failure leaves no partial file. The caller's model is left as it was (hooks, modes and
-   modules restored).
+   ``onnx.checker.check_model(full_check=True)`` and, with ``verify`` (the default), run by
+   onnxruntime on the example input: logits further than ``VERIFY_TOLERANCE * max(1,
+   max |logits|)`` from PyTorch's are an EmitError naming the difference (and the modules
+   whose top-k had ties, see :mod:`~hetmap.compiler.backends.onnx_verify`). Then it is moved
+   into place (data file first), so a failure leaves no partial file. The caller's model is
+   left as it was (hooks, modes and modules restored).
 7. Two initializers with identical bytes can be merged by the optimizer; if that removes a
    weight matrix from the graph, export fails rather than losing a placement.
 """
@@ -45,7 +50,7 @@ import inspect
 import os
 import shutil
 import tempfile
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +62,7 @@ from torch import nn
 
 from hetmap.compiler.backends.onnx_complex import with_real_complex_ops
 from hetmap.compiler.backends.onnx_prepare import prepared_for_export
+from hetmap.compiler.backends.onnx_scan import scans_as_ops
 from hetmap.compiler.backends.onnx_tagging import (
     UntaggedNode,
     keeps_weight_transposes,
@@ -64,11 +70,13 @@ from hetmap.compiler.backends.onnx_tagging import (
     tag_weight_nodes,
     weight_uses,
 )
+from hetmap.compiler.backends.onnx_verify import PyTorchReference
 from hetmap.compiler.errors import EmitError
 
 EXPORTER = "torch.onnx.export(dynamo=True)"
 EXTERNAL_DATA_THRESHOLD_BYTES = 2_000_000_000
 DEFAULT_INPUT_SHAPE = (2, 8)
+VERIFY_TOLERANCE = 1e-3
 _WRAPPED = "wrapped"
 
 
@@ -92,6 +100,10 @@ class ExportReport:
     """Number of tagged tile nodes (each also carries ``hetmap.tile``)."""
     external_data: Path | None
     """The weights file beside ``path`` when the weights pass 2 GB, else None."""
+    max_difference: float | None = None
+    """Max |onnxruntime - PyTorch| over the example input's logits (None: not verified)."""
+    topk_ties: tuple[str, ...] = ()
+    """Modules whose top-k had ties at the k-th value on the example input (rule 6)."""
 
     @property
     def tagged_keys(self) -> tuple[str, ...]:
@@ -106,6 +118,7 @@ def export_onnx(
     model_props: dict[str, str],
     tile_ranges: dict[str, list[tuple[int, int, int, int]]] | None = None,
     example_input: torch.Tensor | None = None,
+    verify: bool = True,
 ) -> ExportReport:
     """Write ``model`` as ONNX to ``path`` with placement tags (module docstring, rules 1-7)."""
     path = Path(path)
@@ -113,7 +126,8 @@ def export_onnx(
     input_ids = _example_input_ids(model, example_input)
     tiles = {key: [tuple(t) for t in ranges] for key, ranges in (tile_ranges or {}).items()}
     exportable = _LogitsModule(model)
-    with prepared_for_export(model, lambda: exportable(input_ids), tiles) as prepared:
+    reference = PyTorchReference(model, exportable, input_ids, VERIFY_TOLERANCE)
+    with prepared_for_export(model, reference.run, tiles) as prepared:
         onnx_model = _run_exporter(exportable, input_ids, type(model).__name__)
         strip_prefix(onnx_model, f"{_WRAPPED}.")
         _optimize(onnx_model, prepared.parameter_names)
@@ -121,7 +135,7 @@ def export_onnx(
             onnx_model, prepared.weight_sources, prepared.parameter_names, matrix_tags
         )
         onnx_model.metadata_props.update(model_props)
-        external = _write_checked(onnx_model, path)
+        external = _write_checked(onnx_model, path, reference.verify if verify else None)
     return ExportReport(
         path=path,
         exporter=EXPORTER,
@@ -132,6 +146,8 @@ def export_onnx(
         tiled_keys=prepared.tiled_keys,
         tile_nodes=tagging.tile_nodes,
         external_data=external,
+        max_difference=reference.max_difference,
+        topk_ties=tuple(reference.ties.rows_by_module),
     )
 
 
@@ -217,12 +233,11 @@ def _run_exporter(module: nn.Module, input_ids: torch.Tensor, model_name: str) -
     dynamic = torch.export.Dim.DYNAMIC
     dims = {"input_ids": {0: dynamic, 1: dynamic}}
     try:
-        program = torch.export.export(module, (input_ids,), dynamic_shapes=dims, strict=False)
+        with scans_as_ops(module):
+            program = torch.export.export(module, (input_ids,), dynamic_shapes=dims, strict=False)
     except Exception as error:  # torch.export raises many unrelated types for one cause
         raise EmitError(
-            f"torch.export could not trace {model_name}: {_first_line(error)}; a hand-written "
-            "MoE must dispatch without Python branches on tensor values (dense torch.where "
-            "dispatch, or torch.where + index_add_ loops)"
+            f"torch.export could not trace {model_name}: {_first_line(error)}; {_hint(error)}"
         ) from error
     try:
         onnx_program = torch.onnx.export(
@@ -244,6 +259,16 @@ def _run_exporter(module: nn.Module, input_ids: torch.Tensor, model_name: str) -
     return onnx_program.model
 
 
+def _hint(error: BaseException) -> str:
+    """What usually causes a torch.export failure of this kind."""
+    text = str(error)
+    if "specialized it to be a constant" in text or "Constraints violated" in text:
+        return ("a Python loop or branch over the batch or sequence size (e.g. a recurrent "
+                "scan written as a for loop) fixed a dimension the graph must keep dynamic")
+    return ("a hand-written MoE must dispatch without Python branches on tensor values "
+            "(dense torch.where dispatch, or torch.where + index_add_ loops)")
+
+
 def _first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
@@ -261,8 +286,10 @@ def _optimize(model: ir.Model, parameters: Collection[str]) -> None:
         )
 
 
-def _write_checked(model: ir.Model, path: Path) -> Path | None:
-    """Rule 6: stage, check, move into place. Returns the external data path, if any."""
+def _write_checked(
+    model: ir.Model, path: Path, verify: Callable[[Path], None] | None
+) -> Path | None:
+    """Rule 6: stage, check, verify, move into place. Returns the external data path, if any."""
     weights = [value.const_value for value in model.graph.initializers.values()]
     weight_bytes = sum(tensor.nbytes for tensor in weights if tensor is not None)
     data_name = f"{path.name}.data" if weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES else None
@@ -271,6 +298,8 @@ def _write_checked(model: ir.Model, path: Path) -> Path | None:
         staged = staging / path.name
         ir.save(model, staged, external_data=data_name)
         onnx.checker.check_model(str(staged), full_check=True)
+        if verify is not None:
+            verify(staged)
         if data_name is not None:
             os.replace(staging / data_name, path.parent / data_name)
         os.replace(staged, path)

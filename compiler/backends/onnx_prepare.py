@@ -7,11 +7,15 @@ Rules, in the order they are applied:
 
 1. All module hooks (forward, forward-pre, backward) are set aside and every module is put
    in eval mode; both are restored on exit, so neither leaks into the export.
-2. One forward pass on the example input records the calls of every experts module.
-3. Every fused Hugging Face experts module (parameters ``gate_up_proj`` [E, 2I, H] and
-   ``down_proj`` [E, H, I]) is swapped for :class:`StaticExperts`, whose output on the
-   recorded call must match the original's. A layout it cannot split is an EmitError
-   (checked before rule 2 runs), as is any other 3-D ``*proj`` parameter left afterwards.
+2. One forward pass on the example input records the calls (inputs and output) of every
+   experts store and experts container.
+3. Every *experts store* (:mod:`~hetmap.compiler.backends.onnx_stores`: 3-D
+   ``gate_up_proj``/``up_proj``/``down_proj`` stacks, or flat 2-D stacks such as DBRX's) has
+   its layout read by :func:`hetmap.runtime.layouts.read_layout`, its width being the last
+   dimension of its recorded input, and is swapped for :class:`StaticExperts`, whose output
+   on the recorded call must match the original's. A store with 3-D stacks that cannot be
+   read or exported is an EmitError, as is any other 3-D ``*proj`` parameter left afterwards;
+   flat stacks that read as no layout stay. Stores inside a swapped store are not visited.
 4. Every ModuleList/ModuleDict experts container with its own ``forward`` that was called
    as ``(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`` is swapped for
    :class:`DenseDispatchExperts` if that reproduces the recorded output; otherwise it is
@@ -35,16 +39,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hetmap.compiler.backends.onnx_modules import (
+from hetmap.compiler.backends.onnx_experts import (
     DenseDispatchExperts,
     ExpertLinear,
     StaticExperts,
-    TiledLinear,
-    TileRange,
-    check_tile_ranges,
-    fused_experts_problem,
 )
+from hetmap.compiler.backends.onnx_modules import TiledLinear, TileRange, check_tile_ranges
+from hetmap.compiler.backends.onnx_stores import may_store_experts, store_layout
 from hetmap.compiler.errors import EmitError
+from hetmap.runtime.layouts import ExpertLayout
 
 _HOOK_ATTRIBUTES = (
     "_forward_hooks",
@@ -77,7 +80,12 @@ class PreparedModel:
 @dataclass(frozen=True)
 class _RecordedCall:
     args: tuple[object, ...]
+    kwargs: dict[str, object]
     output: object
+
+    @property
+    def inputs(self) -> tuple[object, ...]:
+        return (*self.args, *self.kwargs.values())
 
 
 @contextmanager
@@ -92,14 +100,18 @@ def prepared_for_export(
         undo.enter_context(_eval_mode(model))
         swap = _Swapper(model)
         undo.callback(swap.restore)
-        fused = [p for p, m in model.named_modules() if isinstance(_fused_weight(m), nn.Parameter)]
+        candidates = [p for p, m in model.named_modules() if p and may_store_experts(m)]
         containers = [p for p, m in model.named_modules() if _is_experts_container(m)]
-        for path in fused:
-            _check_fused_layout(path, model.get_submodule(path))
-        calls = _record_calls(model, fused + containers, run_forward)
-        for path in fused:
-            _swap_fused_experts(swap, path, calls.get(path))
-        swapped = list(fused)
+        calls = _record_calls(model, candidates + containers, run_forward)
+        stores: dict[str, ExpertLayout] = {}
+        for path in candidates:
+            if not any(path.startswith(f"{store}.") for store in stores):
+                layout = store_layout(model, path, _input_width(calls.get(path)))
+                if layout is not None:
+                    stores[path] = layout
+        for path, layout in stores.items():
+            _swap_experts_store(swap, path, layout, calls.get(path))
+        swapped = list(stores)
         for path in containers:
             if _try_dense_dispatch(swap, path, calls.get(path)):
                 swapped.append(path)
@@ -162,10 +174,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _fused_weight(module: nn.Module) -> object:
-    return module._parameters.get("gate_up_proj")
-
-
 def _is_experts_container(module: nn.Module) -> bool:
     is_container = isinstance(module, (nn.ModuleList, nn.ModuleDict))
     return (is_container and type(module).forward is not nn.Module.forward
@@ -180,7 +188,7 @@ def _record_calls(
 
     def recorder(path: str) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-            calls.setdefault(path, _RecordedCall((*args, *kwargs.values()), output))
+            calls.setdefault(path, _RecordedCall(args, dict(kwargs), output))
 
         return hook
 
@@ -201,33 +209,34 @@ def _check_no_fused_left(model: nn.Module) -> None:
     for name, parameter in model.named_parameters():
         if parameter.dim() == 3 and name.rpartition(".")[2].endswith("proj"):
             raise EmitError(
-                f"{name!r} stacks expert matrices in a layout the ONNX back end cannot split "
-                "(supported: gate_up_proj [E, 2I, H] with down_proj [E, H, I])"
+                f"{name!r} stacks expert matrices in a module the ONNX back end did not "
+                "recognise as an experts store (see hetmap.runtime.layouts for the layouts read)"
             )
 
 
-def _check_fused_layout(path: str, fused: nn.Module) -> None:
-    problem = fused_experts_problem(fused)
-    if problem is not None:
-        raise EmitError(
-            f"experts module {path!r} ({type(fused).__name__}) cannot be exported per expert: "
-            f"{problem}"
-        )
+def _input_width(call: _RecordedCall | None) -> int | None:
+    """The last dimension of a recorded call's first input (the hidden states)."""
+    first = next(iter(call.inputs), None) if call is not None else None
+    if isinstance(first, torch.Tensor) and first.dim() >= 1:
+        return int(first.shape[-1])
+    return None
 
 
-def _swap_fused_experts(swap: _Swapper, path: str, call: _RecordedCall | None) -> None:
-    fused = swap.get(path)
-    static = StaticExperts(fused)
+def _swap_experts_store(swap: _Swapper, path: str, layout: ExpertLayout,
+                        call: _RecordedCall | None) -> None:
+    store = swap.get(path)
+    static = StaticExperts(store, layout)
     if call is not None and not _reproduces(static, call):
         raise EmitError(
-            f"experts module {path!r} ({type(fused).__name__}) does not compute the standard "
-            "gated expert sum; its per-expert form would change the outputs"
+            f"experts module {path!r} ({type(store).__name__}, layout {layout.name}) does not "
+            "compute the expert sum its layout implies; its per-expert form would change the "
+            "outputs"
         )
     swap.put(path, static)
 
 
 def _try_dense_dispatch(swap: _Swapper, path: str, call: _RecordedCall | None) -> bool:
-    if call is None or not _is_routed_call(call.args):
+    if call is None or not _is_routed_call(call.inputs):
         return False
     dense = DenseDispatchExperts(swap.get(path))
     if not _reproduces(dense, call):
@@ -256,9 +265,10 @@ def _reproduces(module: nn.Module, call: _RecordedCall) -> bool:
     if not isinstance(expected, torch.Tensor):
         return False
     with torch.no_grad():
-        actual = module(*call.args)
+        actual = module(*call.args, **call.kwargs)
     if not isinstance(actual, torch.Tensor) or actual.shape != expected.shape:
         return False
+    actual = actual.to(expected.dtype)
     tolerance = max(1e-4, 16 * torch.finfo(expected.dtype).eps)
     scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
     return torch.allclose(actual, expected, rtol=tolerance, atol=tolerance * scale)

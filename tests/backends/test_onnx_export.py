@@ -453,10 +453,51 @@ def test_bad_tiles_fail_without_writing(tmp_path: Path, tiles: dict, message: st
     assert not list(tmp_path.iterdir())
 
 
-def test_unsupported_fused_layout_is_an_emit_error(tmp_path: Path) -> None:
-    model = olmoe()
-    model.model.layers[0].mlp.experts.is_transposed = True
-    with pytest.raises(EmitError, match="is_transposed"):
+class SquareExperts(nn.Module):
+    """Fused experts without layout flags whose width equals the hidden size: down_proj
+    [E, H, H] could be either orientation, so the layout is ambiguous."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(EXPERTS, 2 * HIDDEN, HIDDEN) * 0.1)
+        self.down_proj = nn.Parameter(torch.randn(EXPERTS, HIDDEN, HIDDEN) * 0.1)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in range(EXPERTS):
+            gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+            routed = (weights * (index == e)).sum(-1, keepdim=True)
+            out = out + F.linear(self.act_fn(gate) * up, self.down_proj[e]) * routed
+        return out
+
+
+class SquareMoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = SquareExperts()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids).reshape(-1, HIDDEN)
+        weights, index = _route(self.gate, x)
+        return self.experts(x, index, weights).reshape(*input_ids.shape, HIDDEN)
+
+
+def test_ambiguous_expert_layout_is_an_emit_error(tmp_path: Path) -> None:
+    with pytest.raises(EmitError, match="'experts' .*cannot tell the orientation of down_proj"):
+        export_onnx(SquareMoE(), tmp_path / "m.onnx", matrix_tags={}, model_props={})
+    assert not list(tmp_path.iterdir())
+
+
+def test_unreadable_expert_stacks_are_an_emit_error(tmp_path: Path) -> None:
+    model = SquareMoE()
+    model.experts.is_transposed = False  # orientation given, but gate_up_proj is 3 I wide
+    model.experts.gate_up_proj = nn.Parameter(torch.randn(EXPERTS, 3 * HIDDEN, HIDDEN))
+    model.experts.forward = lambda x, index, weights: x  # type: ignore[method-assign]
+    with pytest.raises(EmitError, match="match no expert layout"):
         export_onnx(model, tmp_path / "m.onnx", matrix_tags={}, model_props={})
     assert not list(tmp_path.iterdir())
 
