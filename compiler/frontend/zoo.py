@@ -35,7 +35,7 @@ HIDDEN = 64
 EXPERTS = 8
 TOP_K = 2
 
-#: field name -> tiny value (applied wherever the default config has the field, not None)
+#: field name -> tiny value (where the default config has the field, not 0 and not None)
 SIZES: dict[str, int] = {
     **dict.fromkeys(["hidden_size", "d_model"], HIDDEN),
     **dict.fromkeys(["vocab_size", "unpadded_vocab_size", "vocab_size_per_layer_input"], VOCAB),
@@ -166,7 +166,7 @@ def shrink(defaults: Mapping[str, Any], layers: int) -> dict[str, Any]:
         elif _is_per_layer(key, value, default_layers):
             tiny = SIZES.get(key)
             fields[key] = [tiny] * layers if tiny is not None else _kinds(value, layers)
-        elif key in SIZES and isinstance(value, int | None):
+        elif key in SIZES and (value is None or isinstance(value, int) and value > 0):
             fields[key] = SIZES[key]
         elif key in AT_MOST and isinstance(value, int):
             fields[key] = min(value, AT_MOST[key])
