@@ -27,15 +27,15 @@ from typing import Any
 import torch
 from scipy.stats import spearmanr
 
-from hetmap.compiler.annotations import Density, ExpertScore
 from hetmap.compiler.api import Plan, compile_model
+from hetmap.compiler.data.textdata import batches, load_tokens
+from hetmap.compiler.evaluation.simulate import analog_part, perplexity, settings_for
+from hetmap.compiler.evaluation.sweep import policy_panel
+from hetmap.compiler.ir.annotations import Density, ExpertScore
 from hetmap.compiler.passes.base import CompileContext
 from hetmap.compiler.passes.manager import build_passes, run_pipeline
 from hetmap.compiler.passes.pipeline import parse_pipeline
 from hetmap.compiler.registry import load_registries
-from hetmap.compiler.simulate import analog_part, perplexity, settings_for
-from hetmap.compiler.sweep import policy_panel
-from hetmap.compiler.textdata import batches, load_tokens
 from hetmap.runtime import build_simulated_model
 
 POLICIES = ["max-norm", "activation-frequency", "activation-weight", "router-norm", "random"]

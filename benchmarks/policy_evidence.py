@@ -2,7 +2,7 @@
 
 Models: ``demo`` (OLMoE architecture, Python stdlib text) and ``demo-c`` (Mixtral architecture
 with renormalised top-k routing, CPython C headers). Each is calibrated and evaluated on its own
-kind of text: the ``calib`` / ``eval`` splits of its corpus (:mod:`hetmap.compiler.corpus`)
+kind of text: the ``calib`` / ``eval`` splits of its corpus (:mod:`hetmap.compiler.data.corpus`)
 are written to temporary files and passed as ``calib`` / the evaluation text.
 
 For every policy in :data:`POLICIES`, budgets 0.125 and 0.25 and programming-noise scales
@@ -56,14 +56,14 @@ from typing import Any
 import torch
 from scipy.stats import spearmanr
 
-from hetmap.compiler import corpus
 from hetmap.compiler.api import Plan, compile_model
+from hetmap.compiler.data import corpus
+from hetmap.compiler.data.textdata import batches, load_tokens
+from hetmap.compiler.evaluation.simulate import analog_part, perplexity, settings_for
 from hetmap.compiler.passes.base import CompileContext
 from hetmap.compiler.passes.manager import build_passes, run_pipeline
 from hetmap.compiler.passes.pipeline import parse_pipeline
 from hetmap.compiler.registry import load_registries
-from hetmap.compiler.simulate import analog_part, perplexity, settings_for
-from hetmap.compiler.textdata import batches, load_tokens
 from hetmap.runtime import build_simulated_model
 
 #: model name -> the corpus it was trained on (its calibration and evaluation text)

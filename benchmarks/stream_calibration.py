@@ -19,7 +19,7 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 from hetmap.compiler.api import compile_model
-from hetmap.compiler.annotations import Density
+from hetmap.compiler.ir.annotations import Density
 directory, mode, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
 start = time.perf_counter()
 plan = compile_model(directory, pipeline=f"density{{calib_tokens={tokens},seq_len={tokens},stream={mode},moments=false}}")

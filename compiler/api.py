@@ -20,16 +20,22 @@ from typing import Any
 
 from torch import nn
 
-from hetmap.compiler.annotations import Placement
-from hetmap.compiler.errors import HetmapError, TargetError
+from hetmap.common.errors import HetmapError, TargetError
+from hetmap.compiler.backends.plan import (
+    IR_FILE,
+    PLAN_FILE,
+    atomic_directory,
+    node_json,
+    write_plan,
+)
+from hetmap.compiler.backends.summary import summarize
 from hetmap.compiler.frontend import LoadedModel, import_model, load_model
-from hetmap.compiler.ir import Graph, Node
+from hetmap.compiler.ir.annotations import Placement
+from hetmap.compiler.ir.graph import Graph, Node
 from hetmap.compiler.passes.base import CompileContext
 from hetmap.compiler.passes.manager import PassTiming, build_passes, run_pipeline
 from hetmap.compiler.passes.pipeline import parse_pipeline
-from hetmap.compiler.plan import IR_FILE, PLAN_FILE, atomic_directory, node_json, write_plan
 from hetmap.compiler.registry import Registries, load_registries
-from hetmap.compiler.summary import summarize
 
 DEFAULT_PIPELINE = "density,expert-score,place,tile,allocate,cost"
 #: the default pipeline for policies that rank by a costly analysis pass of their own
@@ -106,8 +112,8 @@ class Plan:
         return emit_onnx(self, Path(out_dir), tiles=tiles)
 
     def simulate(self, **options: Any) -> Any:
-        """Perplexity all-digital vs mapped; see :func:`hetmap.compiler.simulate.simulate_plan`."""
-        from hetmap.compiler.simulate import simulate_plan
+        """Perplexity all-digital vs mapped; see :func:`hetmap.compiler.evaluation.simulate.simulate_plan`."""
+        from hetmap.compiler.evaluation.simulate import simulate_plan
 
         return simulate_plan(self, **options)
 
@@ -136,8 +142,8 @@ def _portable_spec(spec: str) -> str:
 def load_plan(out: str | Path, *, registries: Registries | None = None) -> Plan:
     """Rebuild a :class:`Plan` from a compiled plan directory: the model is imported again
     and the placements of plan.json are applied to its IR node by node."""
-    from hetmap.compiler.errors import OutputError
-    from hetmap.compiler.plan import read_plan
+    from hetmap.common.errors import OutputError
+    from hetmap.compiler.backends.plan import read_plan
     from hetmap.targets import target_from_dict
 
     data = read_plan(Path(out))
@@ -182,7 +188,7 @@ def compile_model(model: str | nn.Module | LoadedModel, *, target: str = "aimc-5
     used = {k for p in passes for k in getattr(p, "__dataclass_fields__", {})}
     unused = sorted(k for k, v in options.items() if v is not None and k not in used)
     if unused:
-        from hetmap.compiler.errors import PipelineError
+        from hetmap.common.errors import PipelineError
 
         raise PipelineError(f"option(s) {', '.join(unused)} not taken by any pass of "
                             f"pipeline {text!r}")
@@ -206,12 +212,12 @@ def run_sweep(model: str, *, policies: list[str], budgets: list[float], noise_sc
               eval_tokens: int = 8192, seq_len: int = 256, workers: int = 0,
               ray: str | None = None, force: bool = False,
               progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict[str, Any]:
-    """The trade-off study of :mod:`hetmap.compiler.sweep`; writes sweep.csv/json/png to ``out``."""
+    """The trade-off study of :mod:`hetmap.compiler.evaluation.sweep`; writes sweep.csv/json/png to ``out``."""
     import copy
 
-    from hetmap.compiler import sweep as sweeping
-    from hetmap.compiler.simulate import perplexity, settings_for
-    from hetmap.compiler.textdata import batches, load_tokens
+    from hetmap.compiler.data.textdata import batches, load_tokens
+    from hetmap.compiler.evaluation import sweep as sweeping
+    from hetmap.compiler.evaluation.simulate import perplexity, settings_for
 
     registries = load_registries()
     for policy in policies:

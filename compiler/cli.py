@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hetmap.compiler.errors import HetmapError, OutputError
+from hetmap.common.errors import HetmapError, OutputError
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 console = Console(highlight=False, soft_wrap=True)
@@ -217,7 +217,7 @@ def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
     PLAN_OR_MODEL is a compiled plan directory (simulation.json is added to it) or a MODEL,
     compiled first with the compile options."""
     from hetmap.compiler.api import compile_model, load_plan
-    from hetmap.compiler.plan import PLAN_FILE, write_json
+    from hetmap.compiler.backends.plan import PLAN_FILE, write_json
 
     plan_dir = Path(plan_or_model)
     is_plan = (plan_dir / PLAN_FILE).is_file()
@@ -287,7 +287,7 @@ def sweep(model: str, out: Path, force: bool, policies: str, budgets: str, noise
 
     if out.exists() and not force:
         raise OutputError(f"{out} already exists; pass --force to replace it or choose another -o")
-    from hetmap.compiler.sweep import parse_floats, parse_names
+    from hetmap.compiler.evaluation.sweep import parse_floats, parse_names
 
     result = run_sweep(model, policies=parse_names(policies), budgets=parse_floats(budgets, "--budgets"),
                        noise_scales=parse_floats(noise_scales, "--noise-scales"), seeds=seeds,
@@ -308,7 +308,7 @@ def sweep(model: str, out: Path, force: bool, policies: str, budgets: str, noise
 def demo(out: Path, seeds: int) -> None:
     """Compile and simulate the built-in trained demo model, and say what to try next."""
     from hetmap.compiler.api import compile_model
-    from hetmap.compiler.plan import write_json
+    from hetmap.compiler.backends.plan import write_json
 
     progress = progress_factory(err.is_terminal)
     err.print("compiling the demo model (OLMoE architecture, trained on Python stdlib sources)...")
@@ -334,7 +334,7 @@ def inspect(out_dir: Path) -> None:
     simulation results, if simulated)."""
     import json
 
-    from hetmap.compiler.plan import read_plan
+    from hetmap.compiler.backends.plan import read_plan
 
     plan = read_plan(out_dir)
     print_summary(plan)

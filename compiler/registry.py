@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from hetmap.compiler.errors import PluginError, RegistryError
+from hetmap.common.errors import PluginError, RegistryError
 
 T = TypeVar("T")
 
@@ -121,9 +121,9 @@ def _check_policy(value: Any) -> str | None:
 
 def load_registries(*, plugins: bool = True) -> Registries:
     """Fresh registries: built-ins, then (unless ``plugins`` is False) entry points."""
+    from hetmap.compiler.algorithms.place import builtin_policies
     from hetmap.compiler.backends import builtin_emitters
     from hetmap.compiler.passes import builtin_passes
-    from hetmap.compiler.policies import builtin_policies
     from hetmap.targets import builtin_targets
 
     registries = Registries(

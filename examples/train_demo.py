@@ -2,7 +2,7 @@
 
 The model is a real Hugging Face MoE architecture (``OlmoeForCausalLM``) shrunk to fit a
 laptop: 4 layers, 8 routed experts per layer, top-2 routing, 256 byte tokens. It trains on the
-``train`` split of :mod:`hetmap.compiler.corpus` with OLMoE's usual router auxiliary loss,
+``train`` split of :mod:`hetmap.compiler.data.corpus` with OLMoE's usual router auxiliary loss,
 then reports
 
 * eval perplexity on the ``eval`` split against an add-one smoothed byte-bigram baseline
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from transformers import MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM
 
-from hetmap.compiler.corpus import (
+from hetmap.compiler.data.corpus import (
     CORPORA,
     bigram_perplexity,
     bytes_to_tokens,
@@ -358,7 +358,7 @@ def write_training_notes(
         intro = (
             "Byte-level `MixtralForCausalLM` (transformers; softmax router, top-k weights "
             "renormalised), trained by `examples/train_demo.py` on the `train` split of the "
-            "`c-headers` corpus (CPython's C headers; `hetmap.compiler.corpus`)."
+            "`c-headers` corpus (CPython's C headers; `hetmap.compiler.data.corpus`)."
             if args.corpus == "c-headers" else
             "Byte-level `MixtralForCausalLM` (transformers), trained by "
             f"`examples/train_demo.py` on the `train` split of the {args.corpus} corpus."
@@ -368,7 +368,7 @@ def write_training_notes(
         title = "# hetmap demo model: training record"
         intro = (
             "Byte-level `OlmoeForCausalLM` (transformers), trained by `examples/train_demo.py` "
-            f"on the `train` split of the {args.corpus} corpus (`hetmap.compiler.corpus`)."
+            f"on the `train` split of the {args.corpus} corpus (`hetmap.compiler.data.corpus`)."
         )
         name = "demo OLMoE"
     lines = [

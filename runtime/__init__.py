@@ -10,7 +10,6 @@ from .grouped import RowGroups, grouped_product
 from .reference import ReferenceExperts, ReferenceLinear, reference_linear, reference_rpu_config
 from .rewrite import BACKENDS, build_simulated_model, module_seed
 from .settings import NOISE_MODELS, AnalogSettings
-from .tiling import TileGrid, tiles_per_matrix
 
 __all__ = [
     "BACKENDS",
@@ -23,12 +22,10 @@ __all__ = [
     "RowGroups",
     "SimulatedExperts",
     "SimulatedLinear",
-    "TileGrid",
     "build_simulated_model",
     "experts_layout",
     "grouped_product",
     "module_seed",
     "reference_linear",
     "reference_rpu_config",
-    "tiles_per_matrix",
 ]

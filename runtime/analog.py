@@ -28,12 +28,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from hetmap.compiler.errors import SimulationError
+from hetmap.common.errors import SimulationError
+from hetmap.common.grid import TileGrid
 
 from .grouped import RowGroups, grouped_product
 from .programming import derive_seed, make_noise_model, program_matrices, seeded
 from .settings import AnalogSettings
-from .tiling import TileGrid
 
 # Matrix elements programmed per noise-model call (bounds the temporaries of programming).
 _PROGRAM_CHUNK_ELEMENTS = 1 << 24
@@ -69,7 +69,7 @@ class AnalogTileStack(nn.Module):
         tile_weights, out_scales = self._program(weights.detach(), seed)
         self.register_buffer("weight", tile_weights)  # [E, out, in], normalized units
         self.register_buffer("out_scales", out_scales)  # [E, in_tiles, out]
-        column_tile = self.grid.column_tile_index(weights.device)
+        column_tile = torch.as_tensor(self.grid.column_tile_index(), device=weights.device)
         self.register_buffer("column_tile", column_tile, persistent=False)
         # With equal-width column tiles and one scale per tile, step 6 scales [S, tiles]
         # views instead of gathering a [S, out] scale per row.
@@ -113,7 +113,7 @@ class AnalogTileStack(nn.Module):
         grid = self.grid
         return (
             f"matrices={self.num_matrices}, out={grid.out_features}, in={grid.in_features}, "
-            f"tiles={self.num_matrices * grid.tiles} of {grid.rows}x{grid.cols}"
+            f"tiles={self.num_matrices * grid.count} of {grid.rows}x{grid.cols}"
         )
 
     def forward(self, inputs: torch.Tensor, groups: RowGroups | None = None) -> torch.Tensor:
@@ -153,7 +153,7 @@ class AnalogTileStack(nn.Module):
         if self._tile_width:  # one scale per column tile: scale [S, tiles, 1] views
             scales = self.tile_scales[:, index]
             factor = (scales if single else scales[groups.row_matrix]) * row_factor
-            shape = (partial.shape[0], self.grid.column_tiles, self._tile_width)
+            shape = (partial.shape[0], self.grid.n_col_tiles, self._tile_width)
             view, factor = partial.view(shape), factor.unsqueeze(-1)
             if total is None:
                 return view.mul_(factor).view_as(partial)
@@ -252,7 +252,7 @@ class AnalogTileStack(nn.Module):
         clipped_rows = (outputs.abs() > bound).to(outputs.dtype)  # [S, out]
         per_column = outputs.new_zeros(self.num_matrices, outputs.shape[1])
         per_column.index_add_(0, groups.row_matrix, clipped_rows)
-        per_tile = outputs.new_zeros(self.num_matrices, self.grid.column_tiles)
+        per_tile = outputs.new_zeros(self.num_matrices, self.grid.n_col_tiles)
         per_tile.index_add_(1, self.column_tile, per_column)
         return per_tile > 0
 

@@ -37,7 +37,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from hetmap.compiler.errors import SimulationError
+from hetmap.common.errors import SimulationError
 
 from .analog import AnalogTileStack, DigitalStack
 from .grouped import RowGroups

@@ -45,7 +45,7 @@ from aihwkit.inference.converter.conductance import (
 from aihwkit.inference.noise.base import BaseNoiseModel
 from aihwkit.inference.noise.hermes import HermesNoiseModel
 
-from hetmap.compiler.errors import SimulationError
+from hetmap.common.errors import SimulationError
 
 from .settings import AnalogSettings
 

@@ -34,7 +34,7 @@ from aihwkit.simulator.parameters.enums import (
 )
 from torch import nn
 
-from hetmap.compiler.errors import SimulationError
+from hetmap.common.errors import SimulationError
 
 from .experts import Activation, LayoutExperts, canonical_experts
 from .layouts import ExpertLayout

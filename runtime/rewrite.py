@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
-from hetmap.compiler.errors import SimulationError
+from hetmap.common.errors import SimulationError
 
 from .analog import SimulatedLinear
 from .experts import SimulatedExperts, experts_layout

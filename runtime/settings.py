@@ -34,9 +34,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hetmap.compiler.errors import SimulationError
+from hetmap.common.errors import SimulationError
+from hetmap.common.noise import NOISE_MODELS
 
-NOISE_MODELS = ("pcm", "hermes", "reram", "reram-cmo", "state-independent")
 NOISE_MANAGEMENT = ("abs-max", "none")
 BOUND_MANAGEMENT = ("iterative", "none")
 
@@ -159,3 +159,16 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise SimulationError(
             f"analog setting {name!r} must be one of {', '.join(choices)}; got {value!r}"
         )
+
+
+def settings_for(target: Any, *, noise_scale: float | None = None, drift_time: float | None = None,
+                 ideal: bool = False) -> AnalogSettings:
+    """The analog settings a target's AIMC spec describes (duck-typed: any object with the
+    ``aimc`` fields of :class:`hetmap.targets.Target`)."""
+    aimc = target.aimc
+    params = dict(aimc.noise.params)
+    return AnalogSettings(
+        rows=aimc.rows, cols=aimc.cols, dac_bits=aimc.dac_bits, adc_bits=aimc.adc_bits,
+        out_noise=aimc.out_noise, noise_model=aimc.noise.model,
+        noise_scale=float(params.get("prog_noise_scale", 1.0) if noise_scale is None else noise_scale),
+        drift_time=drift_time, ideal=ideal)

@@ -12,7 +12,7 @@ File layout (every field below is required unless a default is shown)::
     mvm_energy_j, mvm_latency_s    # > 0, per activation of one array (one tier)
     packing                        # bool: may partial tiles of different matrices share an array
     [aimc.noise]
-    model                          # pcm | hermes | reram | state-independent
+    model                          # pcm | hermes | reram | reram-cmo | state-independent
     [aimc.noise.params]            # keyword arguments of the aihwkit noise model (default: none)
     [digital]
     mac_energy_j, mac_throughput, mem_energy_per_byte_j, mem_bandwidth, weight_bytes   # > 0
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hetmap.compiler.errors import TargetError
+from hetmap.common.errors import TargetError
 from hetmap.targets.model import (
     NOISE_MODELS,
     AimcSpec,

@@ -19,15 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-NoiseParameter = float | int | tuple[float, ...]
+from hetmap.common.noise import NOISE_MODELS
 
-# hetmap's noise-model name -> the aihwkit class (aihwkit.inference.noise) that implements it.
-NOISE_MODELS: dict[str, str] = {
-    "pcm": "PCMLikeNoiseModel",
-    "hermes": "HermesNoiseModel",
-    "reram": "ReRamWan2022NoiseModel",
-    "state-independent": "StateIndependentNoiseModel",
-}
+NoiseParameter = float | int | tuple[float, ...]
 
 
 @dataclass(frozen=True)

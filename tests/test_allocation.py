@@ -1,4 +1,4 @@
-"""Tests for hetmap.compiler.allocation: no shared cells, sharing rules, capacity, spreading."""
+"""Tests for hetmap.compiler.algorithms.allocate: no shared cells, sharing rules, capacity, spreading."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hetmap.compiler.allocation import Allocation, allocate, coactivation_groups
-from hetmap.compiler.errors import CapacityError
-from hetmap.compiler.tiling import tiles_per_matrix
+from hetmap.common.errors import CapacityError
+from hetmap.common.grid import tiles_per_matrix
+from hetmap.compiler.algorithms.allocate import Allocation, allocate, coactivation_groups
 from hetmap.targets import Target, load_target
 
 

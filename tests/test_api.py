@@ -8,9 +8,9 @@ import onnx
 import pytest
 from conftest import FIXTURES
 
-from hetmap.compiler.annotations import Placement
+from hetmap.common.errors import PipelineError
 from hetmap.compiler.api import compile_model, load_plan
-from hetmap.compiler.errors import PipelineError
+from hetmap.compiler.ir.annotations import Placement
 
 
 def test_compile_module_object_emit_and_simulate(tmp_path) -> None:

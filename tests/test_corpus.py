@@ -1,4 +1,4 @@
-"""Tests for hetmap.compiler.corpus: the stdlib corpus split, tokenization and errors."""
+"""Tests for hetmap.compiler.data.corpus: the stdlib corpus split, tokenization and errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hetmap.compiler import corpus
-from hetmap.compiler.errors import HetmapError, MissingDataError
+from hetmap.common.errors import HetmapError, MissingDataError
+from hetmap.compiler.data import corpus
 
 
 def test_committed_split_is_disjoint_and_non_empty() -> None:

@@ -1,4 +1,4 @@
-"""Tests for hetmap.compiler.costmodel: hand calculations and the stated invariants."""
+"""Tests for hetmap.compiler.algorithms.cost: hand calculations and the stated invariants."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hetmap.compiler.allocation import allocate
-from hetmap.compiler.costmodel import AIMC_TILE, DIGITAL, estimate_cost
+from hetmap.compiler.algorithms.allocate import allocate
+from hetmap.compiler.algorithms.cost import AIMC_TILE, DIGITAL, estimate_cost
 from hetmap.targets import load_target
 
 TARGET = load_target("aimc-512")

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from transformers import MixtralForCausalLM
 
-from hetmap.compiler import corpus
+from hetmap.compiler.data import corpus
 from hetmap.compiler.frontend.loader import load_model
 
-DEMO_C_DIR = Path(corpus.__file__).parent / "assets" / "demo-c"
+DEMO_C_DIR = Path(corpus.__file__).resolve().parent.parent / "assets" / "demo-c"
 WINDOW = 256
 EVAL_BYTES = 12 * WINDOW  # a few thousand bytes keep the test fast
 CORPUS = "c-headers"

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from transformers import OlmoeForCausalLM
 
-from hetmap.compiler import corpus
+from hetmap.compiler.data import corpus
 
-DEMO_DIR = Path(corpus.__file__).parent / "assets" / "demo"
+DEMO_DIR = Path(corpus.__file__).resolve().parent.parent / "assets" / "demo"
 WINDOW = 256
 EVAL_BYTES = 16 * WINDOW  # a few thousand bytes keep the test fast
 

@@ -17,11 +17,11 @@ import transformers
 from torch import nn
 from torch.nn import functional as F
 
-from hetmap.compiler.annotations import Density, InputMoments
+from hetmap.common.errors import PassError
 from hetmap.compiler.api import Plan, compile_model
-from hetmap.compiler.errors import PassError
+from hetmap.compiler.data.textdata import batches, load_tokens
 from hetmap.compiler.frontend.zoo import ZOO
-from hetmap.compiler.textdata import batches, load_tokens
+from hetmap.compiler.ir.annotations import Density, InputMoments
 
 CALIB = "density{calib_tokens=512,seq_len=128}"
 Tensor = torch.Tensor

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import HANDWRITTEN, TINY
 
-from hetmap.compiler.errors import ModelLoadError, NoMoeError, TraceError
+from hetmap.common.errors import ModelLoadError, NoMoeError, TraceError
 from hetmap.compiler.frontend import import_model, load_model
 from hetmap.compiler.frontend.moe import find_moe_blocks
 from hetmap.compiler.frontend.tracer import trace
-from hetmap.compiler.ir import NodeKind
+from hetmap.compiler.ir.graph import NodeKind
 
 EXPECTED = {  # model -> (MoE layers, experts per layer, expert (gate/up out, in), shared-experts)
     "olmoe-tiny": (2, 8, (32, 64), 0),

@@ -7,9 +7,9 @@ import json
 import pytest
 from conftest import FIXTURES, TINY
 
+from hetmap.common.errors import CapacityError
 from hetmap.compiler.api import compile_model
 from hetmap.compiler.cli import main
-from hetmap.compiler.errors import CapacityError
 
 
 def test_olmoe_random_quarter_budget_tile_counts_match_hand_calculation() -> None:
@@ -85,8 +85,8 @@ def test_spread_experts_puts_coactivated_experts_on_distinct_sites() -> None:
     array sites they share sites in plain order, and not once spread by co-activation."""
     from test_placement import _biased_handwritten
 
-    from hetmap.compiler.annotations import Coactivation
-    from hetmap.compiler.hwannotations import ArrayAssignment
+    from hetmap.compiler.ir.annotations import Coactivation
+    from hetmap.compiler.ir.hwannotations import ArrayAssignment
     from hetmap.compiler.registry import load_registries
     from hetmap.targets import load_target, target_from_dict
 

@@ -10,18 +10,24 @@ import torch
 from conftest import HANDWRITTEN
 from torch import nn
 
-from hetmap.compiler.annotations import Density, ExpertScore, InputMoments, Placement, Sensitivity
-from hetmap.compiler.api import compile_model
-from hetmap.compiler.errors import MissingDataError, PipelineError
-from hetmap.compiler.frontend import load_model
-from hetmap.compiler.impact import (
+from hetmap.common.errors import MissingDataError, PipelineError
+from hetmap.compiler.algorithms.expert_score import (
     device_error_moments,
     expected_squared_error,
     has_closed_form,
     programming_sigma,
 )
+from hetmap.compiler.api import compile_model
+from hetmap.compiler.data.textdata import batches, load_tokens
+from hetmap.compiler.frontend import load_model
+from hetmap.compiler.ir.annotations import (
+    Density,
+    ExpertScore,
+    InputMoments,
+    Placement,
+    Sensitivity,
+)
 from hetmap.compiler.passes.sensitivity import parse_layers
-from hetmap.compiler.textdata import batches, load_tokens
 from hetmap.runtime import AnalogSettings, SimulatedLinear
 from hetmap.runtime.programming import make_noise_model
 

@@ -7,9 +7,9 @@ from typing import ClassVar
 
 import pytest
 
-from hetmap.compiler.annotations import Density, Placement
-from hetmap.compiler.errors import PassError, PipelineError, VerificationError
-from hetmap.compiler.ir import Graph, Matrix, MoeLayer, Node, NodeKind, WeightRef, verify
+from hetmap.common.errors import PassError, PipelineError, VerificationError
+from hetmap.compiler.ir.annotations import Density, Placement
+from hetmap.compiler.ir.graph import Graph, Matrix, MoeLayer, Node, NodeKind, WeightRef, verify
 from hetmap.compiler.passes.base import PassResult
 from hetmap.compiler.passes.manager import run_pipeline
 from hetmap.compiler.passes.pipeline import parse_pipeline

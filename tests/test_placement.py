@@ -9,12 +9,12 @@ import torch
 from conftest import HANDWRITTEN
 from safetensors.torch import save_file
 
-from hetmap.compiler.annotations import Density, ExpertScore, Placement
+from hetmap.common.errors import MissingDataError
 from hetmap.compiler.api import compile_model
-from hetmap.compiler.errors import MissingDataError
+from hetmap.compiler.data.weights import CheckpointWeights, ModuleWeights
 from hetmap.compiler.frontend import import_model, load_model
+from hetmap.compiler.ir.annotations import Density, ExpertScore, Placement
 from hetmap.compiler.passes.expert_score import expert_max_norm
-from hetmap.compiler.weights import CheckpointWeights, ModuleWeights
 
 PIPE = "density{calib_tokens=1024,seq_len=128},expert-score,place"
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from hetmap.compiler.annotations import Density, ExpertScore, Placement
+from hetmap.common.errors import PluginError, VerificationError
 from hetmap.compiler.api import compile_model
 from hetmap.compiler.cli import main
-from hetmap.compiler.errors import PluginError, VerificationError
+from hetmap.compiler.ir.annotations import Density, ExpertScore, Placement
 from hetmap.compiler.registry import load_registries
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hetmap-plugin-example"
@@ -107,7 +107,7 @@ def test_policy_naming_missing_expert_is_a_plugin_error(tmp_path, monkeypatch) -
 
 def test_pass_leaving_invalid_ir_names_the_plugin(tmp_path, monkeypatch) -> None:
     code = ("from dataclasses import dataclass\nfrom typing import ClassVar\n"
-            "from hetmap.compiler.annotations import Density\n"
+            "from hetmap.compiler.ir.annotations import Density\n"
             "from hetmap.compiler.passes.base import PassResult\n"
             "@dataclass(frozen=True)\nclass Breaker:\n"
             "    name: ClassVar[str] = 'breaker'\n    description: ClassVar[str] = 'breaks'\n"

@@ -12,7 +12,7 @@ from conftest import TINY
 
 from hetmap.compiler.api import compile_model
 from hetmap.compiler.cli import main
-from hetmap.compiler.simulate import analog_part, settings_for
+from hetmap.compiler.evaluation.simulate import analog_part, settings_for
 from hetmap.runtime import build_simulated_model
 
 FAST = {"calib_tokens": 256}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import TINY
 
-from hetmap.compiler.annotations import Density, ExpertScore
 from hetmap.compiler.api import compile_model
 from hetmap.compiler.frontend import load_model
+from hetmap.compiler.ir.annotations import Density, ExpertScore
 
 PIPE = "density{{calib_tokens=512,seq_len=128,stream={}}},expert-score"
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from hetmap.compiler.errors import TargetError
+from hetmap.common.errors import TargetError
 from hetmap.targets import (
     DEFAULT_TARGET,
     NOISE_MODELS,

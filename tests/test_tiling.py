@@ -1,4 +1,4 @@
-"""Tests for hetmap.compiler.tiling: exact coverage, vectorized tables, tiled products."""
+"""Tests for hetmap.common.grid: exact coverage, vectorized tables, tiled products."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hetmap.compiler.tiling import (
+from hetmap.common.grid import (
     TileGrid,
     edge_tiles,
     tile_counts,

@@ -23,8 +23,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from hetmap.common.errors import HetmapError
 from hetmap.compiler.api import Plan, compile_model
-from hetmap.compiler.errors import HetmapError
 from hetmap.compiler.frontend.zoo import ZOO
 
 #: family -> a fragment of the one-line error it must fail with (the reason it cannot work)

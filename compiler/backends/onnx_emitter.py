@@ -25,10 +25,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hetmap.compiler.annotations import Placement
-from hetmap.compiler.errors import EmitError, MissingDataError
-from hetmap.compiler.hwannotations import ArrayAssignment, Tiling
-from hetmap.compiler.ir import Node, NodeKind
+from hetmap.common.errors import EmitError, MissingDataError
+from hetmap.compiler.ir.annotations import Placement
+from hetmap.compiler.ir.graph import Node, NodeKind
+from hetmap.compiler.ir.hwannotations import ArrayAssignment, Tiling
 
 if TYPE_CHECKING:
     from hetmap.compiler.api import Plan

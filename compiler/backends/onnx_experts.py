@@ -104,7 +104,10 @@ class StaticExperts(nn.Module):
 
     Children are named ``<e>`` with grandchildren ``gate``/``up``/``down``, so parameter
     names are ``<experts path>.<e>.<role>.weight``: hetmap's matrix key plus ``.weight``.
+    Subclasses change the dispatch only (:mod:`~hetmap.compiler.backends.onnx_dispatch`).
     """
+
+    form = "static"
 
     def __init__(self, store: nn.Module, layout: ExpertLayout) -> None:
         super().__init__()
@@ -132,17 +135,25 @@ class StaticExperts(nn.Module):
         hidden_states = values[0]
         assert isinstance(hidden_states, torch.Tensor)
         if self.call == "dense-input":
-            blocks = hidden_states.reshape(self.num_experts, -1, self.hidden)
-            outputs = [expert(blocks[e]) for e, expert in enumerate(self.expert_functions())]
-            return torch.cat(outputs, dim=0)
+            return self.dispatch_dense_input(
+                hidden_states.reshape(self.num_experts, -1, self.hidden))
         top_k_index, top_k_weights = values[1], values[2]
         assert isinstance(top_k_index, torch.Tensor) and isinstance(top_k_weights, torch.Tensor)
         hidden = hidden_states.reshape(-1, self.hidden)
-        output = dense_dispatch(
-            hidden, top_k_index.reshape(hidden.shape[0], -1),
-            top_k_weights.reshape(hidden.shape[0], -1), self.expert_functions(),
-            self.identity_experts)
+        output = self.dispatch(hidden, top_k_index.reshape(hidden.shape[0], -1),
+                               top_k_weights.reshape(hidden.shape[0], -1))
         return output.reshape(hidden_states.shape)
+
+    def dispatch(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Rule 3: every expert on every token, kept where routed."""
+        return dense_dispatch(hidden, top_k_index, top_k_weights, self.expert_functions(),
+                              self.identity_experts)
+
+    def dispatch_dense_input(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Rule 4 on ``blocks [E, T, H]``."""
+        outputs = [expert(blocks[e]) for e, expert in enumerate(self.expert_functions())]
+        return torch.cat(outputs, dim=0)
 
 
 def _then(first: nn.Module, second: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

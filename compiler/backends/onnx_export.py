@@ -42,6 +42,14 @@ Rules:
    left as it was (hooks, modes and modules restored).
 7. Two initializers with identical bytes can be merged by the optimizer; if that removes a
    weight matrix from the graph, export fails rather than losing a placement.
+8. ``moe_form`` (:data:`MOE_FORMS`): ``static`` (every expert on every token, rule 3),
+   ``dispatch`` (each expert on its routed tokens only, standard operators:
+   :mod:`~hetmap.compiler.backends.onnx_dispatch`) or ``ort`` (onnxruntime's
+   ``com.microsoft.MoE`` where a block's routing and activation fit, else ``dispatch``:
+   :mod:`~hetmap.compiler.backends.onnx_ort_moe`). The model carries it as
+   ``hetmap.moe_form``. ``external_data`` writes the weights to ``<file>.data`` (the ONNX
+   external-data format) whatever their size; above 2 GB (the protobuf limit) they always go
+   there.
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ import torch
 from onnxscript.optimizer import optimize_ir
 from torch import nn
 
+from hetmap.common.errors import EmitError
 from hetmap.compiler.backends.onnx_complex import with_real_complex_ops
 from hetmap.compiler.backends.onnx_prepare import prepared_for_export
 from hetmap.compiler.backends.onnx_scan import scans_as_ops
@@ -71,9 +80,10 @@ from hetmap.compiler.backends.onnx_tagging import (
     weight_uses,
 )
 from hetmap.compiler.backends.onnx_verify import PyTorchReference
-from hetmap.compiler.errors import EmitError
 
 EXPORTER = "torch.onnx.export(dynamo=True)"
+MOE_FORMS = ("static", "dispatch", "ort")
+MOE_FORM_PROP = "hetmap.moe_form"
 EXTERNAL_DATA_THRESHOLD_BYTES = 2_000_000_000
 DEFAULT_INPUT_SHAPE = (2, 8)
 VERIFY_TOLERANCE = 1e-3
@@ -99,7 +109,9 @@ class ExportReport:
     tile_nodes: int
     """Number of tagged tile nodes (each also carries ``hetmap.tile``)."""
     external_data: Path | None
-    """The weights file beside ``path`` when the weights pass 2 GB, else None."""
+    """The weights file beside ``path`` (weights over 2 GB, or asked for), else None."""
+    moe_form: str = "static"
+    """The MoE form exported (rule 8)."""
     max_difference: float | None = None
     """Max |onnxruntime - PyTorch| over the example input's logits (None: not verified)."""
     topk_ties: tuple[str, ...] = ()
@@ -119,15 +131,19 @@ def export_onnx(
     tile_ranges: dict[str, list[tuple[int, int, int, int]]] | None = None,
     example_input: torch.Tensor | None = None,
     verify: bool = True,
+    moe_form: str = "static",
+    external_data: bool = False,
 ) -> ExportReport:
-    """Write ``model`` as ONNX to ``path`` with placement tags (module docstring, rules 1-7)."""
+    """Write ``model`` as ONNX to ``path`` with placement tags (module docstring, rules 1-8)."""
     path = Path(path)
     _check_arguments(model, path, matrix_tags, model_props)
+    if moe_form not in MOE_FORMS:
+        raise EmitError(f"unknown MoE form {moe_form!r}; choose one of {', '.join(MOE_FORMS)}")
     input_ids = _example_input_ids(model, example_input)
     tiles = {key: [tuple(t) for t in ranges] for key, ranges in (tile_ranges or {}).items()}
     exportable = _LogitsModule(model)
     reference = PyTorchReference(model, exportable, input_ids, VERIFY_TOLERANCE)
-    with prepared_for_export(model, reference.run, tiles) as prepared:
+    with prepared_for_export(model, reference.run, tiles, moe_form) as prepared:
         onnx_model = _run_exporter(exportable, input_ids, type(model).__name__)
         strip_prefix(onnx_model, f"{_WRAPPED}.")
         _optimize(onnx_model, prepared.parameter_names)
@@ -135,7 +151,9 @@ def export_onnx(
             onnx_model, prepared.weight_sources, prepared.parameter_names, matrix_tags
         )
         onnx_model.metadata_props.update(model_props)
-        external = _write_checked(onnx_model, path, reference.verify if verify else None)
+        onnx_model.metadata_props[MOE_FORM_PROP] = moe_form
+        external = _write_checked(onnx_model, path, reference.verify if verify else None,
+                                  external_data)
     return ExportReport(
         path=path,
         exporter=EXPORTER,
@@ -146,6 +164,7 @@ def export_onnx(
         tiled_keys=prepared.tiled_keys,
         tile_nodes=tagging.tile_nodes,
         external_data=external,
+        moe_form=moe_form,
         max_difference=reference.max_difference,
         topk_ties=tuple(reference.ties.rows_by_module),
     )
@@ -287,12 +306,13 @@ def _optimize(model: ir.Model, parameters: Collection[str]) -> None:
 
 
 def _write_checked(
-    model: ir.Model, path: Path, verify: Callable[[Path], None] | None
+    model: ir.Model, path: Path, verify: Callable[[Path], None] | None, external: bool
 ) -> Path | None:
     """Rule 6: stage, check, verify, move into place. Returns the external data path, if any."""
     weights = [value.const_value for value in model.graph.initializers.values()]
     weight_bytes = sum(tensor.nbytes for tensor in weights if tensor is not None)
-    data_name = f"{path.name}.data" if weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES else None
+    large = weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES
+    data_name = f"{path.name}.data" if external or large else None
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         staged = staging / path.name

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetmap.compiler.errors import EmitError
+from hetmap.common.errors import EmitError
 
 TileRange = tuple[int, int, int, int]
 """(row_start, row_stop, col_start, col_stop): rows index inputs, cols index outputs."""

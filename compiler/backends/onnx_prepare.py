@@ -12,14 +12,15 @@ Rules, in the order they are applied:
 3. Every *experts store* (:mod:`~hetmap.compiler.backends.onnx_stores`: 3-D
    ``gate_up_proj``/``up_proj``/``down_proj`` stacks, or flat 2-D stacks such as DBRX's) has
    its layout read by :func:`hetmap.runtime.layouts.read_layout`, its width being the last
-   dimension of its recorded input, and is swapped for :class:`StaticExperts`, whose output
-   on the recorded call must match the original's. A store with 3-D stacks that cannot be
+   dimension of its recorded input, and is swapped for :class:`StaticExperts` (MoE form
+   ``static``) or :class:`DispatchExperts` (``dispatch``, ``ort``), whose output on the
+   recorded call must match the original's. A store with 3-D stacks that cannot be
    read or exported is an EmitError, as is any other 3-D ``*proj`` parameter left afterwards;
    flat stacks that read as no layout stay. Stores inside a swapped store are not visited.
 4. Every ModuleList/ModuleDict experts container with its own ``forward`` that was called
    as ``(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`` is swapped for
-   :class:`DenseDispatchExperts` if that reproduces the recorded output; otherwise it is
-   left as written (its dispatch must then be exportable by ``torch.export`` as is).
+   :class:`DenseDispatchExperts` (``static``) or :class:`SparseDispatchExperts` (the other
+   forms) if that reproduces the recorded output; otherwise it is left as written (its dispatch must then be exportable by ``torch.export`` as is).
 5. Every matrix key in ``tile_ranges`` must name an ``nn.Linear`` or an expert matrix; it is
    swapped for a :class:`TiledLinear` after its ranges are checked.
 6. ``weight_sources`` maps each parameter name (tied aliases included) to the matrix key of
@@ -39,6 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hetmap.common.errors import EmitError
+from hetmap.compiler.backends.onnx_dispatch import DispatchExperts, SparseDispatchExperts
 from hetmap.compiler.backends.onnx_experts import (
     DenseDispatchExperts,
     ExpertLinear,
@@ -46,7 +49,6 @@ from hetmap.compiler.backends.onnx_experts import (
 )
 from hetmap.compiler.backends.onnx_modules import TiledLinear, TileRange, check_tile_ranges
 from hetmap.compiler.backends.onnx_stores import may_store_experts, store_layout
-from hetmap.compiler.errors import EmitError
 from hetmap.runtime.layouts import ExpertLayout
 
 _HOOK_ATTRIBUTES = (
@@ -93,6 +95,7 @@ def prepared_for_export(
     model: nn.Module,
     run_forward: Callable[[], object],
     tile_ranges: Mapping[str, Sequence[TileRange]],
+    moe_form: str = "static",
 ) -> Iterator[PreparedModel]:
     """Yield ``model`` rewritten for export (rules 1-6); undo everything on exit (rule 7)."""
     with ExitStack() as undo:
@@ -109,11 +112,12 @@ def prepared_for_export(
                 layout = store_layout(model, path, _input_width(calls.get(path)))
                 if layout is not None:
                     stores[path] = layout
+        sparse = moe_form != "static"
         for path, layout in stores.items():
-            _swap_experts_store(swap, path, layout, calls.get(path))
+            _swap_experts_store(swap, path, layout, calls.get(path), sparse)
         swapped = list(stores)
         for path in containers:
-            if _try_dense_dispatch(swap, path, calls.get(path)):
+            if _try_dense_dispatch(swap, path, calls.get(path), sparse):
                 swapped.append(path)
         _check_no_fused_left(model)
         for key, tiles in tile_ranges.items():
@@ -223,9 +227,9 @@ def _input_width(call: _RecordedCall | None) -> int | None:
 
 
 def _swap_experts_store(swap: _Swapper, path: str, layout: ExpertLayout,
-                        call: _RecordedCall | None) -> None:
+                        call: _RecordedCall | None, sparse: bool) -> None:
     store = swap.get(path)
-    static = StaticExperts(store, layout)
+    static = (DispatchExperts if sparse else StaticExperts)(store, layout)
     if call is not None and not _reproduces(static, call):
         raise EmitError(
             f"experts module {path!r} ({type(store).__name__}, layout {layout.name}) does not "
@@ -235,10 +239,12 @@ def _swap_experts_store(swap: _Swapper, path: str, layout: ExpertLayout,
     swap.put(path, static)
 
 
-def _try_dense_dispatch(swap: _Swapper, path: str, call: _RecordedCall | None) -> bool:
+def _try_dense_dispatch(swap: _Swapper, path: str, call: _RecordedCall | None,
+                        sparse: bool) -> bool:
     if call is None or not _is_routed_call(call.inputs):
         return False
-    dense = DenseDispatchExperts(swap.get(path))
+    container = swap.get(path)
+    dense = SparseDispatchExperts(container) if sparse else DenseDispatchExperts(container)
     if not _reproduces(dense, call):
         return False
     swap.put(path, dense)

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from hetmap.common.errors import EmitError
 from hetmap.compiler.backends.onnx_experts import experts_problem
-from hetmap.compiler.errors import EmitError
 from hetmap.runtime.layouts import ExpertLayout, LayoutError, read_layout
 
 #: 3-D parameters that mark an experts store (rule 1)

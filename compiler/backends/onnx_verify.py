@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from hetmap.compiler.errors import EmitError
+from hetmap.common.errors import EmitError
 
 _TOPK = (torch.topk, torch.Tensor.topk)
 

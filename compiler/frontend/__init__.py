@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from hetmap.compiler.errors import NoMoeError
+from hetmap.common.errors import NoMoeError
 from hetmap.compiler.frontend.loader import LoadedModel, load_model
 from hetmap.compiler.frontend.lower import lower
 from hetmap.compiler.frontend.moe import find_moe_blocks
 from hetmap.compiler.frontend.tracer import trace
-from hetmap.compiler.ir import Graph, verify
+from hetmap.compiler.ir.annotations import Traced
+from hetmap.compiler.ir.graph import Graph, verify
 
 
 def import_model(model: LoadedModel, *, allow_dense: bool = False) -> Graph:
@@ -23,10 +24,10 @@ def import_model(model: LoadedModel, *, allow_dense: bool = False) -> Graph:
             "(3-D expert tensors, flat expert stacks, or a ModuleList of MLPs) beside a router "
             "(a module with a 2-D weight [experts, hidden]); pass --allow-dense to map it with "
             "the dense rule only")
-    gm, wrapped, opaque = trace(model.module, blocks)
-    model.traced = (gm, wrapped)
+    gm, wrapped, opaque = trace(model.module, blocks, model.example_input)
     graph = lower(gm, model.module, blocks, name=model.name, wrapped=wrapped,
                   vocab_size=model.vocab_size, opaque=opaque)
+    graph.annotate(Traced(gm, wrapped))
     verify(graph)
     return graph
 

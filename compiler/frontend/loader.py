@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hetmap.compiler.errors import MissingDataError, ModelLoadError
+from hetmap.common.errors import MissingDataError, ModelLoadError
+from hetmap.compiler.data.weights import CheckpointWeights, ModuleWeights, WeightStore
 from hetmap.compiler.frontend.builtin import ATTENTION, BUILTIN_MODELS, TINY_SEED, TRAINED_MODELS
-from hetmap.compiler.weights import CheckpointWeights, ModuleWeights, WeightStore
 
 
 @dataclass
@@ -41,8 +41,6 @@ class LoadedModel:
     checkpoint: Path | None = None
     example_input: torch.Tensor | None = None
     trust_remote_code: bool = False
-    #: the torch.fx trace (GraphModule, wrapped-as-causal-LM) once the front end ran
-    traced: Any = None
 
     @property
     def on_meta(self) -> bool:

@@ -25,7 +25,7 @@ from torch import nn
 
 from hetmap.compiler.frontend.moe import MoeBlock, linear_matrices
 from hetmap.compiler.frontend.tracer import is_attention, is_dense_mlp, is_norm
-from hetmap.compiler.ir import Graph, Matrix, MoeLayer, Node, NodeKind, WeightRef
+from hetmap.compiler.ir.graph import Graph, Matrix, MoeLayer, Node, NodeKind, WeightRef
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 

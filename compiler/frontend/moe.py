@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hetmap.compiler.errors import TraceError
-from hetmap.compiler.ir import Matrix, WeightRef
+from hetmap.common.errors import TraceError
+from hetmap.compiler.ir.graph import Matrix, WeightRef
 from hetmap.runtime.layouts import ExpertLayout, LayoutError, read_layout
 
 #: nn.Linear child names mapped to the paper's roles (gate, up, down).

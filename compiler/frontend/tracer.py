@@ -14,6 +14,10 @@ Rules:
    whole, whatever its class name), and tracing starts again; its weight matrices still
    become IR nodes. A module that cannot be traced and holds an MoE block (or the model's
    own forward) raises :class:`TraceError` naming its path and a hint.
+5. Inside a module that cannot be kept whole (the model's forward, or a module holding an MoE
+   block), a condition or iteration that depends on the inputs' ranks only (e.g.
+   ``if position_ids.ndim == 3``, ``reshape(*input_ids.shape, ...)``) is resolved on an
+   example input (see :mod:`.static`); the graph stays valid for every input of those ranks.
 """
 
 from __future__ import annotations
@@ -21,14 +25,15 @@ from __future__ import annotations
 import inspect
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from hetmap.compiler.errors import TraceError
+from hetmap.common.errors import TraceError
+from hetmap.compiler.frontend.static import NotStatic, StaticValues
 
 _ATTENTION_NAME = re.compile(r"attention|attn", re.IGNORECASE)
 _NORM_NAME = re.compile(r"norm", re.IGNORECASE)
@@ -85,12 +90,15 @@ class HetmapTracer(fx.Tracer):
     """fx tracer keeping MoE blocks, attention, MLPs, norms and embeddings whole."""
 
     def __init__(self, moe_paths: Iterable[str], autowrap_modules: tuple[Any, ...] = (),
-                 autowrap_functions: tuple[Any, ...] = (), opaque: Iterable[str] = ()) -> None:
+                 autowrap_functions: tuple[Any, ...] = (), opaque: Iterable[str] = (),
+                 example_inputs: tuple[Any, ...] | None = None) -> None:
         super().__init__(autowrap_modules=(__import__("math"), *autowrap_modules),
                          autowrap_functions=autowrap_functions)
         self.moe_paths = set(moe_paths)
         self.opaque = set(opaque)
+        self.example_inputs = example_inputs
         self._constants: dict[int, str] = {}
+        self._values: StaticValues | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         name = module_qualified_name.removeprefix("model.") if self._wrapped else module_qualified_name
@@ -101,6 +109,40 @@ class HetmapTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     _wrapped = False
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        values = self._static_values()
+        if values is None:
+            return super().to_bool(obj)
+        try:
+            return values.resolve_bool(obj.node)
+        except NotStatic as why:
+            raise fx.proxy.TraceError(
+                f"symbolically traced variables cannot be used as inputs to control flow ({why})"
+            ) from None
+
+    def iter(self, obj: fx.Proxy) -> Iterator[Any]:
+        values = self._static_values()
+        if values is None:
+            return super().iter(obj)
+        try:
+            length = values.length(obj.node)
+        except NotStatic as why:
+            raise fx.proxy.TraceError(f"Proxy object cannot be iterated ({why})") from None
+        return iter([obj[i] for i in range(length)])
+
+    def _static_values(self) -> StaticValues | None:
+        """Rule 5: example values, where the module being traced cannot be kept whole."""
+        if self.example_inputs is None:
+            return None
+        innermost = next(reversed(self.module_stack.values()))[0] if self.module_stack else ""
+        if self._wrapped:
+            innermost = "" if innermost == "model" else innermost.removeprefix("model.")
+        if _can_be_opaque(innermost, self.moe_paths, list(self.opaque)):
+            return None
+        if self._values is None:
+            self._values = StaticValues(self.root, self.graph, self.example_inputs)
+        return self._values
 
     def create_arg(self, a: Any) -> Any:
         from transformers import PreTrainedConfig
@@ -135,19 +177,30 @@ def _hf_autowrap(model: nn.Module) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
 MAX_OPAQUE = 256
 
 
-def trace(model: nn.Module, moe_paths: Iterable[str]) -> tuple[fx.GraphModule, bool, tuple[str, ...]]:
+#: the example input of a Hugging Face causal LM for rule 5 (token ids, batch 1)
+EXAMPLE_TOKENS = 8
+
+
+def trace(model: nn.Module, moe_paths: Iterable[str], example_input: torch.Tensor | None = None
+          ) -> tuple[fx.GraphModule, bool, tuple[str, ...]]:
     """Trace ``model``; return the GraphModule, whether it is wrapped as HF causal LM, and the
     paths of the modules kept whole because they could not be traced (rule 4).
 
+    ``example_input`` (token ids for a Hugging Face model, default ``[1, EXAMPLE_TOKENS]``
+    zeros) resolves rank-only control flow (rule 5); without one, none is resolved.
     In the wrapped form, module paths in the graph carry a leading ``model.``.
     """
     moe_paths = set(moe_paths)
     hf = is_hf_model(model)
     root: nn.Module = CausalLMWrapper(model) if hf else model
     modules, functions = _hf_autowrap(model) if hf else ((), ())
+    if example_input is None and hf:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        example_input = torch.zeros(1, EXAMPLE_TOKENS, dtype=torch.long, device=device)
+    examples = None if example_input is None else (example_input,)
     opaque: list[str] = []
     while True:
-        tracer = HetmapTracer(moe_paths, modules, functions, opaque)
+        tracer = HetmapTracer(moe_paths, modules, functions, opaque, examples)
         tracer._wrapped = hf
         try:
             graph = tracer.trace(root)

@@ -4,12 +4,12 @@ Reads: :class:`Tiling`, the target. Writes: :class:`ArrayAssignment` per analog 
 :class:`AllocationSummary` on the graph (``tiles_used``, ``arrays_used``,
 ``tile_utilization``, with and without packing).
 
-Rules: see :mod:`hetmap.compiler.allocation`. Input-side matrices of one node with the same
+Rules: see :mod:`hetmap.compiler.algorithms.allocate`. Input-side matrices of one node with the same
 input width (gate and up of an expert; q, k and v) read the same input: they form an input
 group and may share arrays side by side.
 ``spread_experts`` keeps experts that are routed together on distinct array sites so that
 they run in parallel: with calibration co-activation counts (:class:`Coactivation`), each
-layer's experts are grouped by :func:`~hetmap.compiler.allocation.coactivation_groups`
+layer's experts are grouped by :func:`~hetmap.compiler.algorithms.allocate.coactivation_groups`
 (groups of as many experts as the system's sites hold); without them a layer is one group. ``chips`` is the target's count, a number, or
 ``auto`` (the fewest chips that fit); too few arrays is a :class:`CapacityError`.
 """
@@ -21,11 +21,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from hetmap.compiler.allocation import allocate, coactivation_groups
-from hetmap.compiler.annotations import Coactivation
-from hetmap.compiler.errors import PipelineError
-from hetmap.compiler.hwannotations import AllocationSummary, ArrayAssignment, Tiling
-from hetmap.compiler.ir import Graph, Node, NodeKind
+from hetmap.common.errors import PipelineError
+from hetmap.compiler.algorithms.allocate import allocate, coactivation_groups
+from hetmap.compiler.ir.annotations import Coactivation
+from hetmap.compiler.ir.graph import Graph, Node, NodeKind
+from hetmap.compiler.ir.hwannotations import (
+    AllocationSummary,
+    ArrayAssignment,
+    ArrayLayout,
+    Tiling,
+)
 from hetmap.compiler.passes.base import CompileContext, PassResult
 
 _OUTPUT_SIDE = {"down", "o_proj", "down_proj", "fc2", "wo"}
@@ -35,6 +40,8 @@ _OUTPUT_SIDE = {"down", "o_proj", "down_proj", "fc2", "wo"}
 class AllocatePass:
     name: ClassVar[str] = "allocate"
     description: ClassVar[str] = "assign tiles to physical crossbar arrays, packing partial tiles"
+    requires: ClassVar[tuple[type, ...]] = (Tiling,)
+    provides: ClassVar[tuple[type, ...]] = (ArrayAssignment, AllocationSummary)
 
     chips: str = "target"
     packing: bool = True
@@ -92,16 +99,26 @@ class AllocatePass:
                               input_group=group_ids - group_ids.min(initial=0),
                               spread_group=np.asarray(spread) if self.spread_experts else None)
         compact = allocation.compact()
-        per_node: dict[str, tuple[list[tuple[tuple[int, int], ...]], list[tuple[tuple[int, int, int], ...]]]] = {}
-        for (node, _m), entry in zip(owners, compact["matrices"], strict=True):
-            runs, offs = per_node.setdefault(node.name, ([], []))
+        steps = allocation.serial_steps().tolist()
+        per_node: dict[str, tuple[list[tuple[tuple[int, int], ...]],
+                                  list[tuple[tuple[int, int, int], ...]], list[int]]] = {}
+        for (node, _m), entry, step in zip(owners, compact["matrices"], steps, strict=True):
+            runs, offs, node_steps = per_node.setdefault(node.name, ([], [], []))
             runs.append(tuple(tuple(r) for r in entry["slot_runs"]))
             offs.append(tuple(tuple(o) for o in entry["offsets"]))
+            node_steps.append(int(step))
         for node in nodes:
-            runs, offs = per_node[node.name]
-            node.annotate(ArrayAssignment(tuple(runs), tuple(offs)))
-        graph.annotate(AllocationSummary(allocation.summary(), compact["layout"]))
-        ctx.cache["allocation"] = allocation
+            runs, offs, node_steps = per_node[node.name]
+            node.annotate(ArrayAssignment(tuple(runs), tuple(offs), tuple(node_steps)))
         s = allocation.summary()
+        layout = compact["layout"]
+        graph.annotate(AllocationSummary(
+            chips=int(s["chips"]), arrays_available=int(s["arrays_available"]),
+            arrays_used=int(s["arrays_used"]), tiles_used=int(s["tiles_used"]),
+            stored_weights=int(s["stored_weights"]), tile_utilization=float(s["tile_utilization"]),
+            unpacked_arrays=int(s["unpacked_arrays"]),
+            unpacked_utilization=float(s["unpacked_utilization"]), packing=bool(s["packing"]),
+            layout=ArrayLayout(int(layout["rows"]), int(layout["cols"]), int(layout["chips"]),
+                               int(layout["arrays_per_chip"]), int(layout["tiers"]))))
         return PassResult(graph, True, [f"{s['tiles_used']} tiles on {s['arrays_used']} arrays "
                                         f"({s['tile_utilization']:.1%} used), {s['chips']} chip(s)"])

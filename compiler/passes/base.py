@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from hetmap.compiler.ir import Graph
+from hetmap.compiler.ir.graph import Graph
 
 if TYPE_CHECKING:
     from hetmap.compiler.frontend.loader import LoadedModel

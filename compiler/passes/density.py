@@ -22,7 +22,7 @@ Rules:
 3. Calibration text: ``calib`` (a file) or the default corpus' calibration split, at most
    ``calib_tokens`` tokens, in windows of ``seq_len``.
    A checkpoint is run streamed, one leaf module at a time (see
-   :mod:`hetmap.compiler.streaming`), when ``stream=on``, or with ``stream=auto`` when its
+   :mod:`hetmap.compiler.data.streaming`), when ``stream=on``, or with ``stream=auto`` when its
    files are larger than half of the machine's memory; otherwise it is loaded whole.
 4. A model without weights gets, for each expert, the uniform-routing assumption
    ``top_k / E`` (source ``uniform-assumption``); policies that need measured densities refuse it.
@@ -49,11 +49,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from hetmap.compiler.annotations import Coactivation, Density, InputMoments
-from hetmap.compiler.errors import PassError
-from hetmap.compiler.ir import DENSE_KINDS, Graph, MoeLayer, Node, NodeKind
+from hetmap.common.errors import PassError
+from hetmap.compiler.data.textdata import batches, load_tokens
+from hetmap.compiler.ir.annotations import Coactivation, Density, InputMoments, Traced
+from hetmap.compiler.ir.graph import DENSE_KINDS, Graph, MoeLayer, Node, NodeKind
 from hetmap.compiler.passes.base import CompileContext, PassResult
-from hetmap.compiler.textdata import batches, load_tokens
 from hetmap.runtime.layouts import CanonicalExperts, ExpertLayout, canonical
 
 
@@ -253,6 +253,8 @@ def _layout(model: nn.Module, moe: MoeLayer) -> ExpertLayout | None:
 class DensityPass:
     name: ClassVar[str] = "density"
     description: ClassVar[str] = "activation density per node from calibration tokens"
+    requires: ClassVar[tuple[type, ...]] = ()
+    provides: ClassVar[tuple[type, ...]] = (Density, InputMoments, Coactivation)
 
     calib: str | None = None
     calib_tokens: int = 4096
@@ -271,11 +273,13 @@ class DensityPass:
             if node.kind in DENSE_KINDS or node.kind is NodeKind.EMBEDDING:
                 node.annotate(Density(1.0, "structural"))
         if not graph.moe_layers:
+            graph.annotate(Coactivation({}))
             return PassResult(graph, True)
         if not ctx.model.has_weights:
             for layer, moe in graph.moe_layers.items():
                 for node in graph.experts(layer):
                     node.annotate(Density(moe.top_k / moe.num_experts, "uniform-assumption"))
+            graph.annotate(Coactivation({}))
             return PassResult(graph, True, ["no weights: expert densities assume uniform routing"])
         counters, collectors = self._calibrate(graph, ctx)
         missing = [f"{layer} ({graph.moe_layers[layer].experts_module})"
@@ -336,10 +340,14 @@ class DensityPass:
             chunks = batches(tokens, self.seq_len, self.batch)
             advance = ctx.progress("calibrating" + (" (streamed)" if streamed else ""), len(chunks))
             if streamed:
-                from hetmap.compiler.streaming import run_streamed
-                from hetmap.compiler.weights import CheckpointWeights
+                from hetmap.compiler.data.streaming import run_streamed
+                from hetmap.compiler.data.weights import CheckpointWeights
 
-                gm, wrapped = ctx.model.traced
+                traced = graph.get(Traced)
+                if traced is None:
+                    raise PassError("streamed calibration needs the traced model, which the "
+                                    "front end records on the graph; import the model again")
+                gm, wrapped = traced.module, traced.wrapped
                 assert ctx.model.checkpoint is not None
                 run_streamed(gm, CheckpointWeights(ctx.model.checkpoint), chunks, wrapped=wrapped,
                              config=ctx.model.config, advance=advance)

@@ -19,7 +19,7 @@ Rules:
    to the expert (for ``down``: ``act(gate x) * (up x)``); ``sigma_ij^2`` is the mean squared
    programming error of weight ``ij`` in weight units, from aihwkit's noise model at the
    target's settings (model, ``prog_noise_scale``, tile size) after the runtime's per-tile
-   abs-max scaling and device-pair conversion (see :mod:`hetmap.compiler.impact`). Computed
+   abs-max scaling and device-pair conversion (see :mod:`hetmap.compiler.algorithms.expert_score`). Computed
    only when every expert of a layer has a calibration density and input moments (``density``
    ran first); a note says when it was not.
 4. A model without weights gets no scores (a note says so); policies needing them refuse.
@@ -32,11 +32,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from hetmap.compiler.annotations import Density, ExpertScore, InputMoments
-from hetmap.compiler.impact import expert_expected_impact
-from hetmap.compiler.ir import Graph, Matrix, Node
+from hetmap.compiler.algorithms.expert_score import expert_expected_impact
+from hetmap.compiler.data.weights import WeightStore
+from hetmap.compiler.ir.annotations import Density, ExpertScore, InputMoments
+from hetmap.compiler.ir.graph import Graph, Matrix, Node
 from hetmap.compiler.passes.base import CompileContext, PassResult
-from hetmap.compiler.weights import WeightStore
 
 
 def max_neuron_norm(weight: torch.Tensor, matrix: Matrix) -> float:
@@ -73,6 +73,8 @@ def _impact_inputs(node: Node) -> tuple[float, InputMoments] | None:
 class ExpertScorePass:
     name: ClassVar[str] = "expert-score"
     description: ClassVar[str] = "max-neuron-norm, router-norm and expected-impact score per expert"
+    requires: ClassVar[tuple[type, ...]] = ()
+    provides: ClassVar[tuple[type, ...]] = (ExpertScore,)
 
     def run(self, graph: Graph, ctx: CompileContext) -> PassResult:
         if not graph.moe_layers:
@@ -113,8 +115,8 @@ class ExpertScorePass:
     @staticmethod
     def _noise(ctx: CompileContext) -> tuple[Any, Any]:
         """The runtime's analog settings and aihwkit noise model for the target."""
-        from hetmap.compiler.simulate import settings_for
         from hetmap.runtime.programming import make_noise_model
+        from hetmap.runtime.settings import settings_for
 
         settings = settings_for(ctx.target)
         return settings, make_noise_model(settings)

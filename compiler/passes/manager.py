@@ -1,4 +1,5 @@
-"""The pass manager: runs a pipeline, verifies the IR after every pass, times each pass,
+"""The pass manager: checks the pipeline's contracts (:mod:`hetmap.compiler.passes.contracts`)
+before anything runs and around every pass, verifies the IR after every pass, times each pass,
 optionally dumps the IR after each, and names the failing pass (and what ran before) on error.
 """
 
@@ -10,9 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hetmap.compiler.errors import HetmapError, PassError, VerificationError
-from hetmap.compiler.ir import Graph, verify
+from hetmap.common.errors import HetmapError, PassError, VerificationError
+from hetmap.compiler.ir.graph import Graph, verify
 from hetmap.compiler.passes.base import CompileContext, PassResult
+from hetmap.compiler.passes.contracts import (
+    Checker,
+    Provenance,
+    check_outputs,
+    initial_facts,
+    present_types,
+    providers_in,
+)
 from hetmap.compiler.passes.pipeline import PassSpec, instantiate
 
 
@@ -56,13 +65,27 @@ def _described(pass_: Any, ctx: CompileContext | None) -> str:
     return f"pass {pass_.name}"
 
 
+def check_contracts(graph: Graph, passes: list[Any], ctx: CompileContext | None) -> None:
+    """Refuse, in one line, a pipeline whose passes cannot get what they require."""
+    registry = getattr(getattr(ctx, "registries", None), "passes", None)
+    checker = Checker(initial_facts(graph), providers_in(registry))
+    for pass_ in passes:
+        checker.check(pass_)
+        checker.record(pass_)
+
+
 def run_pipeline(graph: Graph, passes: list[Any], ctx: CompileContext | None, *,
                  dump_dir: Path | None = None,
                  on_pass: Callable[[PassTiming], None] | None = None) -> PipelineRun:
     timings: list[PassTiming] = []
     verify(graph)
+    check_contracts(graph, passes, ctx)
+    registry = getattr(getattr(ctx, "registries", None), "passes", None)
+    checker = Checker(initial_facts(graph), providers_in(registry))
     for index, pass_ in enumerate(passes):
         ran = ", ".join(t.name for t in timings) or "nothing"
+        checker.check(pass_)  # plugin passes may have changed what the graph holds
+        before = present_types(graph)
         start = time.perf_counter()
         try:
             result = pass_.run(graph, ctx)
@@ -75,6 +98,9 @@ def run_pipeline(graph: Graph, passes: list[Any], ctx: CompileContext | None, *,
         if not isinstance(result, PassResult):
             raise PassError(f"{_described(pass_, ctx)} returned {type(result).__name__}, "
                             "not a PassResult")
+        check_outputs(pass_, result.graph, before, _described(pass_, ctx))
+        checker.record(pass_)
+        result.graph.annotate(Provenance(dict(checker.facts)))
         try:
             verify(result.graph)
         except VerificationError as exc:

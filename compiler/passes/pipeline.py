@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from hetmap.compiler.errors import PipelineError
+from hetmap.common.errors import PipelineError
 
 _NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 

@@ -1,7 +1,8 @@
 """``place``: put every node on ``digital`` or ``aimc-tile``, with a reason.
 
-Reads: :class:`Density`, policy inputs (scores, densities), the target's capability
-predicate. Writes: :class:`Placement` on every node.
+Requires: nothing (without :class:`Density` non-expert matrices count as dense); a policy
+checks its own inputs (scores, densities) and names the pass that provides them. Provides:
+:class:`Placement` on every node. Algorithm: :mod:`hetmap.compiler.algorithms.place`.
 
 Rules, in order:
 
@@ -21,10 +22,10 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from hetmap.compiler.annotations import AIMC, DIGITAL, Density, Placement
-from hetmap.compiler.ir import Graph, Node, NodeKind
+from hetmap.compiler.algorithms.place import check_scores
+from hetmap.compiler.ir.annotations import AIMC, DIGITAL, Density, Placement
+from hetmap.compiler.ir.graph import Graph, Node, NodeKind
 from hetmap.compiler.passes.base import CompileContext, PassResult
-from hetmap.compiler.policies import check_scores
 from hetmap.targets import aimc_supports
 
 
@@ -37,6 +38,8 @@ def budget_count(budget: float, count: int) -> int:
 class PlacePass:
     name: ClassVar[str] = "place"
     description: ClassVar[str] = "assign nodes to digital or aimc-tile under an expert budget"
+    requires: ClassVar[tuple[type, ...]] = ()
+    provides: ClassVar[tuple[type, ...]] = (Placement,)
 
     #: the default is chosen by evidence (benchmarks/policy_evidence.py, see the README):
     #: expected-impact recovers the most of the analog-to-digital gap on average over two

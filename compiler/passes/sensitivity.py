@@ -34,11 +34,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from hetmap.compiler.annotations import Sensitivity
-from hetmap.compiler.errors import PipelineError
-from hetmap.compiler.ir import Graph, MoeLayer, Node
+from hetmap.common.errors import PipelineError
+from hetmap.compiler.data.textdata import batches, load_tokens
+from hetmap.compiler.ir.annotations import Sensitivity
+from hetmap.compiler.ir.graph import Graph, MoeLayer, Node
 from hetmap.compiler.passes.base import CompileContext, PassResult
-from hetmap.compiler.textdata import batches, load_tokens
 
 #: A perturbed run's time over a digital forward's (model copy, programming one expert).
 _RUN_OVERHEAD = 1.1
@@ -69,7 +69,7 @@ def _analog_part(moe: MoeLayer, node: Node) -> tuple[tuple[str, ...], dict[str, 
 
 
 def _mean_nll(model: nn.Module, windows: list[torch.Tensor]) -> float:
-    from hetmap.compiler.simulate import perplexity
+    from hetmap.compiler.evaluation.simulate import perplexity
 
     return math.log(perplexity(model, windows))
 
@@ -78,6 +78,8 @@ def _mean_nll(model: nn.Module, windows: list[torch.Tensor]) -> float:
 class SensitivityPass:
     name: ClassVar[str] = "sensitivity"
     description: ClassVar[str] = "measured calibration-loss increase of each expert alone on AIMC"
+    requires: ClassVar[tuple[type, ...]] = ()
+    provides: ClassVar[tuple[type, ...]] = (Sensitivity,)
 
     tokens: int = 2048
     layers: str | None = None
@@ -99,8 +101,8 @@ class SensitivityPass:
         return None
 
     def run(self, graph: Graph, ctx: CompileContext) -> PassResult:
-        from hetmap.compiler.simulate import settings_for
         from hetmap.runtime import build_simulated_model
+        from hetmap.runtime.settings import settings_for
 
         if not graph.moe_layers:
             return PassResult(graph, False)

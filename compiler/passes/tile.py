@@ -1,7 +1,7 @@
 """``tile``: cut every analog matrix into fixed-size crossbar tiles.
 
-Reads: :class:`Placement`, the target's crossbar ``rows`` x ``cols``. Writes: :class:`Tiling`
-on every node placed on ``aimc-tile``.
+Requires: :class:`Placement`; reads the target's crossbar ``rows`` x ``cols``. Provides:
+:class:`Tiling` on every node placed on ``aimc-tile``. Algorithm: :mod:`hetmap.common.grid`.
 
 Rules: (1) W ``[out, in]`` becomes ``ceil(in / rows) x ceil(out / cols)`` tiles; rows index
 input features, columns output features; the last tiles of each side are partial. (2) Digital
@@ -13,17 +13,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from hetmap.compiler.annotations import Placement
-from hetmap.compiler.hwannotations import Tiling
-from hetmap.compiler.ir import Graph
+from hetmap.common.grid import TileGrid
+from hetmap.compiler.ir.annotations import Placement
+from hetmap.compiler.ir.graph import Graph
+from hetmap.compiler.ir.hwannotations import Tiling
 from hetmap.compiler.passes.base import CompileContext, PassResult
-from hetmap.compiler.tiling import TileGrid
 
 
 @dataclass(frozen=True)
 class TilePass:
     name: ClassVar[str] = "tile"
     description: ClassVar[str] = "cut analog matrices into crossbar-sized tiles"
+    requires: ClassVar[tuple[type, ...]] = (Placement,)
+    provides: ClassVar[tuple[type, ...]] = (Tiling,)
 
     def run(self, graph: Graph, ctx: CompileContext) -> PassResult:
         rows, cols = ctx.target.aimc.rows, ctx.target.aimc.cols

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hetmap.common.errors import EmitError
 from hetmap.compiler.backends import onnx_export as onnx_export_module
 from hetmap.compiler.backends.onnx_export import ExportReport, export_onnx
-from hetmap.compiler.errors import EmitError
 
 VOCAB, HIDDEN, EXPERTS, TOP_K = 64, 32, 4, 2
 EXAMPLE_SHAPE = (3, 7)  # 21 tokens: no weight may have a dimension of this size

@@ -20,9 +20,9 @@ import pytest
 import torch
 from torch import nn
 
+from hetmap.common.errors import EmitError
 from hetmap.compiler.backends.onnx_export import ExportReport, export_onnx
 from hetmap.compiler.backends.onnx_scan import selective_scan
-from hetmap.compiler.errors import EmitError
 
 VOCAB, HIDDEN, EXPERTS, TOP_K = 512, 64, 8, 2
 EXAMPLE_SHAPE = (2, 7)

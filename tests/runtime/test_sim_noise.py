@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from hetmap.compiler.errors import SimulationError
+from hetmap.common.errors import SimulationError
 from hetmap.runtime import AnalogSettings, AnalogTileStack, SimulatedExperts, reference_linear
 from hetmap.runtime.settings import NOISE_MODELS
 

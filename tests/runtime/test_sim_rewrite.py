@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hetmap.compiler.errors import SimulationError
+from hetmap.common.errors import SimulationError
 from hetmap.runtime import (
     AnalogSettings,
     ReferenceExperts,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from hetmap.compiler.errors import SimulationError
-from hetmap.runtime import AnalogSettings, tiles_per_matrix
-from hetmap.runtime.tiling import TileGrid
+from hetmap.common.errors import SimulationError
+from hetmap.common.grid import TileGrid, tiles_per_matrix
+from hetmap.runtime import AnalogSettings
 
 
 def test_defaults_follow_the_paper_and_aihwkit() -> None:
@@ -55,7 +55,7 @@ def test_tile_counts() -> None:
     assert tiles_per_matrix(1024, 2048, 512, 512) == 8
     assert tiles_per_matrix(1000, 513, 512, 512) == 4
     grid = TileGrid.build(in_features=40, out_splits=(10, 10), rows=16, cols=8)
-    assert grid.in_tiles == 3 and grid.column_tiles == 4 and grid.tiles == 12
+    assert grid.n_row_tiles == 3 and grid.n_col_tiles == 4 and grid.count == 12
     # gate and up each start on a fresh column tile
     assert grid.column_tile_index().tolist() == [0] * 8 + [1] * 2 + [2] * 8 + [3] * 2
     assert [(s.start, s.stop) for s in grid.in_slices()] == [(0, 16), (16, 32), (32, 40)]

@@ -6,7 +6,7 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from hetmap.compiler.annotations import DIGITAL, Density, ExpertScore, Placement
+from hetmap.compiler.ir.annotations import DIGITAL, Density, ExpertScore, Placement
 from hetmap.compiler.passes.base import PassResult
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from hetmap.compiler.annotations import Density, ExpertScore
-from hetmap.compiler.errors import MissingDataError
+from hetmap.common.errors import MissingDataError
+from hetmap.compiler.ir.annotations import Density, ExpertScore
 
 
 class FrequencyTimesNorm:

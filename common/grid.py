@@ -1,4 +1,4 @@
-"""Cut analog weight matrices into fixed-size crossbar tiles.
+"""The one crossbar tile grid: how weight matrices are cut into fixed-size tiles.
 
 A weight ``W`` of shape ``[out, in]`` (nn.Linear convention) on ``rows x cols`` crossbars:
 
@@ -10,13 +10,17 @@ A weight ``W`` of shape ``[out, in]`` (nn.Linear convention) on ``rows x cols`` 
    columns). Tiles are fixed-size, not the near-equal split aihwkit makes.
 3. Tiles are numbered row-tile major: tile ``t = r * n_col_tiles + c``.
 
-:class:`TileGrid` describes one matrix; :func:`tile_counts`, :func:`tile_table` (every tile)
+:class:`TileGrid` describes one matrix, or a stack of matrices that read the same input and sit
+side by side along the output dimension (an expert's gate and up projections: ``out_splits``
+gives their output sizes, and every matrix starts on a fresh column tile). The compiler's tile
+pass, the allocator and the runtime's tile model all use this class. :func:`tile_counts`, :func:`tile_table` (every tile)
 and :func:`edge_tiles` (only the partial ones) work on arrays of shapes at once, for models
 with tens of thousands of matrices.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,25 +34,40 @@ def _ceil_div(a: NDArray[np.int64], b: int) -> NDArray[np.int64]:
 
 @dataclass(frozen=True)
 class TileGrid:
-    """The tiling of one ``[out_features, in_features]`` matrix on ``rows x cols`` arrays."""
+    """The tiling of one ``[out_features, in_features]`` matrix (or a stack of matrices with
+    output sizes ``out_splits``, summing to ``out_features``) on ``rows x cols`` arrays."""
 
     out_features: int
     in_features: int
     rows: int
     cols: int
+    out_splits: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         sizes = (self.out_features, self.in_features, self.rows, self.cols)
         if min(sizes) <= 0:
             raise ValueError(f"TileGrid sizes must be positive, got {sizes}")
+        if not self.out_splits:
+            object.__setattr__(self, "out_splits", (self.out_features,))
+        if sum(self.out_splits) != self.out_features or min(self.out_splits) <= 0:
+            raise ValueError(f"TileGrid out_splits {self.out_splits} do not add up to "
+                             f"{self.out_features} positive output features")
+
+    @classmethod
+    def build(cls, in_features: int, out_splits: Sequence[int], rows: int, cols: int) -> TileGrid:
+        """A stack of matrices of output sizes ``out_splits`` reading ``in_features`` inputs."""
+        splits = tuple(int(size) for size in out_splits)
+        return cls(sum(splits), int(in_features), rows, cols, splits)
 
     @property
     def n_row_tiles(self) -> int:
+        """Tiles along the input dimension (their partial sums are added digitally)."""
         return -(-self.in_features // self.rows)
 
     @property
     def n_col_tiles(self) -> int:
-        return -(-self.out_features // self.cols)
+        """Tiles along the output dimension, over all matrices of the stack."""
+        return sum(-(-size // self.cols) for size in self.out_splits)
 
     @property
     def count(self) -> int:
@@ -69,8 +88,14 @@ class TileGrid:
         return np.minimum(np.arange(self.n_row_tiles + 1) * self.rows, self.in_features)
 
     def col_bounds(self) -> NDArray[np.int64]:
-        """Output-feature boundaries ``[0, cols, 2*cols, ..., out_features]``."""
-        return np.minimum(np.arange(self.n_col_tiles + 1) * self.cols, self.out_features)
+        """Output-feature boundaries of the column tiles, ``[0, cols, ..., out_features]`` for
+        one matrix; each matrix of a stack starts a fresh column tile."""
+        bounds, start = [0], 0
+        for size in self.out_splits:
+            edges = np.minimum(np.arange(1, -(-size // self.cols) + 1) * self.cols, size)
+            bounds.extend((start + edges).tolist())
+            start += size
+        return np.asarray(bounds, dtype=np.int64)
 
     def ranges(self) -> NDArray[np.int64]:
         """``[count, 4]``: (row_start, row_stop, col_start, col_stop) of each tile."""
@@ -101,6 +126,24 @@ class TileGrid:
             "row_bounds": self.row_bounds().tolist(),
             "col_bounds": self.col_bounds().tolist(),
         }
+
+    def in_slices(self) -> list[slice]:
+        """Input-dimension slice of each row tile."""
+        bounds = self.row_bounds().tolist()
+        return [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def out_offsets(self) -> list[tuple[int, int]]:
+        """``(start, size)`` of each matrix of the stack along the output dimension."""
+        starts = np.concatenate([[0], np.cumsum(self.out_splits)[:-1]])
+        return [(int(start), size) for start, size in zip(starts, self.out_splits, strict=True)]
+
+    def column_tile_index(self) -> NDArray[np.int64]:
+        """For every output feature, the index of the column tile that computes it."""
+        parts, first = [], 0
+        for size in self.out_splits:
+            parts.append(first + np.arange(size, dtype=np.int64) // self.cols)
+            first += -(-size // self.cols)
+        return np.concatenate(parts)
 
 
 def tile_counts(

@@ -36,8 +36,8 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from hetmap.compiler.errors import CapacityError
-from hetmap.compiler.tiling import TileTable, edge_tiles, tile_table, tiles_per_matrix
+from hetmap.common.errors import CapacityError
+from hetmap.common.grid import TileTable, edge_tiles, tile_table, tiles_per_matrix
 from hetmap.targets.model import Target
 
 Chips = int | Literal["auto"]
@@ -47,7 +47,7 @@ _FFD_WINDOW = 32  # open bins searched by first-fit (bounds the cost on patholog
 @dataclass(frozen=True, eq=False)
 class Allocation:
     """Where every tile lives. Tile ``t`` of matrix ``m`` is ``tile_start[m] + t`` (row-tile
-    major, as :class:`~hetmap.compiler.tiling.TileGrid` numbers them)."""
+    major, as :class:`~hetmap.common.grid.TileGrid` numbers them)."""
 
     out_features: NDArray[np.int64]
     in_features: NDArray[np.int64]

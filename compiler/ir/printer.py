@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hetmap.compiler.ir import Graph, Node
+    from hetmap.compiler.ir.graph import Graph, Node
 
 
 def format_node(graph: Graph, node: Node) -> str:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hetmap.compiler.errors import SimulationError
+from hetmap.common.errors import SimulationError
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,9 @@ def evaluate_point(point: SweepPoint) -> float:
     """Perplexity of one point, single-threaded (works in any process)."""
     import torch
 
+    from hetmap.compiler.data.textdata import batches, load_tokens
+    from hetmap.compiler.evaluation.simulate import perplexity
     from hetmap.compiler.frontend import load_model
-    from hetmap.compiler.simulate import perplexity
-    from hetmap.compiler.textdata import batches, load_tokens
     from hetmap.runtime import AnalogSettings, build_simulated_model
 
     torch.set_num_threads(1)
@@ -197,7 +197,7 @@ def parse_names(text: str) -> list[str]:
 def sweep_points(model: str, plans: Iterable[tuple[str, float, Any]], noise_scales: list[float],
                  seeds: int, seed: int, settings_for: Callable[[float], Any],
                  eval_file: str | None, eval_tokens: int, seq_len: int) -> list[SweepPoint]:
-    from hetmap.compiler.simulate import analog_part
+    from hetmap.compiler.evaluation.simulate import analog_part
 
     points = []
     for policy, budget, plan in plans:

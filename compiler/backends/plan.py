@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hetmap.compiler.errors import OutputError
-from hetmap.compiler.ir import Node
+from hetmap.common.errors import OutputError
+from hetmap.compiler.ir.graph import Node
 
 PLAN_FILE = "plan.json"
 IR_FILE = "ir.txt"

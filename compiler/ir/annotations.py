@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from hetmap.compiler.errors import VerificationError
-from hetmap.compiler.ir import Node
+from hetmap.common.errors import VerificationError
+from hetmap.compiler.ir.graph import Node
 
 DIGITAL = "digital"
 AIMC = "aimc-tile"
@@ -89,7 +89,7 @@ class InputMoments:
 class ExpertScore:
     """Per-expert scores: the paper's maximum-neuron-norm product, the router-row norm and the
     expected output-error impact under the target's programming noise (see
-    :mod:`hetmap.compiler.impact`)."""
+    :mod:`hetmap.compiler.algorithms.expert_score`)."""
 
     max_norm: float | None = None
     router_norm: float | None = None
@@ -173,9 +173,29 @@ class Placement:
 @dataclass(frozen=True, eq=False)
 class Coactivation:
     """Graph-level: per MoE layer, ``[E, E]`` counts of calibration tokens routed to both
-    experts i and j (the diagonal: to i). Read by ``allocate{spread_experts=true}``."""
+    experts i and j (the diagonal: to i); empty without calibration. Read by
+    ``allocate{spread_experts=true}``."""
 
-    layers: dict[int, Any]
+    scope: ClassVar[str] = "graph"
+    layers: Mapping[int, np.ndarray]
+
+    def to_json(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass(frozen=True, eq=False)
+class Traced:
+    """Graph-level, written by the front end: the torch.fx ``GraphModule`` the IR was lowered
+    from (``wrapped``: it wraps a Hugging Face causal LM's ``input_ids -> logits``). Passes
+    that execute the traced model (streamed calibration) read it here. Not serialised; a
+    copied graph shares it (the module is the model's, never copied)."""
+
+    scope: ClassVar[str] = "graph"
+    module: Any
+    wrapped: bool
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Traced:
+        return self
 
     def to_json(self) -> dict[str, Any]:
         return {}

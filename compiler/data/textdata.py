@@ -2,7 +2,7 @@
 
 A model with a tokenizer gets its tokenizer's ids; one without reads bytes modulo its
 vocabulary size. With no file given, the default corpus split (Python standard library
-sources, see :mod:`hetmap.compiler.corpus`) is used deterministically.
+sources, see :mod:`hetmap.compiler.data.corpus`) is used deterministically.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from hetmap.compiler import corpus
-from hetmap.compiler.errors import MissingDataError
+from hetmap.common.errors import MissingDataError
+from hetmap.compiler.data import corpus
 from hetmap.compiler.frontend.loader import LoadedModel
 
 

@@ -24,8 +24,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from hetmap.compiler.errors import MissingDataError
-from hetmap.compiler.weights import CheckpointWeights
+from hetmap.common.errors import MissingDataError
+from hetmap.compiler.data.weights import CheckpointWeights
 
 
 class StreamingInterpreter(fx.Interpreter):

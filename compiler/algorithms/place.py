@@ -16,9 +16,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from hetmap.compiler.annotations import Density, ExpertScore, Sensitivity
-from hetmap.compiler.errors import MissingDataError
-from hetmap.compiler.ir import Graph, Node
+from hetmap.common.errors import MissingDataError
+from hetmap.compiler.ir.annotations import Density, ExpertScore, Sensitivity
+from hetmap.compiler.ir.graph import Graph, Node
 from hetmap.compiler.passes.base import CompileContext
 
 
@@ -83,7 +83,7 @@ class ExpectedImpact:
     """``density x sum over matrices of sum_ij sigma_ij^2 E[x_j^2]``: the expected squared
     output error an expert adds per token on AIMC tiles, with ``sigma_ij`` from aihwkit's
     programming-noise model at the target's settings and ``E[x_j^2]`` the calibration inputs'
-    second moments (written by ``expert-score``; see :mod:`hetmap.compiler.impact`)."""
+    second moments (written by ``expert-score``; see :mod:`hetmap.compiler.algorithms.expert_score`)."""
 
     name: ClassVar[str] = "expected-impact"
     description: ClassVar[str] = "largest expected output error under the target's noise first"
@@ -155,7 +155,7 @@ def builtin_policies() -> list[type[Any]]:
 
 def check_scores(policy: Any, origin: str, experts: list[Node], scores: Any) -> dict[str, float]:
     """Validate a policy's result; raise PluginError naming the policy when it is invalid."""
-    from hetmap.compiler.errors import PluginError
+    from hetmap.common.errors import PluginError
 
     name = getattr(policy, "name", type(policy).__name__)
     if not isinstance(scores, dict):

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from hetmap.compiler.tiling import tiles_per_matrix
+from hetmap.common.grid import tiles_per_matrix
 from hetmap.targets.capability import MATMUL_KINDS
 from hetmap.targets.model import Target
 

@@ -7,7 +7,7 @@ The IR is deliberately small:
   carry :class:`Matrix` entries; a matrix references its weights by state-dict name through a
   :class:`WeightRef`, so nothing is loaded until a pass asks (meta-device models compile
   without memory for weights).
-* Typed annotations (see :mod:`hetmap.compiler.annotations`) that passes attach with
+* Typed annotations (see :mod:`hetmap.compiler.ir.annotations`) that passes attach with
   :meth:`Node.annotate` and read with :meth:`Node.get`. There is no free-form ``meta`` dict.
 * :class:`Graph` -- nodes in program order plus data-flow edges (networkx stays behind this
   API) and one :class:`MoeLayer` record per MoE block.
@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import networkx as nx
 
-from hetmap.compiler.errors import VerificationError
+from hetmap.common.errors import VerificationError
 
 
 class NodeKind(StrEnum):
@@ -257,7 +257,7 @@ class Graph(Annotated):
         return bool(nx.is_directed_acyclic_graph(self._dag))
 
     def __str__(self) -> str:
-        from hetmap.compiler.printer import format_graph
+        from hetmap.compiler.ir.printer import format_graph
 
         return format_graph(self)
 

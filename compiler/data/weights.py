@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from hetmap.compiler.errors import MissingDataError
-from hetmap.compiler.ir import WeightRef
+from hetmap.common.errors import MissingDataError
+from hetmap.compiler.ir.graph import WeightRef
 
 
 class WeightStore(Protocol):

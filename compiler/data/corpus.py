@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hetmap.compiler.errors import HetmapError, MissingDataError
+from hetmap.common.errors import HetmapError, MissingDataError
 
 SPLITS: tuple[str, ...] = ("train", "calib", "eval")
-SPLIT_PATH = Path(__file__).parent / "assets" / "corpus_split.json"
+SPLIT_PATH = Path(__file__).resolve().parent.parent / "assets" / "corpus_split.json"
 
-SPLIT_PATH_C = Path(__file__).parent / "assets" / "corpus_split_c.json"
+SPLIT_PATH_C = Path(__file__).resolve().parent.parent / "assets" / "corpus_split_c.json"
 CORPORA: tuple[str, ...] = ("stdlib", "c-headers")
 
 _EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"})
@@ -120,14 +120,14 @@ def write_split_c(path: Path = SPLIT_PATH_C, root: Path | None = None) -> dict[s
     """Scan the C include dir and write the ``c-headers`` split list (the committed asset)."""
     return _write_split_document(
         path, scan_headers(root), "hetmap c-headers corpus split: CPython *.h files, relative "
-        "to sysconfig include dir; see hetmap.compiler.corpus for the rules")
+        "to sysconfig include dir; see hetmap.compiler.data.corpus for the rules")
 
 
 def write_split(path: Path = SPLIT_PATH, root: Path | None = None) -> dict[str, list[str]]:
     """Scan the stdlib and write the split list to ``path`` (the committed asset by default)."""
     return _write_split_document(
         path, scan_stdlib(root), "hetmap corpus split: stdlib *.py files, relative to the "
-        "stdlib dir; see hetmap.compiler.corpus for the rules")
+        "stdlib dir; see hetmap.compiler.data.corpus for the rules")
 
 
 def _check_split(split: str) -> None:
@@ -143,7 +143,7 @@ def listed_files(split: str, corpus: str = "stdlib") -> list[str]:
         writer = "write_split" if corpus == "stdlib" else "write_split_c"
         raise MissingDataError(
             f"corpus split list {path} is missing: regenerate it with "
-            f"hetmap.compiler.corpus.{writer}()"
+            f"hetmap.compiler.data.corpus.{writer}()"
         )
     document = json.loads(path.read_text(encoding="utf-8"))
     return list(document["splits"][split])

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hetmap.compiler.annotations import Placement
-from hetmap.compiler.ir import Graph
+from hetmap.compiler.ir.annotations import Placement
+from hetmap.compiler.ir.graph import Graph
 
 FRACTION_DEFINITION = ("parameters of matrix nodes placed digital / all model parameters "
                        "(embeddings and norms count in the denominator only)")

@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from hetmap.compiler.annotations import Placement
-from hetmap.compiler.errors import SimulationError
-from hetmap.compiler.ir import Graph, NodeKind
-from hetmap.compiler.textdata import batches, load_tokens
+from hetmap.common.errors import SimulationError
+from hetmap.compiler.data.textdata import batches, load_tokens
+from hetmap.compiler.ir.annotations import Placement
+from hetmap.compiler.ir.graph import Graph, NodeKind
+from hetmap.runtime.settings import settings_for
 
 if TYPE_CHECKING:
     from hetmap.compiler.api import Plan
@@ -79,19 +80,6 @@ def analog_part(graph: Graph, model: nn.Module) -> AnalogPart:
                 kept.append(matrix.key)
     return AnalogPart(tuple(linears), {k: tuple(sorted(v)) for k, v in experts.items()},
                       tuple(kept), _layouts(graph, modules, set(experts)))
-
-
-def settings_for(target: Any, *, noise_scale: float | None = None, drift_time: float | None = None,
-                 ideal: bool = False) -> Any:
-    from hetmap.runtime import AnalogSettings
-
-    aimc = target.aimc
-    params = dict(aimc.noise.params)
-    return AnalogSettings(
-        rows=aimc.rows, cols=aimc.cols, dac_bits=aimc.dac_bits, adc_bits=aimc.adc_bits,
-        out_noise=aimc.out_noise, noise_model=aimc.noise.model,
-        noise_scale=float(params.get("prog_noise_scale", 1.0) if noise_scale is None else noise_scale),
-        drift_time=drift_time, ideal=ideal)
 
 
 def perplexity(model: nn.Module, windows: list[torch.Tensor], device: str = "cpu") -> float:

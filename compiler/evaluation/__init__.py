@@ -1,0 +1,2 @@
+"""Evaluation: run a compiled plan on the analog simulator (simulate) and over grids of
+policies, budgets and seeds (sweep)."""
