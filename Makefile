@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint clean venv
+.PHONY: demo test test-fast test-timing lint clean venv
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ test: $(STAMP)
 # the quick loop while developing: everything but the tests marked slow (CI runs them all)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
+
+# the wall-clock assertions (noisy on shared machines, so not in the default run)
+test-timing: $(STAMP)
+	$(PY) -m pytest -q -m timing --timing tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

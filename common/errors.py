@@ -67,3 +67,10 @@ class SimulationError(HetmapError):
 
 class EmitError(HetmapError):
     """A back end cannot emit the plan (e.g. ONNX for a model without weights)."""
+
+
+#: why aihwkit is not a declared dependency, and how to install it (README "Install")
+AIHWKIT_MISSING = (
+    "the analog simulator needs aihwkit 1.1.0, which is not installed: run "
+    "'pip install --no-deps aihwkit==1.1.0' (its declared dependencies pull a torchvision "
+    "that breaks transformers beside the CPU torch; 'make venv' does this for you)")

@@ -1,13 +1,13 @@
-"""hetmap's Python API; the CLI is a thin layer over it.
+"""hetmap's Python API, exposed as ``import hetmap``; the CLI is a thin layer over it.
 
-    from hetmap.compiler.api import compile_model, load_plan
-    plan = compile_model("demo", policy="activation-frequency", budget=0.25)
+    import hetmap
+    plan = hetmap.compile("demo", policy="activation-frequency", budget=0.25)
     print(plan.summary["digital_param_fraction"], plan.placement("model.layers.0.mlp.experts.3"))
     plan.write("out/demo-af", force=True)         # plan.json + ir.txt
     plan.emit_onnx("out/demo-af")                 # model.onnx with placement metadata
     result = plan.simulate(seeds=3)               # perplexity all-digital vs mapped
     print(result.digital_ppl, result.mapped_ppl_mean, result.mapped_ppl_std)
-    same = load_plan("out/demo-af")               # a plan directory back as a Plan
+    same = hetmap.load_plan("out/demo-af")        # a plan directory back as a Plan
 """
 
 from __future__ import annotations
@@ -16,16 +16,19 @@ import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from hetmap.common.errors import HetmapError, TargetError
+from hetmap.common.errors import HetmapError, OutputError, TargetError
 from hetmap.compiler.backends.plan import (
     IR_FILE,
     PLAN_FILE,
+    SCHEMA_VERSION,
     atomic_directory,
     node_json,
+    restore_annotations,
     write_plan,
 )
 from hetmap.compiler.backends.summary import summarize
@@ -33,9 +36,13 @@ from hetmap.compiler.frontend import LoadedModel, import_model, load_model
 from hetmap.compiler.ir.annotations import Placement
 from hetmap.compiler.ir.graph import Graph, Node
 from hetmap.compiler.passes.base import CompileContext
-from hetmap.compiler.passes.manager import PassTiming, build_passes, run_pipeline
+from hetmap.compiler.passes.contracts import Provenance
+from hetmap.compiler.passes.manager import PassTiming, build_passes, check_contracts, run_pipeline
 from hetmap.compiler.passes.pipeline import parse_pipeline
 from hetmap.compiler.registry import Registries, load_registries
+
+if TYPE_CHECKING:
+    from hetmap.compiler.evaluation.search import SearchResult, SearchStep
 
 DEFAULT_PIPELINE = "density,expert-score,place,tile,allocate,cost"
 #: the default pipeline for policies that rank by a costly analysis pass of their own
@@ -91,13 +98,16 @@ class Plan:
 
     def header(self) -> dict[str, Any]:
         """plan.json without its per-node list (what summaries and reports need)."""
+        provenance = self.graph.get(Provenance)
         return {
+            "schema_version": SCHEMA_VERSION,
             "hetmap_version": version(),
             "model": {"spec": _portable_spec(self.model.spec), "name": self.model.name,
                       "source": self.model.source},
             "target": self.target.to_json(),
             "pipeline": self.pipeline,
             "options": self.options,
+            **({"provided": provenance.providers()} if provenance is not None else {}),
             "timings": [{"pass": t.name, "seconds": round(t.seconds, 4)} for t in self.timings],
             "summary": self.summary,
         }
@@ -105,11 +115,13 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {**self.header(), "nodes": [node_json(n) for n in self.graph]}
 
-    def emit_onnx(self, out_dir: str | Path, *, tiles: bool = False) -> list[Path]:
-        """Write ``out_dir/model.onnx`` with placement metadata (see the onnx emitter)."""
+    def emit_onnx(self, out_dir: str | Path, *, tiles: bool = False, moe: str | None = None,
+                  external_data: bool = False) -> list[Path]:
+        """Write ``out_dir/model.onnx`` with placement metadata (see the onnx emitter);
+        ``moe``: ``static``, ``dispatch`` (default) or ``ort``."""
         from hetmap.compiler.backends.onnx_emitter import emit_onnx
 
-        return emit_onnx(self, Path(out_dir), tiles=tiles)
+        return emit_onnx(self, Path(out_dir), tiles=tiles, moe=moe, external_data=external_data)
 
     def simulate(self, **options: Any) -> Any:
         """Perplexity all-digital vs mapped; see :func:`hetmap.compiler.evaluation.simulate.simulate_plan`."""
@@ -140,24 +152,23 @@ def _portable_spec(spec: str) -> str:
 
 
 def load_plan(out: str | Path, *, registries: Registries | None = None) -> Plan:
-    """Rebuild a :class:`Plan` from a compiled plan directory: the model is imported again
-    and the placements of plan.json are applied to its IR node by node."""
-    from hetmap.common.errors import OutputError
+    """Rebuild a :class:`Plan` from a compiled plan directory: plan.json is validated against
+    its schema, the model it names is imported again, the plan is checked against that model
+    (node names, kinds, matrix shapes, parameter counts) and every annotation plan.json
+    records is restored onto the IR (placements, densities, scores, tiles, arrays, the
+    allocation and cost summaries), so the loaded plan equals the compiled one."""
     from hetmap.compiler.backends.plan import read_plan
     from hetmap.targets import target_from_dict
 
     data = read_plan(Path(out))
     registries = registries or load_registries()
     loaded = load_model(data["model"]["spec"])
+    if loaded.name != data["model"]["name"]:
+        raise OutputError(f"{out}/plan.json was compiled for model {data['model']['name']!r}, "
+                          f"but {data['model']['spec']!r} now loads {loaded.name!r}; recompile it")
     graph = import_model(loaded, allow_dense=bool(data.get("options", {}).get("allow_dense")))
-    for entry in data["nodes"]:
-        if "placement" not in entry:
-            continue
-        if entry["name"] not in graph:
-            raise OutputError(f"{out}/plan.json does not match model {loaded.name!r}: it has no "
-                              f"node {entry['name']!r}; recompile the plan")
-        graph.node(entry["name"]).annotate(Placement(entry["placement"], entry["reason"]))
     target = target_from_dict(data["target"], source=f"{out}/plan.json")
+    restore_annotations(graph, data, target, registries.passes, source=f"{out}/plan.json")
     return Plan(graph, loaded, target, data["pipeline"], [], data.get("options", {}))
 
 
@@ -174,14 +185,10 @@ def compile_model(model: str | nn.Module | LoadedModel, *, target: str = "aimc-5
     ``calib_tokens``, ``chips``, ...); an option no pass in the pipeline takes is an error.
     A model in which no MoE block is found is an error unless ``allow_dense`` is set.
     """
+    from hetmap.runtime import require_aihwkit
+
+    require_aihwkit()  # the passes' noise models and the simulator are aihwkit's
     registries = registries or load_registries()
-    if isinstance(model, str):
-        loaded = load_model(model, trust_remote_code=trust_remote_code)
-    elif isinstance(model, nn.Module):
-        loaded = LoadedModel(spec=type(model).__name__, name=type(model).__name__,
-                             source="module", module=model.eval(), config=getattr(model, "config", None))
-    else:
-        loaded = model
     text = pipeline or POLICY_PIPELINES.get(str(options.get("policy")), DEFAULT_PIPELINE)
     specs = parse_pipeline(text)
     passes = build_passes(specs, registries.passes, options)
@@ -192,6 +199,14 @@ def compile_model(model: str | nn.Module | LoadedModel, *, target: str = "aimc-5
 
         raise PipelineError(f"option(s) {', '.join(unused)} not taken by any pass of "
                             f"pipeline {text!r}")
+    check_contracts(None, passes, SimpleNamespace(registries=registries))
+    if isinstance(model, str):
+        loaded = load_model(model, trust_remote_code=trust_remote_code)
+    elif isinstance(model, nn.Module):
+        loaded = LoadedModel(spec=type(model).__name__, name=type(model).__name__,
+                             source="module", module=model.eval(), config=getattr(model, "config", None))
+    else:
+        loaded = model
     ctx = CompileContext(model=loaded, target=resolve_target(target, registries),
                          registries=registries, seed=seed)
     if progress is not None:
@@ -254,5 +269,35 @@ def run_sweep(model: str, *, policies: list[str], budgets: list[float], noise_sc
     return {**extra, "summary": summary, "points": values}
 
 
+def search(model: str | nn.Module | LoadedModel, *, max_loss: float, metric: str = "ppl",
+           policy: str | None = None, budget_scope: str = "layer", seeds: int = 3, seed: int = 0,
+           noise_scale: float | None = None, drift_time: float | None = None,
+           target: str = "aimc-512", calib: str | None = None, calib_tokens: int | None = None,
+           chips: int | str | None = None, eval_file: str | None = None, eval_tokens: int = 8192,
+           device: str = "cpu", trust_remote_code: bool = False,
+           registries: Registries | None = None,
+           progress: Callable[[str, int], Callable[[int], None]] | None = None,
+           on_step: Callable[[SearchStep], None] | None = None) -> SearchResult:
+    """The smallest digital budget whose mapped perplexity (mean + one std over ``seeds``) stays
+    within ``max_loss`` (a fraction: 0.01 is 1%) of all-digital; see
+    :mod:`hetmap.compiler.evaluation.search`. Calibration and scores are computed once. Returns
+    a ``SearchResult``: its ``steps``, ``chosen`` step and ``plan`` (None when nothing passed;
+    ``require_plan()`` then raises the one-line error)."""
+    from hetmap.compiler.evaluation.search import check_search, search_budget
+    from hetmap.compiler.passes.place import PlacePass
+
+    registries = registries or load_registries()
+    policy = policy or PlacePass.policy
+    check_search(metric, policy, registries)
+    analysis = POLICY_PIPELINES.get(policy, DEFAULT_PIPELINE).split(",place")[0]
+    base = compile_model(model, target=target, pipeline=analysis, seed=seed,
+                         trust_remote_code=trust_remote_code, registries=registries,
+                         progress=progress, calib=calib, calib_tokens=calib_tokens)
+    return search_budget(base, max_loss=max_loss, policy=policy, budget_scope=budget_scope,
+                         seeds=seeds, seed=seed, noise_scale=noise_scale, drift_time=drift_time,
+                         eval_file=eval_file, eval_tokens=eval_tokens, device=device, chips=chips,
+                         registries=registries, progress=progress, on_step=on_step)
+
+
 __all__ = ["DEFAULT_PIPELINE", "HetmapError", "Plan", "compile_model", "load_plan", "resolve_target",
-           "run_sweep", "version"]
+           "run_sweep", "search", "version"]

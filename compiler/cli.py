@@ -94,26 +94,42 @@ def cli(ctx: click.Context, traceback: bool) -> None:
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Output directory for plan.json and ir.txt (and model.onnx).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
-@click.option("--emit", type=click.Choice(["plan", "onnx"]), default="plan", show_default=True,
-              help="'onnx' also writes OUT/model.onnx with placement metadata.")
+@click.option("--emit", default="plan", show_default=True,
+              help="'plan' (plan.json and ir.txt only), 'onnx' (also OUT/model.onnx with placement "
+              "metadata), or any emitter a plugin registers (see 'hetmap plugins').")
 @click.option("--onnx-tiles", is_flag=True, help="Lower analog matmuls to one MatMul per crossbar tile.")
+@click.option("--onnx-moe", type=click.Choice(["static", "dispatch", "ort"]), default="dispatch",
+              show_default=True, help="MoE form: 'dispatch' (each expert on its routed tokens, "
+              "standard ops), 'ort' (onnxruntime's com.microsoft.MoE where it fits), 'static' "
+              "(every expert on every token).")
+@click.option("--onnx-external-data", is_flag=True,
+              help="Write the weights to model.onnx.data (always done above 2 GB).")
 @click.option("--dump-ir", type=click.Path(path_type=Path), default=None,
               help="Directory for the IR text after every pass.")
 @click.option("-v", "--verbose", is_flag=True, help="Show per-pass timings.")
 @compile_options
 def compile_cmd(model: str, out: Path | None, force: bool, emit: str, onnx_tiles: bool,
+                onnx_moe: str, onnx_external_data: bool,
                 dump_ir: Path | None, verbose: bool, **kw: Any) -> None:
     """Compile MODEL: a built-in name (see 'hetmap models'), a checkpoint directory, or a
     factory 'file.py:function'."""
     from hetmap.compiler.api import compile_model
     from hetmap.compiler.registry import load_registries
 
-    if emit == "onnx" and out is None:
-        raise click.UsageError("--emit onnx needs -o OUT")
+    onnx_flags = [flag for flag, given in (("--onnx-tiles", onnx_tiles),
+                                           ("--onnx-moe", onnx_moe_given(onnx_moe)),
+                                           ("--onnx-external-data", onnx_external_data)) if given]
+    if onnx_flags and emit != "onnx":
+        raise click.UsageError(f"{', '.join(onnx_flags)} only apply with --emit onnx")
+    if emit != "plan" and out is None:
+        raise click.UsageError(f"--emit {emit} needs -o OUT")
     if out is not None and out.exists() and not force:
         raise OutputError(f"{out} already exists; pass --force to replace it or choose another -o")
     registries = load_registries()
     _warn_plugins(registries)
+    if emit != "plan" and emit not in registries.emitters:
+        known = ", ".join(["plan", *sorted(registries.emitters.entries)])
+        raise click.UsageError(f"unknown emitter {emit!r} for --emit (known: {known})")
     plan = compile_model(model, target=kw["target"], pipeline=kw["pipeline"], seed=kw["seed"],
                          trust_remote_code=kw["trust_remote_code"], allow_dense=kw["allow_dense"], dump_dir=dump_ir,
                          registries=registries, log=lambda message: err.print(message, markup=False),
@@ -125,15 +141,32 @@ def compile_cmd(model: str, out: Path | None, force: bool, emit: str, onnx_tiles
     extra = None
     if emit == "onnx":
         def extra(staging: Path) -> None:
-            plan.emit_onnx(staging, tiles=onnx_tiles)
+            from hetmap.compiler.backends.onnx_emitter import summary_line
+
+            plan.emit_onnx(staging, tiles=onnx_tiles, moe=onnx_moe, external_data=onnx_external_data)
+            err.print(summary_line(staging), markup=False)
+    elif emit != "plan":
+        emitter = registries.emitters.get(emit)
+
+        def extra(staging: Path) -> None:
+            written = emitter(plan, staging)
+            err.print(f"emitter {emit}: wrote {', '.join(Path(p).name for p in written or [])}",
+                      markup=False)
     if out is not None:  # files first: a closed stdout (e.g. '| head') must not lose them
         plan.write(out, force=force, extra=extra)
     print_summary(plan.header())
     if out is not None:
-        files = "plan.json, ir.txt" + (", model.onnx" if emit == "onnx" else "")
+        files = "plan.json, ir.txt" + {"plan": "", "onnx": ", model.onnx, onnx_summary.json"}.get(
+            emit, f" and the files of emitter {emit}")
         err.print(f"wrote {out}/ ({files})")
     else:
         err.print("(pass -o DIR to write plan.json and ir.txt)")
+
+
+def onnx_moe_given(value: str) -> bool:
+    """Whether --onnx-moe was given on the command line (not just its default)."""
+    source = click.get_current_context().get_parameter_source("onnx_moe")
+    return source is not None and source.name == "COMMANDLINE"
 
 
 def print_summary(plan: dict[str, Any]) -> None:
@@ -296,9 +329,101 @@ def sweep(model: str, out: Path, force: bool, policies: str, budgets: str, noise
                        force=force, progress=progress_factory(err.is_terminal))
     console.print(f"all digital perplexity {result['digital_ppl']:.4f}")
     for row in result["summary"]:
+        energy = row.get("energy_per_token_j")
         console.print(f"  {row['policy']:<22} budget {row['budget']:<6} c={row['noise_scale']:<4} "
-                  f"digital {row['digital_fraction']:6.1%}  ppl {row['ppl_mean']:.4f} +- {row['ppl_std']:.4f}")
-    err.print(f"wrote {out}/ (sweep.csv, sweep.json, sweep.png)")
+                  f"digital {row['digital_fraction']:6.1%}  ppl {row['ppl_mean']:.4f} +- {row['ppl_std']:.4f}"
+                  + (f"  energy/token {energy:.3e} J" if energy is not None else ""))
+    err.print(f"wrote {out}/ (sweep.csv, sweep.json, sweep.png, pareto.png)")
+
+
+@cli.command("search")
+@click.argument("model")
+@click.option("--max-loss", required=True,
+              help="Largest perplexity loss against all-digital: a percentage (1%) or a fraction (0.01).")
+@click.option("--metric", default="ppl", show_default=True,
+              help="Quality measure: ppl (perplexity on the evaluation text).")
+@click.option("--policy", default=None, help="Placement policy (see 'hetmap passes'). [default: expected-impact]")
+@click.option("--budget-scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
+              help="Granularity: the budget counts experts per MoE layer or across all layers.")
+@click.option("--seeds", type=int, default=3, show_default=True,
+              help="Programming seeds per budget; mean + one std must stay within the loss.")
+@click.option("--noise-scale", type=float, default=None, help="Programming-noise scale c. [default: the target's]")
+@click.option("--drift-time", type=float, default=None, help="Seconds of drift after programming (with GDC).")
+@click.option("--eval", "eval_file", type=click.Path(), default=None,
+              help="Evaluation text (default: held-out files of the built-in corpus).")
+@click.option("--eval-tokens", type=int, default=8192, show_default=True)
+@click.option("--device", default="cuda" if _cuda() else "cpu", show_default=True,
+              help="Torch device for the simulation.")
+@click.option("--target", default="aimc-512", show_default=True, help="Target name or TOML file.")
+@click.option("--calib", type=click.Path(), default=None, help="Calibration text file.")
+@click.option("--calib-tokens", type=int, default=None, help="Calibration tokens. [default: 4096]")
+@click.option("--chips", default=None, help="Chips in the system: a number or 'auto'. [default: the target's]")
+@click.option("--seed", type=int, default=0, show_default=True, help="First programming seed (and random policies' seed).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow checkpoints that ship modeling code.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Write the chosen plan here (plan.json, ir.txt, search.json).")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def search_cmd(model: str, max_loss: str, metric: str, policy: str | None, budget_scope: str,
+               seeds: int, noise_scale: float | None, drift_time: float | None,
+               eval_file: str | None, eval_tokens: int, device: str, target: str,
+               calib: str | None, calib_tokens: int | None, chips: str | None, seed: int,
+               trust_remote_code: bool, out: Path | None, force: bool) -> None:
+    """The smallest digital budget whose mapped perplexity stays within --max-loss of
+    all-digital (bisection over budgets; prints every step, writes the chosen plan)."""
+    from hetmap.compiler.api import search
+    from hetmap.compiler.backends.plan import write_json
+    from hetmap.compiler.evaluation.search import SearchStep, parse_loss
+
+    loss = parse_loss(max_loss)
+    if out is not None and out.exists() and not force:
+        raise OutputError(f"{out} already exists; pass --force to replace it or choose another -o")
+    shown: list[SearchStep] = []
+
+    def on_step(step: SearchStep) -> None:
+        if not shown:
+            console.print(f"all digital perplexity {step.digital_ppl:.4f}; a budget passes when "
+                          f"mean + 1 std over {seeds} seed{'s' if seeds != 1 else ''} is within "
+                          f"{loss:.2%} (<= {step.digital_ppl * (1 + loss):.4f})")
+            console.print(f"  {'step':>4}  {'budget':>7}  {'experts':>9}  {'digital':>7}  "
+                          f"{'perplexity':>17}  {'loss':>7}  {'energy/token':>12}  result")
+        shown.append(step)
+        console.print(search_row(len(shown), step))
+
+    result = search(model, max_loss=loss, metric=metric, policy=policy, budget_scope=budget_scope,
+                    seeds=seeds, seed=seed, noise_scale=noise_scale, drift_time=drift_time,
+                    target=target, calib=calib, calib_tokens=calib_tokens, chips=chips,
+                    eval_file=eval_file, eval_tokens=eval_tokens, device=device,
+                    trust_remote_code=trust_remote_code, progress=progress_factory(err.is_terminal),
+                    on_step=on_step)
+    plan = result.require_plan()  # no budget: one 'error:' line naming the best loss, exit 2
+    chosen = result.chosen
+    assert chosen is not None
+    s = plan.summary
+    console.print(f"chosen: budget {chosen.budget:g} ({chosen.experts_digital} of "
+                  f"{chosen.experts_total} experts digital, {chosen.digital_fraction:.1%} of "
+                  f"parameters) after {len(result.steps)} of {len(result.candidates)} candidates: "
+                  f"loss {chosen.loss:+.2%} <= {loss:.2%}")
+    if "energy_per_token_j" in s:
+        console.print(f"  energy/token {s['energy_per_token_j']:.3e} J "
+                      f"({s['energy_per_token_j'] / s['digital_energy_per_token_j']:.2f}x all-digital)"
+                      f"   latency/token {s['latency_per_token_s']:.3e} s "
+                      f"({s['latency_per_token_s'] / s['digital_latency_per_token_s']:.2f}x all-digital)")
+    if out is not None:
+        plan.write(out, force=force, extra=lambda d: write_json(d / "search.json", result.to_json()))
+        err.print(f"wrote {out}/ (plan.json, ir.txt, search.json)")
+    else:
+        err.print("(pass -o DIR to write the chosen plan)")
+
+
+def search_row(index: int, step: Any) -> str:
+    """One line of the search path: budget, experts, perplexity, loss, energy, pass/fail."""
+    energy = f"{step.energy_per_token_j:.3e} J" if step.energy_per_token_j is not None else "-"
+    if not step.fits:
+        return (f"  {index:>4}  {step.budget:>7g}  {step.experts_digital:>4}/{step.experts_total:<4}  "
+                f"{'':>7}  {'does not fit the target':>27}  {'':>12}  fail")
+    return (f"  {index:>4}  {step.budget:>7g}  {step.experts_digital:>4}/{step.experts_total:<4}  "
+            f"{step.digital_fraction:>7.1%}  {step.ppl_mean:>8.4f} +- {step.ppl_std:.4f}  "
+            f"{step.loss:>+7.2%}  {energy:>12}  {'pass' if step.passed else 'fail'}")
 
 
 @cli.command()
@@ -329,7 +454,9 @@ def demo(out: Path, seeds: int) -> None:
 
 @cli.command()
 @click.argument("out_dir", type=click.Path(path_type=Path))
-def inspect(out_dir: Path) -> None:
+@click.option("--plot", is_flag=True,
+              help="Also write OUT_DIR/placement.png (layers x experts) and floorplan.png (chips x arrays).")
+def inspect(out_dir: Path, plot: bool) -> None:
     """Print the summary and per-layer table of a compiled plan directory (and its
     simulation results, if simulated)."""
     import json
@@ -341,6 +468,13 @@ def inspect(out_dir: Path) -> None:
     simulation = out_dir / "simulation.json"
     if simulation.is_file():
         print_simulation(plan["model"]["name"], json.loads(simulation.read_text()))
+    if plot:
+        from hetmap.compiler.evaluation.plots import write_plan_pictures
+
+        written, skipped = write_plan_pictures(out_dir, plan)
+        for note in skipped:
+            err.print(f"note: {note}", markup=False)
+        err.print(f"wrote {', '.join(str(p) for p in written)}", markup=False)
 
 
 @cli.command()

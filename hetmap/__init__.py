@@ -22,11 +22,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hetmap.common.errors import HetmapError
-    from hetmap.compiler.api import Plan, load_plan, version
-    from hetmap.compiler.api import compile_model as compile
-    from hetmap.compiler.api import run_sweep as sweep
-    from hetmap.targets import Target, load_target
+    from hetmap.common.errors import HetmapError  # noqa: F401
+    from hetmap.compiler.api import Plan, load_plan, version  # noqa: F401
+    from hetmap.compiler.api import compile_model as compile  # noqa: F401
+    from hetmap.compiler.api import run_sweep as sweep  # noqa: F401
+    from hetmap.targets import Target, load_target  # noqa: F401
 
 #: public name -> (module, attribute)
 _API: dict[str, tuple[str, str]] = {

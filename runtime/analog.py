@@ -8,7 +8,8 @@ follows aihwkit's ``AnalogMVM`` (one-pass forward of ``TorchInferenceTile`` in e
 1. noise management: every row's input slice is divided by its abs-max (zero rows use 1);
 2. the DAC rounds to steps of ``inp_res * 2 * inp_bound`` and clips to ``inp_bound``;
 3. the crossbar product with the programmed (normalized) tile weights;
-4. additive output noise ``out_noise``; the ADC rounds to steps of ``out_res * 2 * out_bound``;
+4. additive output noise ``out_noise``; the ADC rounds to steps of ``out_res * 2 * out_bound``
+   (both in one step: :class:`~.fused.OutputNoise`);
 5. bound management: if an output of a tile (one matrix, one column tile) exceeds
    ``out_bound`` for any row of the batch, that tile is recomputed with its inputs scaled down
    by 2, 4, ... (aihwkit's iterative rule and limit); outputs are clipped to ``out_bound``
@@ -17,8 +18,8 @@ follows aihwkit's ``AnalogMVM`` (one-pass forward of ``TorchInferenceTile`` in e
 
 Partial sums of the input tiles are added digitally in tile order. The arithmetic keeps values
 in DAC/ADC step units and folds the scalings together, so it matches aihwkit up to float
-rounding, not bit for bit. Per-forward randomness (output noise) comes from a
-``torch.Generator`` on the input's device, seeded at construction.
+rounding, not bit for bit. Per-forward randomness (output noise) comes from a counter-based
+generator seeded at construction (:mod:`.fused`): the same draws on every device.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 from hetmap.common.errors import SimulationError
 from hetmap.common.grid import TileGrid
 
+from .fused import OutputNoise, compiled, dac_levels
 from .grouped import RowGroups, grouped_product
 from .programming import derive_seed, make_noise_model, program_matrices, seeded
 from .settings import AnalogSettings
@@ -76,7 +78,7 @@ class AnalogTileStack(nn.Module):
         self._tile_width = self._uniform_tile_width()
         tile_scales = out_scales[..., :: self._tile_width] if self._tile_width else out_scales
         self.register_buffer("tile_scales", tile_scales.contiguous(), persistent=False)
-        self._generator: torch.Generator | None = None
+        self._noise: OutputNoise | None = None
 
     @property
     def num_matrices(self) -> int:
@@ -218,22 +220,25 @@ class AnalogTileStack(nn.Module):
         settings = self.settings
         inp_unit = _step(settings.inp_res, settings.inp_bound) or 1.0
         unit = _step(settings.out_res, settings.out_bound) or 1.0
-        levels = tile_inputs * (scale / inp_unit)
-        if settings.inp_res > 0:
-            levels.round_()
-        levels.clamp_(-settings.inp_bound / inp_unit, settings.inp_bound / inp_unit)
-        if inp_unit != unit:
-            levels.mul_(inp_unit / unit)  # the product comes out in ADC steps
-        outputs = grouped_product(levels, tile_weight, groups)
-        if settings.out_noise > 0:
-            noise = torch.randn(
-                outputs.shape,
-                generator=self._noise_generator(outputs.device),
-                device=outputs.device,
-                dtype=outputs.dtype,
+        if settings.kernels == "compiled":  # one kernel (hetmap.runtime.fused)
+            levels = compiled(dac_levels)(
+                tile_inputs, torch.as_tensor(scale, device=tile_inputs.device,
+                                             dtype=tile_inputs.dtype),
+                inp_unit, unit, settings.inp_bound, settings.inp_res > 0,
             )
-            outputs.add_(noise, alpha=settings.out_noise / unit)
-        if settings.out_res > 0:
+        else:
+            levels = tile_inputs * (scale / inp_unit)
+            if settings.inp_res > 0:
+                levels.round_()
+            levels.clamp_(-settings.inp_bound / inp_unit, settings.inp_bound / inp_unit)
+            if inp_unit != unit:
+                levels.mul_(inp_unit / unit)  # the product comes out in ADC steps
+        outputs = grouped_product(levels, tile_weight, groups)
+        if settings.out_noise > 0:  # noise and ADC rounding in one step
+            self._output_noise(outputs.device).add_round_(
+                outputs, settings.out_noise / unit, settings.out_res > 0
+            )
+        elif settings.out_res > 0:
             outputs.round_()
         clipped = None
         if outputs.numel():
@@ -256,11 +261,11 @@ class AnalogTileStack(nn.Module):
         per_tile.index_add_(1, self.column_tile, per_column)
         return per_tile > 0
 
-    def _noise_generator(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(derive_seed(self.seed, "output-noise"))
-        return self._generator
+    def _output_noise(self, device: torch.device) -> OutputNoise:
+        if self._noise is None or self._noise.device != device:
+            compiled = self.settings.kernels == "compiled"
+            self._noise = OutputNoise(derive_seed(self.seed, "output-noise"), device, compiled)
+        return self._noise
 
 
 def _step(res: float, bound: float) -> float:

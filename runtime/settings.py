@@ -25,6 +25,10 @@ tile model and the aihwkit reference backend can be configured from the same obj
    compensation), ``read_noise`` (the model's accumulated 1/f read noise, applied in the drift
    step as aihwkit does; without a drift step there is no read noise).
 10. ``ideal=True`` turns every non-ideality off: the tiled product is exact.
+11. ``kernels``: how the periphery's element-wise steps run, not what they compute:
+    ``"eager"`` (PyTorch ops) or ``"compiled"`` (fused by ``torch.compile``: C++ on the CPU,
+    Triton on a GPU; the first call compiles, tens of seconds). Same results up to float
+    contraction (:mod:`hetmap.runtime.fused`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from hetmap.common.noise import NOISE_MODELS
 
 NOISE_MANAGEMENT = ("abs-max", "none")
 BOUND_MANAGEMENT = ("iterative", "none")
+KERNELS = ("eager", "compiled")
 
 # aihwkit IOParameters defaults that bound the iterative bound management.
 MAX_BM_FACTOR = 1000.0
@@ -66,6 +71,7 @@ class AnalogSettings:
     gdc: bool = True
     read_noise: bool = True
     ideal: bool = False
+    kernels: str = "eager"
 
     def __post_init__(self) -> None:
         for name, valid, wanted in _RULES:
@@ -75,6 +81,7 @@ class AnalogSettings:
         _check_choice("noise_model", self.noise_model, NOISE_MODELS)
         _check_choice("noise_management", self.noise_management, NOISE_MANAGEMENT)
         _check_choice("bound_management", self.bound_management, BOUND_MANAGEMENT)
+        _check_choice("kernels", self.kernels, KERNELS)
         for name in ("weight_scaling_columnwise", "gdc", "read_noise", "ideal"):
             if not isinstance(getattr(self, name), bool):
                 raise SimulationError(

@@ -197,6 +197,7 @@ def test_coactivation_groups_partition() -> None:
     assert np.bincount(groups).tolist() == [3, 3, 3, 1]
 
 
+@pytest.mark.timing
 def test_deepseek_v3_scale_is_fast() -> None:
     # 58 MoE layers x 256 experts x (gate, up, down) of 56 tiles each: ~2.5M tiles.
     out = np.tile([2048, 2048, 7168], 58 * 256)

@@ -132,3 +132,34 @@ def test_untraceable_module_is_kept_whole_and_nested_router_found() -> None:
     gm, _, _ = trace(loaded.module, find_moe_blocks(loaded.module))
     ids = torch.randint(0, 256, (2, 9))
     torch.testing.assert_close(gm(ids), loaded.module(ids), rtol=0, atol=0)
+
+
+def test_control_flow_on_ranks_and_constant_sizes_is_resolved_at_trace_time() -> None:
+    loaded = load_model(f"{HANDWRITTEN}:shape_branching")
+    graph = import_model(loaded)
+    assert len(graph.moe_layers) == 2 and len(graph.experts()) == 16
+    gm, _, opaque = trace(loaded.module, find_moe_blocks(loaded.module), loaded.example_input)
+    assert not opaque
+    for shape in [(1, 3), (3, 11)]:  # neither the example's shape (1, 8) nor each other's
+        ids = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            torch.testing.assert_close(gm(ids), loaded.module(ids), rtol=0, atol=0)
+    with pytest.raises(TraceError, match="cannot trace the model's forward"):
+        trace(loaded.module, find_moe_blocks(loaded.module))  # no example input: unresolved
+
+
+def test_control_flow_on_a_sequence_length_stays_a_one_line_error() -> None:
+    with pytest.raises(TraceError, match=r"depends on input sizes") as caught:
+        import_model(load_model(f"{HANDWRITTEN}:size_branching"))
+    assert "\n" not in str(caught.value)
+
+
+def test_unmappable_moe_layouts_fail_naming_the_layout() -> None:
+    with pytest.raises(NoMoeError, match=r"splits its 8 experts' matrices over modules "
+                                         r"'input_linear', 'output_linear'.*--allow-dense"):
+        import_model(load_model("tiny:jetmoe"))
+    with pytest.raises(NoMoeError, match=r"single-neuron experts as rows of embeddings "
+                                         r"'down_embed', 'up_embed'"):
+        import_model(load_model("tiny:doge"))
+    graph = import_model(load_model("tiny:jetmoe"), allow_dense=True)
+    assert not graph.moe_layers

@@ -16,6 +16,7 @@ from hetmap.compiler.frontend import load_model
 
 MODELS = [*TINY, f"{HANDWRITTEN}:moe", f"{HANDWRITTEN}:dense"]
 TARGET = str(FIXTURES / "xbar-32.toml")
+IN_MOE_NODE = "in-moe-node"  # marks tags read from a com.microsoft.MoE node's expert list
 
 
 def tags(node: onnx.NodeProto) -> dict[str, str]:
@@ -50,15 +51,35 @@ def test_onnx_matches_pytorch_and_plan(model: str, tiles: bool, tmp_path, capsys
     assert json.loads(model_props["hetmap.plan"])["params_total"] == plan["summary"]["params_total"]
     assert model_props["hetmap.version"] == plan["hetmap_version"]
 
-    by_key = {}
+    assert_tags_match_plan(proto, plan, tiles)
+
+
+def matrix_tags_in(proto: onnx.ModelProto) -> dict[tuple[str, str], list[dict[str, str]]]:
+    """(IR node, role) -> the hetmap.* tags of every ONNX node that multiplies by that matrix:
+    MatMul/Gemm nodes (every one with a weight initializer must be tagged) and the experts
+    listed in a com.microsoft.MoE node's ``hetmap.moe_experts``."""
+    initializers = {init.name for init in proto.graph.initializer}
+    by_key: dict[tuple[str, str], list[dict[str, str]]] = {}
     for node in proto.graph.node:
         node_tags = tags(node)
-        if node.op_type in ("MatMul", "Gemm") and any(
-                i in {init.name for init in proto.graph.initializer} for i in node.input):
+        if node.op_type == "MoE":
+            for entry in json.loads(node_tags["hetmap.moe_experts"]):
+                for role, matrix_tags in entry["matrices"].items():
+                    fused = {**matrix_tags, IN_MOE_NODE: node.name}
+                    by_key.setdefault((matrix_tags["hetmap.node"], role), []).append(fused)
+            continue
+        if node.op_type in ("MatMul", "Gemm") and initializers & set(node.input):
             assert node_tags, f"weight-consuming node {node.name} is not tagged"
         if node_tags:
             by_key.setdefault((node_tags["hetmap.node"], node_tags["hetmap.matrix"]), []).append(node_tags)
+    return by_key
+
+
+def assert_tags_match_plan(proto: onnx.ModelProto, plan: dict, tiles: bool) -> None:
+    """The ONNX metadata equals plan.json node by node (placement, layer, expert, tiles)."""
+    by_key = matrix_tags_in(proto)
     chips = plan["summary"]["allocation"]["chips"]
+    tile = plan["target"]["aimc"]["rows"]
     for entry in plan["nodes"]:
         for matrix in entry.get("matrices", []):
             found = by_key.pop((entry["name"], matrix["role"]))
@@ -76,9 +97,10 @@ def test_onnx_matches_pytorch_and_plan(model: str, tiles: bool, tmp_path, capsys
             assert len(listed) == rows * cols
             out_f, in_f = matrix["shape"]
             assert [t["rows"] for t in listed] == [
-                [min(i * 32, in_f), min(i * 32 + 32, in_f)] for i in range(rows) for _ in range(cols)]
+                [min(i * tile, in_f), min(i * tile + tile, in_f)]
+                for i in range(rows) for _ in range(cols)]
             assert all(t["chip"] < chips for t in listed)
-            if tiles:
+            if tiles and not any(IN_MOE_NODE in t for t in found):  # not lowered in MoE nodes
                 assert sorted(json.loads(t["hetmap.tile"]) for t in found) == sorted(
                     t["rows"] + t["cols"] for t in listed)
     assert not by_key, f"ONNX tags for matrices the plan does not have: {list(by_key)[:3]}"

@@ -3,6 +3,7 @@ reported with their name and entry point while the rest of hetmap keeps working.
 
 from __future__ import annotations
 
+import json
 import sys
 import tomllib
 from pathlib import Path
@@ -69,6 +70,18 @@ def test_example_plugin_entries_compile(example_plugin) -> None:
     report = plan.summary["layer_report"]
     assert [row["layer"] for row in report] == [0, 1]
     assert 0 < report[0]["density_min"] <= report[0]["density_max"] <= 1
+
+
+def test_plugin_emitter_works_from_the_cli(example_plugin, tmp_path) -> None:
+    out = tmp_path / "out"
+    assert main(["compile", "olmoe-tiny", "--policy", "random", "--emit", "placement-csv",
+                 "-o", str(out)]) == 0
+    rows = (out / "placements.csv").read_text().splitlines()
+    plan = json.loads((out / "plan.json").read_text())
+    matrix_nodes = [n for n in plan["nodes"] if n.get("matrices")]
+    assert rows[0] == "node,kind,layer,expert,placement,params"
+    assert len(rows) == 1 + len(matrix_nodes)
+    assert {r.split(",")[4] for r in rows[1:]} == {n["placement"] for n in matrix_nodes}
 
 
 def test_plugin_that_fails_to_import_is_reported(tmp_path, monkeypatch, capsys) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 import transformers
 
@@ -33,6 +34,7 @@ def best_time(experts: int, repeats: int = 3) -> float:
     return min(times)
 
 
+@pytest.mark.timing
 def test_compile_time_grows_linearly_in_experts() -> None:
     small, large = best_time(64), best_time(512)
     # 8x the experts: linear scaling gives ~8x (less, with fixed costs); quadratic would be ~64x

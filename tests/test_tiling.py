@@ -92,6 +92,7 @@ def test_olmoe_on_aimc_512_by_hand() -> None:
     assert TileGrid(50304, 2048, 512, 512).tile_shapes()[-1].tolist() == [512, 128]
 
 
+@pytest.mark.timing
 def test_fifty_thousand_matrices_are_cheap() -> None:
     out = np.tile([2048, 2048, 7168], 17000)
     inp = np.tile([7168, 7168, 2048], 17000)

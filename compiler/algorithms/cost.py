@@ -69,6 +69,10 @@ class CostReport:
             "latency_by_kind": dict(self.latency_by_kind),
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CostReport:
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+
 
 @dataclass(frozen=True)
 class CostEstimate:
@@ -93,6 +97,10 @@ class CostEstimate:
             "energy_ratio": self.energy_ratio,
             "latency_ratio": self.latency_ratio,
         }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CostEstimate:
+        return cls(CostReport.from_json(data["mapped"]), CostReport.from_json(data["all_digital"]))
 
 
 def _ratio(a: float, b: float) -> float:

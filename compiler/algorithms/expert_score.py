@@ -56,6 +56,9 @@ _Z_CAP = 8.0
 def _polynomial_models() -> dict[Any, bool]:
     """aihwkit models whose programming noise is ``clamp(g + c * poly(g / g_max) * n, 0)``,
     mapped to whether the polynomial is rescaled by ``g_max / prog_coeff_g_max_reference``."""
+    from hetmap.runtime import require_aihwkit
+
+    require_aihwkit()
     from aihwkit.inference import PCMLikeNoiseModel, StateIndependentNoiseModel
     from aihwkit.inference.noise.hermes import HermesNoiseModel
 

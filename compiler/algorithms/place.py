@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from hetmap.common.errors import MissingDataError
 from hetmap.compiler.ir.annotations import Density, ExpertScore, Sensitivity
 from hetmap.compiler.ir.graph import Graph, Node
-from hetmap.compiler.passes.base import CompileContext
+
+if TYPE_CHECKING:  # the context policies are called with (a type only)
+    from hetmap.compiler.passes.base import CompileContext
 
 
 def _require(experts: list[Node], policy: str, read: Callable[[Node], float | None],

@@ -18,7 +18,8 @@ Rules:
    weighted (computed densely: no matrices); the sentinel slot beyond them routes nowhere.
 3. ``dense-input`` stores (Llama 4: rows ``e*T .. (e+1)*T`` are expert ``e``'s input, already
    scaled by its routing score, all-zero when unrouted) run the expert on the nonzero rows
-   only; the other rows get the expert's output on a zero row (exact with biases too).
+   only; the other rows are zero when the expert maps zero to zero (a gate, no biases, no
+   post-expert norm: ``down(act(0) * 0) = 0``), else the expert's output on a zero row.
 4. Hand-written ``ModuleList`` containers called as ``(hidden, top_k_index,
    top_k_weights)`` are dispatched by rule 1 over their own children
    (:class:`SparseDispatchExperts`).
@@ -58,13 +59,17 @@ def sparse_dispatch(
     return output
 
 
-def dense_input_dispatch(blocks: torch.Tensor, experts: Sequence[Expert]) -> torch.Tensor:
+def dense_input_dispatch(blocks: torch.Tensor, experts: Sequence[Expert],
+                         zero_to_zero: bool = False) -> torch.Tensor:
     """Rule 3 on ``blocks [E, T, H]``: each expert on its nonzero rows; returns ``[E*T, H']``."""
     outputs = []
     for block, expert in zip(blocks.unbind(0), experts, strict=True):
         (rows,) = torch.where((block != 0).any(dim=-1))
-        at_zero = expert(torch.zeros_like(block[:1]))
-        output = at_zero.expand(block.shape[0], -1).contiguous()
+        if zero_to_zero:
+            output = torch.zeros_like(block)
+        else:
+            at_zero = expert(torch.zeros_like(block[:1]))
+            output = at_zero.expand(block.shape[0], -1).contiguous()
         outputs.append(output.index_copy(0, rows, expert(block.index_select(0, rows))))
     return torch.cat(outputs, dim=0)
 
@@ -80,7 +85,7 @@ class DispatchExperts(StaticExperts):
                                self.identity_experts)
 
     def dispatch_dense_input(self, blocks: torch.Tensor) -> torch.Tensor:
-        return dense_input_dispatch(blocks, self.expert_functions())
+        return dense_input_dispatch(blocks, self.expert_functions(), self.zero_to_zero)
 
 
 class SparseDispatchExperts(nn.Module):

@@ -17,6 +17,13 @@ Rules:
 4. A weight-consuming node without a tag, or a tagged matrix missing from the graph, is an
    :class:`EmitError`: a toolchain must be able to read every placement off the graph.
 5. A model without weights (meta device) cannot be emitted: one-line :class:`EmitError`.
+6. ``moe`` picks the MoE form (``static``, ``dispatch``, ``ort``; default
+   :data:`DEFAULT_MOE_FORM`, see the README's "For toolchain authors");
+   ``external_data=True`` writes the weights to ``model.onnx.data``.
+7. ``onnx_summary.json`` beside ``model.onnx`` records the form, the layers that fell back
+   from ``ort`` to ``dispatch`` and why, the largest difference from PyTorch on the example
+   input, and the graph's FLOPs and bytes (:mod:`~hetmap.compiler.backends.onnx_flops`) for
+   one sequence of :data:`COST_SEQUENCE` tokens; :func:`summary_line` is its one-line form.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ if TYPE_CHECKING:
     from hetmap.compiler.api import Plan
 
 ONNX_FILE = "model.onnx"
+SUMMARY_FILE = "onnx_summary.json"
+DEFAULT_MOE_FORM = "dispatch"
+COST_SEQUENCE = 128
 
 
 def _tiles_json(node: Node, index: int, target: Any) -> list[dict[str, Any]]:
@@ -100,8 +110,9 @@ def tile_ranges(plan: Plan) -> dict[str, list[tuple[int, int, int, int]]]:
     return ranges
 
 
-def emit_onnx(plan: Plan, out_dir: Path, *, tiles: bool = False) -> list[Path]:
-    """Write ``out_dir/model.onnx`` for ``plan`` (module rules 1-5)."""
+def emit_onnx(plan: Plan, out_dir: Path, *, tiles: bool = False, moe: str | None = None,
+              external_data: bool = False) -> list[Path]:
+    """Write ``out_dir/model.onnx`` and its summary for ``plan`` (module rules 1-7)."""
     from hetmap.compiler.api import version
     from hetmap.compiler.backends.onnx_export import export_onnx
 
@@ -118,14 +129,41 @@ def emit_onnx(plan: Plan, out_dir: Path, *, tiles: bool = False) -> list[Path]:
     path = Path(out_dir) / ONNX_FILE
     report = export_onnx(model, path, matrix_tags=matrix_tags(plan), model_props=props,
                          tile_ranges=tile_ranges(plan) if tiles else None,
-                         example_input=plan.model.example_input)
+                         example_input=plan.model.example_input,
+                         moe_form=moe or DEFAULT_MOE_FORM, external_data=external_data)
     if report.untagged_nodes:
         first = report.untagged_nodes[0]
         raise EmitError(f"{len(report.untagged_nodes)} weight-consuming ONNX node(s) have no IR "
                         f"matrix, e.g. {first}; the IR misses a matrix of this model")
     if report.missing_keys:
         raise EmitError(f"IR matrices missing from the ONNX graph: {', '.join(report.missing_keys[:3])}")
+    _write_summary(report, Path(out_dir) / SUMMARY_FILE)  # a side file: not in the list
     written = [path]
     if report.external_data is not None:
         written.append(report.external_data)
     return written
+
+
+def _write_summary(report: Any, path: Path) -> Path:
+    """Rule 7."""
+    from hetmap.compiler.backends.onnx_flops import count_cost
+
+    cost = count_cost(report.path, {"batch": 1, "sequence": COST_SEQUENCE})
+    summary = {"moe_form": report.moe_form, "fallbacks": dict(report.fallbacks),
+               "max_difference": report.max_difference,
+               "external_data": None if report.external_data is None else report.external_data.name,
+               "cost": cost.to_json()}
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    return path
+
+
+def summary_line(out_dir: Path) -> str:
+    """Rule 7's summary in one line, for the CLI."""
+    summary = json.loads((Path(out_dir) / SUMMARY_FILE).read_text())
+    cost = summary["cost"]
+    line = (f"onnx: {summary['moe_form']} MoE form, {cost['flops_per_token']:.4g} FLOPs/token "
+            f"({cost['expert_flops'] / max(cost['flops'], 1):.0%} in experts; "
+            f"{cost['tokens']}-token sequence), weights {cost['weight_bytes'] / 1e6:.3g} MB")
+    if summary["fallbacks"]:
+        line += f"; {len(summary['fallbacks'])} MoE block(s) fell back to dispatch (see {SUMMARY_FILE})"
+    return line

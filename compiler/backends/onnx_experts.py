@@ -116,6 +116,7 @@ class StaticExperts(nn.Module):
         self.hidden = layout.hidden
         self.num_experts = layout.num_experts
         self.identity_experts = layout.identity_experts
+        self.zero_to_zero = layout.has_gate and not layout.biases and not layout.post_norm
         self.signature = inspect.signature(store.forward)
         for index in range(layout.num_experts):
             self.add_module(str(index), _expert(experts, index))

@@ -70,6 +70,7 @@ from torch import nn
 
 from hetmap.common.errors import EmitError
 from hetmap.compiler.backends.onnx_complex import with_real_complex_ops
+from hetmap.compiler.backends.onnx_ort_moe import TRANSLATIONS, tag_moe_nodes
 from hetmap.compiler.backends.onnx_prepare import prepared_for_export
 from hetmap.compiler.backends.onnx_scan import scans_as_ops
 from hetmap.compiler.backends.onnx_tagging import (
@@ -112,6 +113,8 @@ class ExportReport:
     """The weights file beside ``path`` (weights over 2 GB, or asked for), else None."""
     moe_form: str = "static"
     """The MoE form exported (rule 8)."""
+    fallbacks: tuple[tuple[str, str], ...] = ()
+    """(MoE block path, reason) of each block ``ort`` exported in the dispatch form instead."""
     max_difference: float | None = None
     """Max |onnxruntime - PyTorch| over the example input's logits (None: not verified)."""
     topk_ties: tuple[str, ...] = ()
@@ -150,6 +153,8 @@ def export_onnx(
         tagging = tag_weight_nodes(
             onnx_model, prepared.weight_sources, prepared.parameter_names, matrix_tags
         )
+        nodes_by_key = {**tagging.nodes_by_key,
+                        **tag_moe_nodes(onnx_model, prepared.ort_stores, matrix_tags)}
         onnx_model.metadata_props.update(model_props)
         onnx_model.metadata_props[MOE_FORM_PROP] = moe_form
         external = _write_checked(onnx_model, path, reference.verify if verify else None,
@@ -157,14 +162,15 @@ def export_onnx(
     return ExportReport(
         path=path,
         exporter=EXPORTER,
-        nodes_by_key=tagging.nodes_by_key,
-        missing_keys=tuple(key for key in matrix_tags if key not in tagging.nodes_by_key),
+        nodes_by_key=nodes_by_key,
+        missing_keys=tuple(key for key in matrix_tags if key not in nodes_by_key),
         untagged_nodes=tagging.untagged,
         swapped_experts=prepared.swapped_experts,
         tiled_keys=prepared.tiled_keys,
         tile_nodes=tagging.tile_nodes,
         external_data=external,
         moe_form=moe_form,
+        fallbacks=prepared.fallbacks,
         max_difference=reference.max_difference,
         topk_ties=tuple(reference.ties.rows_by_module),
     )
@@ -268,6 +274,7 @@ def _run_exporter(module: nn.Module, input_ids: torch.Tensor, model_name: str) -
             input_names=["input_ids"],
             output_names=["logits"],
             dynamic_shapes={"input_ids": {0: "batch", 1: "sequence"}},
+            custom_translation_table=TRANSLATIONS,
         )
     except torch.onnx.errors.OnnxExporterError as error:
         raise EmitError(

@@ -9,8 +9,9 @@ Rules:
    (``2 * M * N * K``) and onnxruntime's ``com.microsoft.MoE`` (rule 4). Element-wise,
    normalisation and softmax operators are not counted (a few percent of a transformer's).
    Nodes inside subgraphs (a Mamba ``Scan``) are not counted.
-2. Symbolic dimensions are evaluated with the given input dimensions (``batch``,
-   ``sequence``). A data-dependent dimension -- the count of a ``NonZero`` -- takes its
+2. Shapes are those the exporter recorded, else those of onnxruntime's symbolic shape
+   inference; symbolic dimensions are evaluated with the given input dimensions (``batch``,
+   ``sequence``). A product whose shape stays unknown is listed in ``uncounted``. A data-dependent dimension -- the count of a ``NonZero`` -- takes its
    *expected* value: for ``NonZero(Equal(indices, e))`` where ``indices`` come from a
    ``TopK`` over ``E`` router slots (sparse dispatch: the tokens that chose expert ``e``),
    ``numel(indices) / E``, i.e. ``tokens * top_k / E`` under uniform routing; summed over a
@@ -25,6 +26,7 @@ Rules:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,8 @@ import numpy as np
 import onnx
 import sympy
 
+#: functions the exporter writes in symbolic dimensions; other names are symbols
+_FUNCTIONS = ("Max", "Min", "floor", "ceiling", "Mod")
 _PASS_THROUGH = frozenset({"Cast", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten"})
 
 
@@ -47,6 +51,8 @@ class GraphCost:
     activation_bytes: float
     upper_bounds: tuple[str, ...] = field(default=())
     """NonZero nodes counted at their upper bound (rule 2)."""
+    uncounted: tuple[str, ...] = field(default=())
+    """Product nodes whose shapes could not be determined (rule 2), not counted."""
 
     @property
     def flops_per_token(self) -> float:
@@ -59,30 +65,33 @@ class GraphCost:
     def to_json(self) -> dict[str, object]:
         return {"tokens": self.tokens, "flops": self.flops, "expert_flops": self.expert_flops,
                 "flops_per_token": self.flops_per_token, "weight_bytes": self.weight_bytes,
-                "activation_bytes": self.activation_bytes, "upper_bounds": list(self.upper_bounds)}
+                "activation_bytes": self.activation_bytes, "upper_bounds": list(self.upper_bounds),
+                "uncounted": list(self.uncounted)}
 
 
 def count_cost(model: onnx.ModelProto | Path | str, dims: Mapping[str, int]) -> GraphCost:
     """Rules 1-5 for ``model`` with its input dimensions ``dims`` (e.g. batch and sequence)."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
-    return _Counter(model.graph, dims).count()
+    return _Counter(model, dims).count()
 
 
 class _Counter:
-    def __init__(self, graph: onnx.GraphProto, dims: Mapping[str, int]) -> None:
-        self.graph = graph
+    def __init__(self, model: onnx.ModelProto, dims: Mapping[str, int]) -> None:
+        self.model = model
+        self.graph = graph = model.graph
+        self.inferred: dict[str, onnx.TypeProto] | None = None
         self.values: dict[str, onnx.TypeProto] = {
             v.name: v.type for v in (*graph.input, *graph.value_info, *graph.output)}
         self.initializers = {i.name: i for i in graph.initializer}
         self.producers = {out: node for node in graph.node for out in node.output}
         self.bindings: dict[sympy.Symbol, int] = {sympy.Symbol(k): v for k, v in dims.items()}
         self.upper_bounds: list[str] = []
+        self.uncounted: list[str] = []
         self.parsed: dict[str, sympy.Expr] = {}
         self.tokens = int(np.prod([int(v) for v in dims.values()])) if dims else 1
         for node in graph.node:
-            if node.op_type == "NonZero" and node.domain in ("", "ai.onnx"):
-                self._bind_nonzero(node)
+            self._bind_data_dependent(node)
 
     def count(self) -> GraphCost:
         flops = expert_flops = activation_bytes = 0.0
@@ -98,30 +107,54 @@ class _Counter:
         weight_bytes = sum(_numel(list(i.dims)) * _itemsize(i.data_type)
                            for i in self.graph.initializer)
         return GraphCost(self.tokens, flops, expert_flops, int(weight_bytes), activation_bytes,
-                         tuple(self.upper_bounds))
+                         tuple(self.upper_bounds), tuple(self.uncounted))
 
     # -- shapes ------------------------------------------------------------------------
     def _parse(self, text: str) -> sympy.Expr:
         if text not in self.parsed:
-            self.parsed[text] = sympy.sympify(text, locals={"Max": sympy.Max, "Min": sympy.Min})
+            names = {name: sympy.Symbol(name) for name in re.findall(r"[A-Za-z_]\w*", text)}
+            names.update({name: getattr(sympy, name) for name in _FUNCTIONS if name in names})
+            self.parsed[text] = sympy.sympify(text, locals=names)
         return self.parsed[text]
 
     def shape(self, name: str) -> list[float] | None:
+        """The value's shape with ``dims`` bound (rule 2); None if a dimension is unknown."""
         if name in self.initializers:
             return [float(d) for d in self.initializers[name].dims]
-        value = self.values.get(name)
+        shape = self._evaluated(self.values.get(name))
+        if shape is None and name in self._inferred():
+            shape = self._evaluated(self._inferred()[name])
+        return shape
+
+    def _evaluated(self, value: onnx.TypeProto | None) -> list[float] | None:
         if value is None or not value.tensor_type.HasField("shape"):
             return None
-        return [self._dim(d) for d in value.tensor_type.shape.dim]
+        dims = [self._dim(d) for d in value.tensor_type.shape.dim]
+        return None if any(d is None for d in dims) else dims  # type: ignore[return-value]
 
-    def _dim(self, dim: onnx.TensorShapeProto.Dimension) -> float:
+    def _dim(self, dim: onnx.TensorShapeProto.Dimension) -> float | None:
         if dim.HasField("dim_value"):
             return float(dim.dim_value)
-        expression = self._parse(dim.dim_param)
-        value = expression.subs(self.bindings)
-        if value.free_symbols:
-            raise ValueError(f"dimension {dim.dim_param!r} depends on unbound {value.free_symbols}")
-        return float(value)
+        if not dim.dim_param:
+            return None
+        value = self._parse(dim.dim_param).subs(self.bindings)
+        return None if value.free_symbols else float(value)
+
+    def _inferred(self) -> dict[str, onnx.TypeProto]:
+        """Rule 2's fallback: onnxruntime's symbolic shape inference, run once if needed."""
+        if self.inferred is None:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            copy = onnx.ModelProto()
+            copy.CopyFrom(self.model)
+            del copy.graph.value_info[:]
+            try:
+                inferred = SymbolicShapeInference.infer_shapes(copy, auto_merge=True)
+            except Exception:  # noqa: BLE001 - any failure leaves those shapes unknown
+                self.inferred = {}
+            else:
+                self.inferred = {v.name: v.type for v in inferred.graph.value_info}
+        return self.inferred
 
     def itemsize(self, name: str) -> int:
         if name in self.initializers:
@@ -129,22 +162,40 @@ class _Counter:
         value = self.values.get(name)
         return _itemsize(value.tensor_type.elem_type) if value is not None else 4
 
-    def _bind_nonzero(self, node: onnx.NodeProto) -> None:
-        value = self.values.get(node.output[0])
-        if value is None or len(value.tensor_type.shape.dim) != 2:
-            return
-        count = value.tensor_type.shape.dim[1]
-        if not count.HasField("dim_param"):
-            return
-        symbol = self._parse(count.dim_param)
-        if not isinstance(symbol, sympy.Symbol) or symbol in self.bindings:
-            return
-        expected = self._expected_routed(node.input[0])
-        if expected is None:
-            input_shape = self.shape(node.input[0])
-            expected = float(np.prod(input_shape)) if input_shape is not None else 0.0
-            self.upper_bounds.append(node.name)
-        self.bindings[symbol] = expected  # type: ignore[assignment]
+    def _bind_data_dependent(self, node: onnx.NodeProto) -> None:
+        """Rule 2: a new bare symbol in an output's shape, traced back to a ``NonZero``."""
+        for output in node.output:
+            value = self.values.get(output)
+            if value is None or not value.tensor_type.HasField("shape"):
+                continue
+            for dim in value.tensor_type.shape.dim:
+                if not dim.dim_param or not dim.dim_param.isidentifier():
+                    continue
+                symbol = self._parse(dim.dim_param)
+                if symbol in self.bindings:
+                    continue
+                nonzero = self._nonzero_above(node)
+                if nonzero is not None:
+                    self.bindings[symbol] = self._expected_count(nonzero)  # type: ignore[assignment]
+
+    def _nonzero_above(self, node: onnx.NodeProto, depth: int = 8) -> onnx.NodeProto | None:
+        """The nearest ``NonZero`` among the node and its ancestors (``depth`` levels)."""
+        frontier = [node]
+        for _ in range(depth):
+            for candidate in frontier:
+                if candidate.op_type == "NonZero":
+                    return candidate
+            frontier = [self.producers[i] for n in frontier for i in n.input if i in self.producers]
+        return None
+
+    def _expected_count(self, nonzero: onnx.NodeProto) -> float:
+        expected = self._expected_routed(nonzero.input[0])
+        if expected is not None:
+            return expected
+        if nonzero.name not in self.upper_bounds:
+            self.upper_bounds.append(nonzero.name)
+        input_shape = self.shape(nonzero.input[0])
+        return float(np.prod(input_shape)) if input_shape is not None else 0.0
 
     def _expected_routed(self, mask: str) -> float | None:
         """Rule 2: ``numel(indices) / E`` for ``Equal(TopK indices, e)``, else None."""
@@ -179,6 +230,7 @@ class _Counter:
             return 0.0, 0.0
         a, b, out = self.shape(node.input[0]), self.shape(node.input[1]), self.shape(node.output[0])
         if a is None or b is None or out is None:
+            self.uncounted.append(node.name)
             return 0.0, 0.0
         if node.op_type == "MatMul":
             inner = a[-1]
@@ -203,8 +255,8 @@ class _Counter:
         rows = float(np.prod(hidden[:-1]))
         top_k = next((x.i for x in node.attribute if x.name == "k"), 1)
         weights = [node.input[i] for i in (2, 4, 6) if len(node.input) > i and node.input[i]]
-        per_expert = sum(float(np.prod(self.shape(w)[1:])) for w in weights  # type: ignore[index]
-                         if self.shape(w) is not None)
+        shapes = [shape for w in weights if (shape := self.shape(w)) is not None]
+        per_expert = sum(float(np.prod(shape[1:])) for shape in shapes)
         moved = 2 * rows * hidden[-1] * self.itemsize(node.input[0])
         return 2.0 * rows * top_k * per_expert, moved
 

@@ -8,7 +8,7 @@ Rules, in the order they are applied:
 1. All module hooks (forward, forward-pre, backward) are set aside and every module is put
    in eval mode; both are restored on exit, so neither leaks into the export.
 2. One forward pass on the example input records the calls (inputs and output) of every
-   experts store and experts container.
+   experts store, experts container and the parent module (MoE block) of every store.
 3. Every *experts store* (:mod:`~hetmap.compiler.backends.onnx_stores`: 3-D
    ``gate_up_proj``/``up_proj``/``down_proj`` stacks, or flat 2-D stacks such as DBRX's) has
    its layout read by :func:`hetmap.runtime.layouts.read_layout`, its width being the last
@@ -20,14 +20,20 @@ Rules, in the order they are applied:
 4. Every ModuleList/ModuleDict experts container with its own ``forward`` that was called
    as ``(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`` is swapped for
    :class:`DenseDispatchExperts` (``static``) or :class:`SparseDispatchExperts` (the other
-   forms) if that reproduces the recorded output; otherwise it is left as written (its dispatch must then be exportable by ``torch.export`` as is).
-5. Every matrix key in ``tile_ranges`` must name an ``nn.Linear`` or an expert matrix; it is
-   swapped for a :class:`TiledLinear` after its ranges are checked.
-6. ``weight_sources`` maps each parameter name (tied aliases included) to the matrix key of
+   forms) if that reproduces the recorded output; otherwise it is left as written (its
+   dispatch must then be exportable by ``torch.export`` as is).
+5. MoE form ``ort``: every block holding a swapped routed store is swapped for
+   :class:`~hetmap.compiler.backends.onnx_ort_moe.OrtMoeBlock` if it fits (that module's
+   rule 1, checked against the block's recorded call); otherwise its store stays in the
+   dispatch form and the reason is kept in ``fallbacks``.
+6. Every matrix key in ``tile_ranges`` must name an ``nn.Linear`` or an expert matrix; it is
+   swapped for a :class:`TiledLinear` after its ranges are checked, except the expert
+   matrices of a block swapped by rule 5 (their tiles stay in its metadata).
+7. ``weight_sources`` maps each parameter name (tied aliases included) to the matrix key of
    the module that multiplies by it: any module with a 2-D ``weight`` (``nn.Linear``, expert
    matrices, routers such as ``mlp.gate``) except ``nn.Embedding``; for a tile, also the
    tile's range.
-7. On exit every swapped module is put back, in reverse order.
+8. On exit every swapped module is put back, in reverse order.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ from hetmap.compiler.backends.onnx_experts import (
     StaticExperts,
 )
 from hetmap.compiler.backends.onnx_modules import TiledLinear, TileRange, check_tile_ranges
+from hetmap.compiler.backends.onnx_ort_moe import FusedExperts, OrtMoeBlock, router_of
+from hetmap.compiler.backends.onnx_ort_moe import misfit as ort_misfit
 from hetmap.compiler.backends.onnx_stores import may_store_experts, store_layout
 from hetmap.runtime.layouts import ExpertLayout
 
@@ -77,6 +85,10 @@ class PreparedModel:
     parameter_names: frozenset[str]
     swapped_experts: tuple[str, ...]
     tiled_keys: tuple[str, ...]
+    ort_stores: Mapping[str, int]
+    """Experts store path -> number of experts, for the stores inside an OrtMoeBlock."""
+    fallbacks: tuple[tuple[str, str], ...]
+    """(block path, reason) for the blocks rule 5 left in the dispatch form."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +117,8 @@ def prepared_for_export(
         undo.callback(swap.restore)
         candidates = [p for p, m in model.named_modules() if p and may_store_experts(m)]
         containers = [p for p, m in model.named_modules() if _is_experts_container(m)]
-        calls = _record_calls(model, candidates + containers, run_forward)
+        blocks = [p.rpartition(".")[0] for p in candidates if "." in p]
+        calls = _record_calls(model, candidates + containers + blocks, run_forward)
         stores: dict[str, ExpertLayout] = {}
         for path in candidates:
             if not any(path.startswith(f"{store}.") for store in stores):
@@ -120,14 +133,27 @@ def prepared_for_export(
             if _try_dense_dispatch(swap, path, calls.get(path), sparse):
                 swapped.append(path)
         _check_no_fused_left(model)
+        ort_stores: dict[str, int] = {}
+        fallbacks: list[tuple[str, str]] = []
+        if moe_form == "ort":
+            for path, layout in stores.items():
+                reason = _try_ort_block(swap, path, layout, calls)
+                if reason is None:
+                    ort_stores[path] = layout.num_experts
+                else:
+                    fallbacks.append((path.rpartition(".")[0] or path, reason))
         for key, tiles in tile_ranges.items():
-            _swap_tiled(swap, key, tiles)
+            if not any(key.startswith(f"{store}.") for store in ort_stores):
+                _swap_tiled(swap, key, tiles)
         yield PreparedModel(
             module=model,
             weight_sources=_weight_sources(model),
             parameter_names=frozenset(n for n, _ in model.named_parameters(remove_duplicate=False)),
             swapped_experts=tuple(swapped),
-            tiled_keys=tuple(tile_ranges),
+            tiled_keys=tuple(k for k in tile_ranges
+                             if not any(k.startswith(f"{s}.") for s in ort_stores)),
+            ort_stores=ort_stores,
+            fallbacks=tuple(fallbacks),
         )
 
 
@@ -237,6 +263,42 @@ def _swap_experts_store(swap: _Swapper, path: str, layout: ExpertLayout,
             "outputs"
         )
     swap.put(path, static)
+
+
+def _try_ort_block(swap: _Swapper, store_path: str, layout: ExpertLayout,
+                   calls: Mapping[str, _RecordedCall]) -> str | None:
+    """Rule 5: swap the store's block for an OrtMoeBlock; the reason it does not fit, or None."""
+    block_path, _, experts_name = store_path.rpartition(".")
+    call = calls.get(block_path)
+    if not block_path or call is None or not isinstance(call.output, torch.Tensor):
+        return "its block was not called or does not return one tensor"
+    store = swap.get(store_path)
+    if isinstance(store, DispatchExperts):  # read the original store, not its stand-in
+        store = next(original for parent, name, original in reversed(swap.replaced)
+                     if parent is swap.get(block_path) and name == experts_name)
+    reason = ort_misfit(store, layout)
+    if reason is not None:
+        return reason
+    block = swap.get(block_path)
+    router = router_of(block, experts_name, layout.num_experts, layout.hidden)
+    top_k = call_top_k(calls.get(store_path))
+    if router is None or top_k is None:
+        return "no router [experts, hidden] beside its experts, or no top-k indices recorded"
+    fused = FusedExperts(store, layout)
+    for normalize in (False, True):
+        candidate = OrtMoeBlock(router[0], router[1], experts_name, fused, top_k, normalize)
+        if _reproduces(candidate, call):
+            swap.put(block_path, candidate)
+            return None
+    return "its routing is not softmax top-k (renormalised or not) over the router's logits"
+
+
+def call_top_k(call: _RecordedCall | None) -> int | None:
+    """k from a routed experts call's ``top_k_index`` (its second input)."""
+    inputs = call.inputs if call is not None else ()
+    if len(inputs) >= 2 and isinstance(inputs[1], torch.Tensor) and inputs[1].dim() >= 1:
+        return int(inputs[1].shape[-1])
+    return None
 
 
 def _try_dense_dispatch(swap: _Swapper, path: str, call: _RecordedCall | None,

@@ -1,4 +1,11 @@
-"""Writing and reading compiled plans: ``OUT/plan.json`` and ``OUT/ir.txt``.
+"""plan.json, defined in one place: writing, reading, validating and restoring compiled plans
+(``OUT/plan.json`` and ``OUT/ir.txt``).
+
+The format is the JSON Schema ``plan.schema.json`` beside this module (``schema_version``
+1), shipped for toolchains; every plan written is valid against it and every plan read is
+checked against it first, so a hand-edited or foreign file is refused in one line naming
+the first offending field. :func:`restore_annotations` turns a plan's nodes back into the
+IR annotations the passes wrote.
 
 Output directories are written atomically: everything goes into a temporary sibling
 directory that is renamed into place at the end, so a failed compile leaves no partial OUT.
@@ -8,6 +15,7 @@ An existing OUT is replaced only with ``force``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -16,11 +24,41 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hetmap.common.errors import OutputError
+from hetmap.common.errors import HetmapError, OutputError
 from hetmap.compiler.ir.graph import Node
 
 PLAN_FILE = "plan.json"
 IR_FILE = "ir.txt"
+SCHEMA_VERSION = 1
+SCHEMA_FILE = Path(__file__).with_name("plan.schema.json")
+
+
+@functools.cache
+def plan_schema() -> dict[str, Any]:
+    """The JSON Schema of plan.json."""
+    schema: dict[str, Any] = json.loads(SCHEMA_FILE.read_text())
+    return schema
+
+
+def validate_plan(data: Any, source: str) -> dict[str, Any]:
+    """``data`` if it is a plan this hetmap can read; otherwise a one-line OutputError."""
+    import jsonschema
+
+    if not isinstance(data, dict):
+        raise OutputError(f"{source} is not a hetmap plan (a JSON {type(data).__name__}, not an "
+                          "object); recompile it with 'hetmap compile MODEL -o DIR'")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise OutputError(f"{source} has plan schema version {version!r}, this hetmap reads "
+                          f"{SCHEMA_VERSION}; recompile it with this version")
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(plan_schema()).iter_errors(data))
+    if error is not None:
+        where = "/".join(str(part) for part in error.absolute_path) or "the top level"
+        message = error.message if len(error.message) <= 160 else error.message[:157] + "..."
+        raise OutputError(f"{source} is not a valid hetmap plan: at {where}: {message}; "
+                          "recompile it rather than editing it by hand")
+    return data
 
 
 def node_json(node: Node) -> dict[str, Any]:
@@ -106,7 +144,122 @@ def read_plan(out: Path) -> dict[str, Any]:
         raise OutputError(f"{out} is not a compiled plan directory (no {PLAN_FILE}); "
                           "create one with 'hetmap compile MODEL -o DIR'")
     try:
-        data: dict[str, Any] = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise OutputError(f"{path} is not valid JSON (line {exc.lineno}): recompile it") from exc
-    return data
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OutputError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    return validate_plan(data, str(path))
+
+
+def _annotation_types() -> dict[str, type]:
+    from hetmap.compiler.ir import annotations, hwannotations
+
+    kinds: dict[str, type] = {}
+    for module in (annotations, hwannotations):
+        for name in dir(module):
+            value = getattr(module, name)
+            if isinstance(value, type) and value.__module__ == module.__name__:
+                kinds[name] = value
+    return kinds
+
+
+def _check_node(node: Any, entry: dict[str, Any], source: str) -> None:
+    name = node.name
+    if entry["kind"] != node.kind.value:
+        raise OutputError(f"{source}: node {name!r} is a {entry['kind']} in the plan but a "
+                          f"{node.kind.value} in the model; recompile the plan")
+    if entry["params"] != node.params:
+        raise OutputError(f"{source}: node {name!r} has {entry['params']} parameters in the plan "
+                          f"but {node.params} in the model; recompile the plan")
+    shapes = [tuple(m["shape"]) for m in entry.get("matrices", [])]
+    if shapes != [m.shape for m in node.matrices]:
+        raise OutputError(f"{source}: node {name!r} has matrices {shapes} in the plan but "
+                          f"{[m.shape for m in node.matrices]} in the model; recompile the plan")
+
+
+def restore_annotations(graph: Any, data: dict[str, Any], target: Any, passes: Any,
+                        source: str) -> None:
+    """Check a validated plan against the model's freshly imported IR and put back every
+    annotation plan.json records. Any mismatch is a one-line OutputError."""
+    from hetmap.common.grid import TileGrid
+    from hetmap.compiler.algorithms.cost import CostEstimate
+    from hetmap.compiler.ir.annotations import Density, ExpertScore, Placement, Sensitivity
+    from hetmap.compiler.ir.graph import verify
+    from hetmap.compiler.ir.hwannotations import (
+        AllocationSummary,
+        ArrayAssignment,
+        ArrayLayout,
+        CostSummary,
+        Tiling,
+    )
+    from hetmap.compiler.passes.contracts import Fact, Provenance
+
+    entries = {entry["name"]: entry for entry in data["nodes"]}
+    if len(entries) != len(data["nodes"]):
+        raise OutputError(f"{source} lists a node twice; recompile it")
+    extra = sorted(set(entries) - {node.name for node in graph})
+    if extra:
+        raise OutputError(f"{source} names node {extra[0]!r}, which model {graph.name!r} does not "
+                          "have; the plan was compiled for another model: recompile it")
+    placed = any("placement" in entry for entry in entries.values())
+    rows, cols = target.aimc.rows, target.aimc.cols
+    for node in graph:
+        entry = entries.get(node.name)
+        if entry is None:
+            raise OutputError(f"{source} has no node {node.name!r} of model {graph.name!r}; "
+                              "recompile the plan")
+        _check_node(node, entry, source)
+        if "density" in entry:
+            node.annotate(Density(entry["density"], entry["density_source"],
+                                  mean_routing_weight=entry.get("mean_routing_weight")))
+        if any(key in entry for key in ("score", "router_norm", "expected_impact")):
+            node.annotate(ExpertScore(entry.get("score"), entry.get("router_norm"),
+                                      entry.get("expected_impact")))
+        if "sensitivity" in entry:
+            node.annotate(Sensitivity(entry["sensitivity"]))
+        if "placement" in entry:
+            node.annotate(Placement(entry["placement"], entry["reason"]))
+        elif placed:
+            raise OutputError(f"{source}: node {node.name!r} has no placement; recompile the plan")
+        matrices = entry.get("matrices", [])
+        if any("tile_grid" in m for m in matrices):
+            grids = tuple(TileGrid(m["shape"][0], m["shape"][1], rows, cols) for m in matrices)
+            for grid, matrix in zip(grids, matrices, strict=True):
+                if matrix.get("tile_grid") != [grid.n_row_tiles, grid.n_col_tiles]:
+                    raise OutputError(f"{source}: node {node.name!r} {matrix['role']} has tile grid "
+                                      f"{matrix.get('tile_grid')}, but {rows}x{cols} tiles of "
+                                      f"{matrix['shape']} give {[grid.n_row_tiles, grid.n_col_tiles]}")
+            node.annotate(Tiling(grids))
+        if any("slots" in m for m in matrices):
+            node.annotate(ArrayAssignment(
+                tuple(tuple((int(a), int(b)) for a, b in m.get("slots", [])) for m in matrices),
+                tuple(tuple((int(a), int(b), int(c)) for a, b, c in m.get("offsets", []))
+                      for m in matrices),
+                tuple(int(m.get("serial_steps", 1)) for m in matrices)))
+    summary = data["summary"]
+    if "allocation" in summary:
+        a = summary["allocation"]
+        layout = a["layout"]
+        graph.annotate(AllocationSummary(
+            chips=a["chips"], arrays_available=a["arrays_available"], arrays_used=a["arrays_used"],
+            tiles_used=a["tiles_used"], stored_weights=a["stored_weights"],
+            tile_utilization=a["tile_utilization"], unpacked_arrays=a["unpacked_arrays"],
+            unpacked_utilization=a["unpacked_utilization"], packing=a["packing"],
+            layout=ArrayLayout(layout["rows"], layout["cols"], layout["chips"],
+                               layout["arrays_per_chip"], layout["tiers"])))
+    if "cost" in summary:
+        graph.annotate(CostSummary(CostEstimate.from_json(summary["cost"])))
+    kinds = _annotation_types()
+    facts = {}
+    for kind_name, provider in data.get("provided", {}).items():
+        kind = kinds.get(kind_name)
+        if kind is None:
+            continue
+        cls = passes.entries[provider].value if provider in getattr(passes, "entries", {}) else None
+        facts[kind] = Fact(provider, frozenset(getattr(cls, "requires", ())))
+    graph.annotate(Provenance(facts))
+    try:
+        verify(graph)
+    except HetmapError as exc:
+        raise OutputError(f"{source} does not fit model {graph.name!r}: {exc}") from exc

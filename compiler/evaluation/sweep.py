@@ -8,9 +8,14 @@ Rules:
 2. Every (policy, budget, noise scale, seed) point is independent: it runs serially, in local
    worker processes (``workers``), or as Ray tasks (``ray``: an address, or ``"local"`` for a
    local instance). Each point fixes torch to one thread, so all three give identical numbers.
-3. Outputs: ``sweep.csv`` (one row per point), ``sweep.json`` (points, per-configuration mean
-   and std, digital perplexity, settings) and ``sweep.png`` (perplexity against digital
-   parameter fraction, one line per policy, error bars over seeds, one panel per noise scale).
+3. Every point carries its plan's energy and latency per token from the cost model (the
+   ``cost`` pass's summary; absent when the pipeline has no ``cost``).
+4. Outputs: ``sweep.csv`` (one row per point, with energy and latency per token),
+   ``sweep.json`` (points, per-configuration mean and std, digital perplexity and energy,
+   settings), ``sweep.png`` (perplexity against digital parameter fraction, one line per
+   policy, error bars over seeds, one panel per noise scale) and ``pareto.png`` (perplexity
+   against energy per token, Pareto-optimal points marked; see
+   :mod:`hetmap.compiler.evaluation.plots`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ class SweepPoint:
     eval_file: str | None
     eval_tokens: int
     seq_len: int
+    energy_per_token_j: float | None = None
+    latency_per_token_s: float | None = None
+    digital_energy_per_token_j: float | None = None
 
 
 _WORKER_STATE: dict[str, Any] = {}  # one model per worker process (see rule 2)
@@ -121,10 +129,13 @@ def summarize_points(points: list[SweepPoint], ppl: list[float]) -> list[dict[st
     rows = []
     for (policy, budget, noise), members in groups.items():
         values = [v for _, v in members]
+        first = members[0][0]
         rows.append({"policy": policy, "budget": budget, "noise_scale": noise,
-                     "digital_fraction": members[0][0].digital_fraction, "seeds": len(values),
+                     "digital_fraction": first.digital_fraction, "seeds": len(values),
                      "ppl_mean": statistics.fmean(values),
-                     "ppl_std": statistics.stdev(values) if len(values) > 1 else 0.0})
+                     "ppl_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                     "energy_per_token_j": first.energy_per_token_j,
+                     "latency_per_token_s": first.latency_per_token_s})
     return rows
 
 
@@ -132,19 +143,31 @@ def write_outputs(directory: Path, points: list[SweepPoint], ppl: list[float],
                   summary: list[dict[str, Any]], extra: dict[str, Any]) -> None:
     import json
 
-    fields = ["policy", "budget", "noise_scale", "seed", "digital_fraction", "ppl"]
+    from hetmap.compiler.evaluation.plots import plot_pareto
+
+    fields = ["policy", "budget", "noise_scale", "seed", "digital_fraction", "ppl",
+              "energy_per_token_j", "latency_per_token_s"]
     with open(directory / "sweep.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(fields)
         for point, value in zip(points, ppl, strict=True):
             writer.writerow([point.policy, point.budget, point.noise_scale, point.seed,
-                             f"{point.digital_fraction:.6f}", f"{value:.6f}"])
-    data = {**extra, "points": [{**{k: v for k, v in asdict(p).items()
-                                    if k in ("policy", "budget", "noise_scale", "seed", "digital_fraction")},
-                                 "ppl": v} for p, v in zip(points, ppl, strict=True)],
+                             f"{point.digital_fraction:.6f}", f"{value:.6f}",
+                             _number(point.energy_per_token_j), _number(point.latency_per_token_s)])
+    kept = ("policy", "budget", "noise_scale", "seed", "digital_fraction", "energy_per_token_j",
+            "latency_per_token_s")
+    digital_energy = points[0].digital_energy_per_token_j if points else None
+    data = {**extra, "digital_energy_per_token_j": digital_energy,
+            "points": [{**{k: v for k, v in asdict(p).items() if k in kept}, "ppl": v}
+                       for p, v in zip(points, ppl, strict=True)],
             "summary": summary}
     (directory / "sweep.json").write_text(json.dumps(data, indent=1) + "\n")
     plot(directory / "sweep.png", summary, extra.get("digital_ppl"))
+    plot_pareto(directory / "pareto.png", summary, extra.get("digital_ppl"), digital_energy)
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.6e}"
 
 
 def policy_panel(ax: Any, rows: list[dict[str, Any]], policies: list[str], scale: float,
@@ -202,11 +225,15 @@ def sweep_points(model: str, plans: Iterable[tuple[str, float, Any]], noise_scal
     points = []
     for policy, budget, plan in plans:
         part = analog_part(plan.graph, plan.model.runnable())
-        fraction = plan.summary["digital_param_fraction"]
+        summary = plan.summary
+        fraction = summary["digital_param_fraction"]
+        cost = {"energy_per_token_j": summary.get("energy_per_token_j"),
+                "latency_per_token_s": summary.get("latency_per_token_s"),
+                "digital_energy_per_token_j": summary.get("digital_energy_per_token_j")}
         for scale in noise_scales:
             settings = tuple(sorted(settings_for(scale).to_dict().items()))
             for index in range(seeds):
                 points.append(SweepPoint(model, policy, budget, scale, seed + index, fraction,
                                          part.linears, tuple(sorted(part.experts.items())),
-                                         settings, eval_file, eval_tokens, seq_len))
+                                         settings, eval_file, eval_tokens, seq_len, **cost))
     return points

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hetmap.common.errors import NoMoeError
 from hetmap.compiler.frontend.loader import LoadedModel, load_model
 from hetmap.compiler.frontend.lower import lower
-from hetmap.compiler.frontend.moe import find_moe_blocks
+from hetmap.compiler.frontend.moe import find_moe_blocks, unmappable_moe
 from hetmap.compiler.frontend.tracer import trace
 from hetmap.compiler.ir.annotations import Traced
 from hetmap.compiler.ir.graph import Graph, verify
@@ -19,6 +19,10 @@ def import_model(model: LoadedModel, *, allow_dense: bool = False) -> Graph:
     """
     blocks = find_moe_blocks(model.module, model.config)
     if not blocks and not allow_dense:
+        unmappable = unmappable_moe(model.module)
+        if unmappable is not None:
+            raise NoMoeError(f"no MoE block hetmap can map in {model.name!r}: {unmappable} "
+                             "(--allow-dense maps the model with the dense rule only)")
         raise NoMoeError(
             f"no MoE block found in {model.name!r}: looked for a module holding routed experts "
             "(3-D expert tensors, flat expert stacks, or a ModuleList of MLPs) beside a router "

@@ -61,9 +61,17 @@ class LoadedModel:
                 "structure-only compile); use a tiny built-in config, 'demo' or a checkpoint")
         import transformers
 
-        self.module = transformers.AutoModelForCausalLM.from_pretrained(
-            self.checkpoint, local_files_only=True, trust_remote_code=self.trust_remote_code,
-            attn_implementation=ATTENTION, dtype=torch.float32).eval()
+        from hetmap.compiler.data.checkpoint import check_finite
+
+        try:
+            module = transformers.AutoModelForCausalLM.from_pretrained(
+                self.checkpoint, local_files_only=True, trust_remote_code=self.trust_remote_code,
+                attn_implementation=ATTENTION, dtype=torch.float32).eval()
+        except (RuntimeError, ValueError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"cannot load the weights of {self.checkpoint}: {first}") from exc
+        check_finite(module, self.checkpoint)
+        self.module = module
         return self.module
 
     def weights(self) -> WeightStore:
@@ -116,6 +124,9 @@ def _load_checkpoint(path: Path, spec: str, trust_remote_code: bool, source: str
         raise ModelLoadError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}{hint}") from exc
     except OSError as exc:
         raise ModelLoadError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+    from hetmap.compiler.data.checkpoint import check_files
+
+    check_files(path, {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()})
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         with contextlib.suppress(Exception):

@@ -10,10 +10,14 @@ Rules (one fx node becomes one IR node, except MoE blocks):
    module the tracer kept whole: all its nn.Linear as matrices, placed by the dense rule),
    or ``op`` for anything else (e.g. rotary embeddings).
 3. An MoE block expands to a ``router`` node, one ``expert`` node per routed expert
-   (``<experts>.<e>``), its ``shared-expert`` and small ``linear`` nodes, and an ``op`` node
+   (``<experts>.<e>``), its ``shared-expert`` and small ``linear`` nodes, the attention and
+   norms inside it (by rule 2; a block that is a whole decoder layer), and an ``op`` node
    ``<block>`` (op ``moe-combine``) that stands for the block's output.
 4. ``call_function``/``call_method`` become ``op`` nodes named after the fx node.
 5. A node's layer is the first integer in its module path.
+6. A module called again (a looped layer, shared weights) is lowered at its first call only;
+   each further call is an ``op`` node ``<path>#<n>`` (op ``repeat``, module ``<path>``) that
+   carries the data flow, so its weights are placed once.
 """
 
 from __future__ import annotations
@@ -79,6 +83,9 @@ class _Lowering:
     def module_node(self, path: str, module: nn.Module, inputs: list[str]) -> str:
         layer = layer_of(path)
         name = self.unique(path)
+        if name != path:  # rule 6
+            return self.graph.add(Node(name, NodeKind.OP, path, layer=layer, op="repeat"),
+                                  inputs).name
         if path in self.blocks:
             return self.moe_block(self.blocks[path], name, inputs)
         if isinstance(module, nn.Embedding):
@@ -125,6 +132,8 @@ class _Lowering:
             module = self.model.get_submodule(path)
             node = Node(path, NodeKind.LINEAR, path, linear_matrices(module, path), layer=layer)
             combined.append(self.graph.add(node, inputs).name)
+        for path in block.dense:
+            combined.append(self.module_node(path, self.model.get_submodule(path), inputs))
         self.graph.add(Node(name, NodeKind.OP, block.path, layer=layer, op="moe-combine"), combined)
         self.graph.moe_layers[layer] = MoeLayer(
             layer=layer, block=block.path, router=block.router, experts_module=block.experts,

@@ -11,8 +11,9 @@ A module is an MoE block when it has (rules, in order):
    definition order) whose 2-D ``weight`` is ``[E, H]``, E the number of router slots the
    experts take (for identity experts, more than the experts with weights). Its containing
    child of the block belongs to the router (e.g. AfMoE ``router.gate``, DBRX ``router.layer``);
-3. other parametrised children of the block are shared experts (MLPs) or small dense
-   linears (e.g. Qwen2-MoE's ``shared_expert_gate``).
+3. other parametrised children of the block are small dense linears (e.g. Qwen2-MoE's
+   ``shared_expert_gate``), *dense* modules when the block is a whole decoder layer (attention
+   and norms beside router and experts, e.g. Gemma 4), or else shared experts (MLPs).
 
 No class names are consulted. Each expert's matrices are described by :class:`Matrix`
 entries in nn.Linear ``[out, in]`` terms; weights are referenced by state-dict name.
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from hetmap.common.errors import TraceError
+from hetmap.compiler.frontend.tracer import is_attention, is_norm
 from hetmap.compiler.ir.graph import Matrix, WeightRef
 from hetmap.runtime.layouts import ExpertLayout, LayoutError, read_layout
 
@@ -38,7 +40,7 @@ ROLE_ALIASES = {
 }
 #: attribute names that hold the number of experts chosen per token
 _TOP_K_NAMES = ("top_k", "num_experts_per_tok", "moe_topk", "moe_top_k", "num_selected_experts",
-                "router_topk", "k")
+                "router_topk", "top_k_experts", "k")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class MoeBlock:
     expert_matrices: tuple[tuple[Matrix, ...], ...]
     #: router slots beyond ``num_experts`` whose experts pass their input through unchanged
     identity_experts: int = 0
+    #: attention and norms inside the block (a block that is a whole decoder layer)
+    dense: tuple[str, ...] = ()
 
 
 def _join(prefix: str, name: str) -> str:
@@ -149,9 +153,11 @@ def _find_top_k(owners: Sequence[object], config: object | None) -> int:
 
 
 def _router_candidates(module: nn.Module, skip: str) -> Iterator[tuple[str, nn.Module, int, int]]:
-    """Modules under ``module`` (not under child ``skip``) with a 2-D weight ``[E >= 2, H]``."""
+    """Modules under ``module`` (not under child ``skip``; embeddings neither) with a 2-D
+    weight ``[E >= 2, H]``."""
     for name, child in module.named_modules():
-        if not name or name == skip or name.startswith(skip + "."):
+        if not name or (skip and (name == skip or name.startswith(skip + "."))) \
+                or isinstance(child, nn.Embedding):
             continue
         rows = _router_rows(child)
         if rows is not None and rows[0] >= 2:
@@ -192,16 +198,19 @@ def detect_moe_block(module: nn.Module, path: str, config: object | None = None)
         router_child = router_name.split(".", 1)[0]
         shared: list[str] = []
         others: list[str] = []
+        dense: list[str] = []
         for name, child in children.items():
             if name in (router_child, experts_name) or not any(True for _ in child.parameters()):
                 continue
-            (others if isinstance(child, nn.Linear) else shared).append(_join(path, name))
+            kind = others if isinstance(child, nn.Linear) else \
+                dense if is_attention(child) or is_norm(child) else shared
+            kind.append(_join(path, name))
         owners = [router, module, experts, children[router_child]]
         return MoeBlock(
             path=path, router=_join(path, router_name), experts=experts_path, layout=layout,
             num_experts=len(table), hidden=hidden, top_k=_find_top_k(owners, config),
             shared=tuple(shared), other_linears=tuple(others), expert_matrices=table,
-            identity_experts=identity)
+            identity_experts=identity, dense=tuple(dense))
     return None
 
 
@@ -212,6 +221,38 @@ def _could_hold_experts(module: nn.Module) -> bool:
     owners = [module, *module.children()]
     return any(p.dim() >= 2 for owner in owners for p in owner.parameters(recurse=False)) \
         and not isinstance(module, nn.Linear | nn.Embedding)
+
+
+def unmappable_moe(model: nn.Module) -> str | None:
+    """Why a model in which no MoE block was found still looks like an MoE hetmap cannot map
+    (None if it does not): a module with a router (a 2-D weight ``[E, H]``) beside
+
+    1. two or more children holding stacks of E matrices (3-D ``[E, ...]``): experts whose
+       matrices are split over several modules, each called with rows grouped per expert
+       (JetMoE's ``ParallelExperts``);
+    2. embeddings with at least E rows of width H: single-neuron experts fetched by product
+       keys (Doge's ``down_embed``/``up_embed``).
+    """
+    for path, module in model.named_modules():
+        children = dict(module.named_children())
+        for router, _, slots, hidden in _router_candidates(module, skip=""):
+            stacks = [name for name, child in children.items()
+                      if any(p.dim() == 3 and p.shape[0] == slots
+                             for p in child.parameters(recurse=False))]
+            if len(stacks) >= 2:
+                return (f"MoE block {path!r} splits its {slots} experts' matrices over modules "
+                        f"{', '.join(repr(s) for s in stacks)}, called with rows grouped per "
+                        "expert (as JetMoE's ParallelExperts); hetmap reads all of an expert's "
+                        "matrices from one experts module, so this layout is not supported")
+            tables = [name for name, child in children.items()
+                      if isinstance(child, nn.Embedding) and child.embedding_dim == hidden
+                      and child.num_embeddings >= slots and name != router]
+            if len(tables) >= 2:
+                return (f"MoE block {path!r} keeps single-neuron experts as rows of embeddings "
+                        f"{', '.join(repr(t) for t in tables)} chosen by router {router!r} "
+                        "(product keys, as Doge's CDMoE); hetmap maps routed experts made of "
+                        "weight matrices, so this layout is not supported")
+    return None
 
 
 def find_moe_blocks(model: nn.Module, config: object | None = None) -> dict[str, MoeBlock]:

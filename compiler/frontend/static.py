@@ -1,38 +1,44 @@
-"""Trace-time values for Python control flow that depends on input ranks only.
+"""Trace-time values for Python control flow that does not depend on input sizes or data.
 
 torch.fx cannot branch on a traced value or iterate over one. Many model forwards do both on
-properties that are the same for every input of the same rank: ``if position_ids.ndim == 3``,
-``reshape(*input_ids.shape, n, d)``. Such a condition or iteration is resolved once, at trace
-time, by running the partial graph on an example input; the graph stays valid for every input
-of the example's ranks. Rules:
+values that are the same for every input: ``if position_ids.ndim == 3``, ``if
+position_ids.shape[0] == 4`` after an ``expand(4, ...)``, ``reshape(*input_ids.shape, n, d)``.
+Such a condition or iteration is resolved once, at trace time. Rules:
 
-1. A value is *static* when it depends on the graph inputs only through ``ndim``, ``dim()``,
-   ``dtype``, ``device`` (and ``len``, or iteration, of a shape): never through a size or a
-   tensor's data. Constants (parameters, buffers, configs) are static.
-2. ``bool(value)`` is resolved only for a static value; ``iter(value)`` for a value whose
-   length is static (a shape, a constant slice of a shape, or a static sequence), yielding
-   traced items (``shape[i]``, not the example's sizes).
-3. Anything else is :class:`NotStatic`: the caller keeps fx's error (and its fallbacks).
-4. Values are computed incrementally (each graph node once), on the example input's device
-   (``meta`` for a model without weights).
+1. The graph built so far is run on a *symbolic* example input: a fake tensor (no data) whose
+   every size is a free symbol (torch's ``ShapeEnv``). Each graph node is run once; the
+   torch.fx patches are lifted meanwhile, so modules run eagerly, not traced.
+2. ``bool(value)`` is resolved when the value is the same for every size of the inputs: a plain
+   bool, or a symbolic bool that simplifies to a constant. A condition on a size (``if seq_len
+   > 1``) or on tensor data is not resolved.
+3. ``iter(value)`` / ``len(value)`` are resolved for a sequence (a shape, a tuple): its length
+   never depends on sizes; the items stay traced (``shape[i]``, not an example's size).
+4. torch's fake kernel of ``_grouped_mm`` (fused experts) takes bfloat16 only: in the symbolic
+   run it computes in bfloat16 and casts back (shapes are all that matter there).
+5. If running the example specialised a size to a constant, nothing is resolved (the example
+   would then prove nothing about other sizes). Whatever is not resolved is
+   :class:`NotStatic`, and the caller keeps fx's error and its fallbacks.
 """
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 from torch import nn
-
-#: attributes and methods whose result depends on a tensor's rank, dtype or device only
-_RANK_ATTRIBUTES = frozenset({"ndim", "dtype", "device", "is_cuda", "is_meta", "layout"})
-_RANK_METHODS = frozenset({"dim", "ndimension", "is_floating_point", "is_complex", "get_device"})
-#: attributes and methods giving a tuple whose length is the rank
-_SHAPE_ATTRIBUTES = frozenset({"shape"})
-_SHAPE_METHODS = frozenset({"size"})
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx._symbolic_trace import _maybe_revert_all_patches
+from torch.fx.experimental.symbolic_shapes import (
+    DimDynamic,
+    ShapeEnv,
+    StatelessSymbolicContext,
+    statically_known_false,
+    statically_known_true,
+)
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class NotStatic(Exception):
@@ -40,80 +46,79 @@ class NotStatic(Exception):
 
 
 class StaticValues:
-    """Example values of a graph under construction, and which of them are static."""
+    """Symbolic example values of a graph under construction (rule 1)."""
 
     def __init__(self, root: nn.Module, graph: fx.Graph, example_inputs: Sequence[Any]) -> None:
+        self.shape_env = ShapeEnv()
+        self.mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
         self.interpreter = fx.Interpreter(root, garbage_collect_values=False, graph=graph)
-        self.interpreter.args_iter = iter(example_inputs)
+        inputs = [self._symbolic(x) for x in example_inputs]
+        self.interpreter.args_iter = iter(inputs)
         self.graph = graph
-        self.static: dict[fx.Node, bool] = {}
+        self.symbols = {s for x in inputs if isinstance(x, torch.Tensor) for s in _free_symbols(x)}
+
+    def _symbolic(self, example: Any) -> Any:
+        if not isinstance(example, torch.Tensor):
+            return example
+        context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * example.dim())
+        return self.mode.from_tensor(example, symbolic_context=context)
 
     def value(self, node: fx.Node) -> Any:
-        """The example value of ``node``, computing the nodes before it that are not yet."""
+        """The symbolic value of ``node``, running the nodes before it that have not run."""
         env = self.interpreter.env
         for pending in self.graph.nodes:
             if pending not in env:
                 try:
-                    with torch.no_grad():
+                    with _maybe_revert_all_patches(), self.mode, _GroupedMmInBf16(), \
+                            torch.no_grad():
                         env[pending] = self.interpreter.run_node(pending)
                 except Exception as exc:  # noqa: BLE001 - the model's own code: any error
-                    raise NotStatic(f"cannot compute {pending.name}: {exc}") from exc
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    raise NotStatic(f"cannot run {pending.name} on a symbolic input: "
+                                    f"{type(exc).__name__} {first}") from exc
             if pending is node:
                 break
+        specialised = [s for s in self.symbols if self.shape_env.replacements.get(s, s).is_number]
+        if specialised:
+            raise NotStatic(f"running the example fixed input sizes {sorted(map(str, specialised))}")
         return env[node]
 
-    def is_static(self, node: fx.Node) -> bool:
-        """Rule 1."""
-        known = self.static.get(node)
-        if known is not None:
-            return known
-        if node.op == "placeholder":
-            result = False
-        elif node.op == "get_attr":
-            result = True
-        elif _reads_rank(node):
-            result = True
-        else:
-            result = all(self.is_static(arg) for arg in node.all_input_nodes)
-        self.static[node] = result
-        return result
-
-    def has_static_length(self, node: fx.Node) -> bool:
-        if _reads_shape(node) or self.is_static(node):
-            return True
-        if node.op == "call_function" and node.target is operator.getitem:
-            sequence, index = node.args
-            return (isinstance(sequence, fx.Node) and _reads_shape(sequence)
-                    and isinstance(index, slice) and not _has_nodes(index))
-        return False
-
     def resolve_bool(self, node: fx.Node) -> bool:
-        """Rule 2, conditions."""
-        if not self.is_static(node):
-            raise NotStatic(f"{node.name} depends on input sizes or data")
-        return bool(self.value(node))
+        """Rule 2."""
+        value = self.value(node)
+        if isinstance(value, torch.Tensor):
+            raise NotStatic(f"{node.name} is a tensor (a condition on data)")
+        if isinstance(value, torch.SymInt | torch.SymFloat):
+            value = value != 0
+        if isinstance(value, bool | torch.SymBool):
+            if statically_known_true(value):
+                return True
+            if statically_known_false(value):
+                return False
+            raise NotStatic(f"{node.name} depends on input sizes")
+        if isinstance(value, int | float | str | tuple | list | dict | type(None)):
+            return bool(value)
+        raise NotStatic(f"{node.name} is a {type(value).__name__}")
 
     def length(self, node: fx.Node) -> int:
-        """Rule 2, iteration: the number of items ``node`` yields."""
-        if not self.has_static_length(node):
-            raise NotStatic(f"the length of {node.name} depends on input sizes or data")
+        """Rule 3: the number of items ``node`` yields."""
         value = self.value(node)
         if not isinstance(value, tuple | list | torch.Size):
             raise NotStatic(f"{node.name} is a {type(value).__name__}, not a sequence")
         return len(value)
 
 
-def _reads_rank(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target is getattr:
-        return node.args[1] in _RANK_ATTRIBUTES
-    return node.op == "call_method" and node.target in _RANK_METHODS
+class _GroupedMmInBf16(TorchDispatchMode):
+    """Rule 4."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._grouped_mm.default and args[0].dtype != torch.bfloat16:
+            dtype = args[0].dtype
+            return func(args[0].bfloat16(), args[1].bfloat16(), *args[2:], **kwargs).to(dtype)
+        return func(*args, **kwargs)
 
 
-def _reads_shape(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target is getattr:
-        return node.args[1] in _SHAPE_ATTRIBUTES
-    return node.op == "call_method" and node.target in _SHAPE_METHODS and len(node.args) == 1
-
-
-def _has_nodes(index: slice) -> bool:
-    return any(isinstance(v, fx.Node) for v in (index.start, index.stop, index.step))
+def _free_symbols(tensor: torch.Tensor) -> set[sympy.Symbol]:
+    return {s for size in tensor.shape if isinstance(size, torch.SymInt)
+            for s in size.node.expr.free_symbols}

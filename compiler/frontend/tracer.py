@@ -7,9 +7,12 @@ Rules:
 2. Hugging Face causal LMs are traced through a wrapper with an explicit
    ``forward(input_ids) -> logits``; the mask builders of ``transformers.masking_utils`` are
    autowrapped (data-dependent control flow inside) and the modeling module is added to the
-   autowrap search (its forwards are decorated).
+   autowrap search (its forwards are decorated); its classes are not wrapped (a wrapped class
+   breaks ``isinstance``).
 3. Config objects reaching the graph become ``get_attr`` nodes of the root instead of being
-   rebuilt inside the graph (rebuilding silently drops the attention implementation).
+   rebuilt inside the graph (rebuilding silently drops the attention implementation); so do
+   other objects fx cannot put in a graph that hold no traced value (e.g. Gemma 4's
+   KV-sharing dict: the same object at run time).
 4. A module that fx cannot trace and that holds no MoE block becomes an opaque leaf (kept
    whole, whatever its class name), and tracing starts again; its weight matrices still
    become IR nodes. A module that cannot be traced and holds an MoE block (or the model's
@@ -25,7 +28,7 @@ from __future__ import annotations
 import inspect
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -86,6 +89,22 @@ def is_rotary(module: nn.Module) -> bool:
     return not any(True for _ in module.parameters()) and "inv_freq" in dict(module.named_buffers())
 
 
+class _SizedProxy(fx.Proxy):
+    """A proxy whose ``len()`` the tracer may resolve (rule 5); fx's refuses it always."""
+
+    def __len__(self) -> int:
+        tracer = self.tracer
+        assert isinstance(tracer, HetmapTracer)
+        return tracer.length(self)
+
+    def __getattr__(self, name: str) -> _SizedAttribute:
+        return _SizedAttribute(self, name)
+
+
+class _SizedAttribute(fx.proxy.Attribute, _SizedProxy):
+    """An attribute of a traced value (e.g. ``x.shape``), sized like :class:`_SizedProxy`."""
+
+
 class HetmapTracer(fx.Tracer):
     """fx tracer keeping MoE blocks, attention, MLPs, norms and embeddings whole."""
 
@@ -94,6 +113,8 @@ class HetmapTracer(fx.Tracer):
                  example_inputs: tuple[Any, ...] | None = None) -> None:
         super().__init__(autowrap_modules=(__import__("math"), *autowrap_modules),
                          autowrap_functions=autowrap_functions)
+        self._autowrap_function_ids -= {id(value) for module in autowrap_modules
+                                        for value in vars(module).values() if isinstance(value, type)}
         self.moe_paths = set(moe_paths)
         self.opaque = set(opaque)
         self.example_inputs = example_inputs
@@ -125,11 +146,19 @@ class HetmapTracer(fx.Tracer):
         values = self._static_values()
         if values is None:
             return super().iter(obj)
+        return iter([obj[i] for i in range(self.length(obj))])
+
+    def length(self, obj: fx.Proxy) -> int:
+        values = self._static_values()
         try:
-            length = values.length(obj.node)
+            if values is None:
+                raise NotStatic("inside a module that can be kept whole")
+            return values.length(obj.node)
         except NotStatic as why:
-            raise fx.proxy.TraceError(f"Proxy object cannot be iterated ({why})") from None
-        return iter([obj[i] for i in range(length)])
+            raise fx.proxy.TraceError(f"Proxy object has no static length ({why})") from None
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _SizedProxy(node, self)
 
     def _static_values(self) -> StaticValues | None:
         """Rule 5: example values, where the module being traced cannot be kept whole."""
@@ -148,13 +177,33 @@ class HetmapTracer(fx.Tracer):
         from transformers import PreTrainedConfig
 
         if isinstance(a, PreTrainedConfig):
-            name = self._constants.get(id(a))
-            if name is None:
-                name = f"_hetmap_config_{len(self._constants)}"
-                setattr(self.root, name, a)
-                self._constants[id(a)] = name
-            return self.create_node("get_attr", name, (), {})
-        return super().create_arg(a)
+            return self._constant(a, "config")
+        try:
+            return super().create_arg(a)
+        except NotImplementedError:
+            if _holds_proxy(a):
+                raise
+            return self._constant(a, "object")
+
+    def _constant(self, value: Any, kind: str) -> fx.Node:
+        """Rule 3: ``value`` held by the root, read by a ``get_attr`` node."""
+        name = self._constants.get(id(value))
+        if name is None:
+            name = f"_hetmap_{kind}_{len(self._constants)}"
+            setattr(self.root, name, value)
+            self._constants[id(value)] = name
+        return self.create_node("get_attr", name, (), {})
+
+
+def _holds_proxy(value: Any) -> bool:
+    """Whether ``value`` (a container or plain object) holds a traced value directly."""
+    if isinstance(value, Mapping):
+        items: Iterable[Any] = value.values()
+    elif isinstance(value, list | tuple | set):
+        items = value
+    else:
+        items = vars(value).values() if hasattr(value, "__dict__") else ()
+    return any(isinstance(item, fx.Proxy) for item in items)
 
 
 def _hf_autowrap(model: nn.Module) -> tuple[tuple[Any, ...], tuple[Any, ...]]:

@@ -2,15 +2,17 @@
 
 A pass is a frozen dataclass with a kebab-case ``name``, a one-line ``description``, its
 options as typed fields (parsed from pipeline text such as ``place{policy=max-norm}``), and
-``run(graph, ctx) -> PassResult``. It reads annotations earlier passes wrote and writes its
-own; the pass manager verifies the IR after it.
+``run(graph, ctx) -> PassResult``, and its contract: ``requires`` and ``provides``, the
+annotation types it reads and writes (:mod:`hetmap.compiler.passes.contracts`). Passes hand
+each other nothing but typed annotations on the graph; the pass manager checks the contracts
+and verifies the IR after every pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 from hetmap.compiler.ir.graph import Graph
 
@@ -40,13 +42,13 @@ class CompileContext:
     #: called with (description, total) and returns a callable advancing by n; no-op default
     progress: Callable[[str, int], Callable[[int], None]] = lambda _d, _t: (lambda _n: None)
     log: Callable[[str], None] = lambda _m: None
-    #: per-compile scratch shared between passes (e.g. calibration statistics)
-    cache: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable
 class Pass(Protocol):
     name: ClassVar[str]
     description: ClassVar[str]
+    requires: ClassVar[tuple[type, ...]]
+    provides: ClassVar[tuple[type, ...]]
 
     def run(self, graph: Graph, ctx: CompileContext) -> PassResult: ...

@@ -15,10 +15,10 @@ from typing import ClassVar
 
 import numpy as np
 
+from hetmap.common.errors import PassError
 from hetmap.compiler.algorithms.cost import estimate_cost
 from hetmap.compiler.ir.annotations import Density, Placement
 from hetmap.compiler.ir.graph import Graph
-from hetmap.common.errors import PassError
 from hetmap.compiler.ir.hwannotations import (
     AllocationSummary,
     ArrayAssignment,

@@ -14,7 +14,9 @@ Rules:
    a hook on the router turns its output into the same: integer indices (and weights of
    their shape); for ``dense-input`` experts (Llama 4) the routing scores ``[T, slots]``
    that are zero where an expert is not chosen; else logits -> softmax -> top-k. Indices
-   outside the experts with weights (identity experts, sentinels) count for no expert. The
+   outside the experts with weights (identity experts, sentinels) count for no expert. A
+   token counts once for an expert its top-k names twice (DeepSeek-V4's hash routing can);
+   its weights for that expert add up. The
    expert's mean routing weight (over the tokens routed to it) is recorded too, and per
    layer the co-activation counts (tokens routed to both experts i and j) as a graph-level
    :class:`Coactivation`. Hooks are removed afterwards. A layer that saw no routing
@@ -76,14 +78,13 @@ class _RoutingCounter:
         self.last_index = index
         self.tokens += index.shape[0]
         valid = (index >= 0) & (index < experts)  # not identity experts or sentinels
-        flat = index[valid]
-        self.counts += torch.bincount(flat, minlength=experts).double()
         if weights is not None:
             chosen = weights.detach().reshape(index.shape).cpu()[valid]
-            self.weight_sums.index_add_(0, flat, chosen.double())
+            self.weight_sums.index_add_(0, index[valid], chosen.double())
         routed = torch.zeros(index.shape[0], experts + 1, dtype=torch.float64)
-        routed.scatter_(1, torch.where(valid, index, experts), 1.0)
+        routed.scatter_(1, torch.where(valid, index, experts), 1.0)  # an expert once per token
         routed = routed[:, :experts]
+        self.counts += routed.sum(dim=0)
         self.coactivation += routed.T @ routed
 
     def pre_hook(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -211,8 +212,10 @@ class _MomentCollector:
         index = index.long().to(hidden.device)
         token = torch.arange(tokens, device=hidden.device).repeat_interleave(index.shape[1])
         expert = index.reshape(-1)
-        routed = (expert >= 0) & (expert < self.moe.num_experts)  # drop identity, sentinels
-        token, expert = token[routed], expert[routed]
+        experts = self.moe.num_experts
+        routed = (expert >= 0) & (expert < experts)  # drop identity, sentinels
+        pairs = torch.unique(token[routed] * experts + expert[routed])  # each pair once
+        token, expert = pairs // experts, pairs % experts
         rows = expert * tokens + token if self.layout.call == "dense-input" else token
         return rows, expert
 

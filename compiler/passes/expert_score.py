@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from hetmap.common.errors import MissingDataError
 from hetmap.compiler.algorithms.expert_score import expert_expected_impact
 from hetmap.compiler.data.weights import WeightStore
 from hetmap.compiler.ir.annotations import Density, ExpertScore, InputMoments
@@ -48,8 +49,26 @@ def max_neuron_norm(weight: torch.Tensor, matrix: Matrix) -> float:
     return float(weight.square().sum(dim=dim).max().sqrt())
 
 
+def load_matrix(store: WeightStore, node: Node, matrix: Matrix) -> torch.Tensor:
+    """``matrix``'s weights, refused in one line when their shape is not the IR's (a
+    checkpoint that does not match its config), naming the tensor and its file."""
+    weight = store.load(matrix.weight)
+    if tuple(weight.shape) != matrix.shape:
+        where = getattr(store, "where", {}).get(matrix.weight.tensor)
+        raise MissingDataError(
+            f"tensor {matrix.weight.tensor!r}{f' in {where}' if where else ''} gives "
+            f"{node.name} {matrix.role} the shape {tuple(weight.shape)}, but the model's config "
+            f"makes it {matrix.shape}: the checkpoint does not match its config.json")
+    if not bool(torch.isfinite(weight).all()):
+        where = getattr(store, "where", {}).get(matrix.weight.tensor)
+        raise MissingDataError(
+            f"tensor {matrix.weight.tensor!r}{f' in {where}' if where else ''} holds NaN or Inf "
+            f"values ({node.name} {matrix.role}): the checkpoint is damaged")
+    return weight
+
+
 def expert_max_norm(node: Node, store: WeightStore) -> float:
-    return _max_norm(node, {m.role: store.load(m.weight) for m in node.matrices})
+    return _max_norm(node, {m.role: load_matrix(store, node, m) for m in node.matrices})
 
 
 def _max_norm(node: Node, weights: dict[str, torch.Tensor]) -> float:
@@ -95,7 +114,7 @@ class ExpertScorePass:
             elif noise is None:
                 noise = self._noise(ctx)
             for node in experts:
-                weights = {m.role: store.load(m.weight) for m in node.matrices}
+                weights = {m.role: load_matrix(store, node, m) for m in node.matrices}
                 impact_inputs = inputs[node.name] if layer not in without_impact else None
                 impact = None
                 if impact_inputs is not None and noise is not None:
@@ -115,6 +134,9 @@ class ExpertScorePass:
     @staticmethod
     def _noise(ctx: CompileContext) -> tuple[Any, Any]:
         """The runtime's analog settings and aihwkit noise model for the target."""
+        from hetmap.runtime import require_aihwkit
+
+        require_aihwkit()
         from hetmap.runtime.programming import make_noise_model
         from hetmap.runtime.settings import settings_for
 

@@ -65,10 +65,12 @@ def _described(pass_: Any, ctx: CompileContext | None) -> str:
     return f"pass {pass_.name}"
 
 
-def check_contracts(graph: Graph, passes: list[Any], ctx: CompileContext | None) -> None:
-    """Refuse, in one line, a pipeline whose passes cannot get what they require."""
+def check_contracts(graph: Graph | None, passes: list[Any], ctx: Any) -> None:
+    """Refuse, in one line, a pipeline whose passes cannot get what they require (``graph``:
+    what it starts from; None: a freshly imported model). ``ctx``: anything with the
+    ``registries`` whose passes may provide a missing type."""
     registry = getattr(getattr(ctx, "registries", None), "passes", None)
-    checker = Checker(initial_facts(graph), providers_in(registry))
+    checker = Checker(initial_facts(graph) if graph is not None else {}, providers_in(registry))
     for pass_ in passes:
         checker.check(pass_)
         checker.record(pass_)

@@ -9,27 +9,35 @@ Rules:
    ``calib`` (a file) or the default corpus' calibration split, in windows of ``seq_len``,
    ``batch`` windows per forward.
 2. For each expert of the chosen ``layers`` and each seed ``ctx.seed .. ctx.seed + seeds - 1``,
-   the runtime builds a copy of the model in which only that expert runs on simulated AIMC
-   tiles (:func:`hetmap.runtime.build_simulated_model`: the fused experts module with
+   the expert's NLL is the model's with only that expert on simulated AIMC tiles, programmed
+   as :func:`hetmap.runtime.build_simulated_model` programs it (the fused experts module with
    ``(e,)`` analog, or the expert's ``nn.Linear`` paths as analog linears for per-expert
    (ModuleList) experts), with the target's settings (crossbar size, DAC/ADC, noise model and
    ``prog_noise_scale``; ``noise_scale`` overrides the latter). The expert's sensitivity is
    the mean over seeds of (its NLL - the baseline); ``seed_std`` their spread.
-3. Cost: ``experts x seeds`` forward passes over ``tokens`` tokens, each with a copy of the
-   model. Before starting, the pass times the baseline forward, multiplies, and reports the
-   estimate through ``ctx.log`` (and its notes); ``ctx.progress`` advances once per run.
-   Cheaper runs: fewer ``tokens``, a subset of ``layers`` (``0+2``, ``1-3``), one seed.
-4. A model without weights gets nothing (a note says so); the ``measured`` policy then
+3. Fast path (routed experts stores inside a decoder layer of an ``nn.ModuleList``): the
+   baseline forward records each MoE layer's experts call and every decoder layer's output
+   once; a perturbed run replays them and runs only the layers after the expert's own
+   (:mod:`hetmap.runtime.perturbed`), ``replicas`` perturbed runs of one layer per forward
+   (0: 1 on CPU, up to 16,384 tokens per forward on a GPU). Equal to the full rerun up to
+   float rounding. Other layers (ModuleList experts, identity experts, dense-input calls)
+   rerun a simulated copy of the whole model per run.
+4. Cost: before starting, the pass times the baseline forward per decoder layer and the
+   programming of the first runs, estimates the total and reports it through ``ctx.log``
+   (and its notes); ``ctx.progress`` advances once per run. Cheaper runs: fewer ``tokens``,
+   a subset of ``layers`` (``0+2``, ``1-3``), one seed.
+5. A model without weights gets nothing (a note says so); the ``measured`` policy then
    refuses it. The model must fit in memory (it is run whole, not streamed).
 """
 
 from __future__ import annotations
 
-import math
+import inspect
 import statistics
 import time
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -40,8 +48,12 @@ from hetmap.compiler.ir.annotations import Sensitivity
 from hetmap.compiler.ir.graph import Graph, MoeLayer, Node
 from hetmap.compiler.passes.base import CompileContext, PassResult
 
-#: A perturbed run's time over a digital forward's (model copy, programming one expert).
+#: A full-rerun run's time over a digital forward's (model copy, programming one expert).
 _RUN_OVERHEAD = 1.1
+#: Tokens per forward the automatic ``replicas`` aims at on a GPU.
+_GPU_TOKENS_PER_FORWARD = 16384
+#: Names of the experts call's arguments, in order.
+_CALL_NAMES = ("hidden_states", "top_k_index", "top_k_weights")
 
 
 def parse_layers(text: str | None) -> set[int] | None:
@@ -68,18 +80,69 @@ def _analog_part(moe: MoeLayer, node: Node) -> tuple[tuple[str, ...], dict[str, 
     return tuple(m.key for m in node.matrices), {}
 
 
-def _mean_nll(model: nn.Module, windows: list[torch.Tensor]) -> float:
-    from hetmap.compiler.evaluation.simulate import perplexity
+def full_rerun_increase(model: nn.Module, moe: MoeLayer, node: Node, settings: Any, seed: int,
+                        windows: list[torch.Tensor], baseline: float) -> float:
+    """Rule 2 by brute force: NLL of a simulated copy of the whole model minus ``baseline``."""
+    from hetmap.runtime import build_simulated_model
 
-    return math.log(perplexity(model, windows))
+    linears, fused = _analog_part(moe, node)
+    simulated = build_simulated_model(model, linears, fused, settings, seed)
+    return _mean_nll(simulated, windows) - baseline
+
+
+def _mean_nll(model: nn.Module, windows: list[torch.Tensor]) -> float:
+    total, count = 0.0, 0
+    for batch in windows:
+        total += float(_nll_sums(model, batch, 1, {}).sum())
+        count += batch[:, 1:].numel()
+    return total / count
+
+
+def _nll_sums(model: nn.Module, batch: torch.Tensor, replicas: int,
+              extra: dict[str, Any]) -> torch.Tensor:
+    """Summed next-token NLL of each of ``replicas`` copies of ``batch`` (float64 ``[K]``)."""
+    inputs = batch.repeat(replicas, 1) if replicas > 1 else batch
+    with torch.no_grad():
+        output = model(inputs, **extra)
+    logits = output.logits if hasattr(output, "logits") else output
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), inputs[:, 1:].reshape(-1),
+        reduction="none")
+    return losses.view(replicas, -1).double().sum(dim=1)
+
+
+@dataclass
+class _FastLayer:
+    """An MoE layer measured by replaying the recorded baseline (rule 3)."""
+
+    moe: MoeLayer
+    layout: Any
+    position: int  # of its decoder layer in the stack
+    additive: bool = False
+    calls: list[tuple[torch.Tensor, ...]] = field(default_factory=list)  # per window batch
+
+
+def _decoder_position(model: nn.Module, path: str) -> tuple[str, int] | None:
+    """(path of the ``nn.ModuleList`` of decoder layers, index) of the layer holding ``path``."""
+    parts = path.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        parent = ".".join(parts[:end - 1])
+        if parts[end - 1].isdigit() and isinstance(model.get_submodule(parent), nn.ModuleList):
+            return parent, int(parts[end - 1])
+    return None
+
+
+def _call_triple(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...] | None:
+    values = list(args[:3]) + [kwargs.get(name) for name in _CALL_NAMES[len(args[:3]):]]
+    if all(isinstance(value, torch.Tensor) for value in values):
+        return tuple(values)
+    return None
 
 
 @dataclass(frozen=True)
 class SensitivityPass:
     name: ClassVar[str] = "sensitivity"
     description: ClassVar[str] = "measured calibration-loss increase of each expert alone on AIMC"
-    requires: ClassVar[tuple[type, ...]] = ()
-    provides: ClassVar[tuple[type, ...]] = (Sensitivity,)
 
     tokens: int = 2048
     layers: str | None = None
@@ -88,10 +151,13 @@ class SensitivityPass:
     calib: str | None = None
     seq_len: int = 256
     batch: int = 8
+    replicas: int = 0
 
     def validate(self) -> str | None:
         if self.tokens < 2 or self.seq_len < 2 or self.batch < 1 or self.seeds < 1:
             return "tokens and seq_len must be at least 2, batch and seeds at least 1"
+        if self.replicas < 0:
+            return f"replicas must be >= 0 (0: automatic), got {self.replicas}"
         if self.noise_scale is not None and self.noise_scale < 0:
             return f"noise_scale must be >= 0, got {self.noise_scale}"
         try:
@@ -101,7 +167,6 @@ class SensitivityPass:
         return None
 
     def run(self, graph: Graph, ctx: CompileContext) -> PassResult:
-        from hetmap.runtime import build_simulated_model
         from hetmap.runtime.settings import settings_for
 
         if not graph.moe_layers:
@@ -112,31 +177,25 @@ class SensitivityPass:
         model = ctx.model.runnable()
         windows = batches(load_tokens(ctx.model, self.calib, "calib", self.tokens),
                           self.seq_len, self.batch)
-        token_count = int(sum(w.numel() for w in windows))
         settings = settings_for(ctx.target, noise_scale=self.noise_scale)
         start = time.perf_counter()
-        baseline = _mean_nll(model, windows)
-        forward_s = time.perf_counter() - start
+        measure = _Measurement(self, graph, model, windows, settings, ctx.seed)
+        measure.record({node.layer for node in experts if node.layer is not None})
+        estimate_s = measure.estimate(experts)
         runs = len(experts) * self.seeds
         estimate = (f"{runs} runs ({len(experts)} experts x {self.seeds} seed(s)) on "
-                    f"{token_count} tokens, one forward {forward_s:.2f} s: estimated "
-                    f"{runs * forward_s * _RUN_OVERHEAD:.0f} s")
+                    f"{measure.token_count} tokens, one forward {measure.forward_s:.2f} s, "
+                    f"{len(measure.fast)} of {len({n.layer for n in experts})} layer(s) "
+                    f"replayed: estimated {estimate_s:.1f} s")
         ctx.log(f"sensitivity: {estimate}")
         advance = ctx.progress("measuring sensitivity", runs)
-        for node in experts:
-            assert node.layer is not None
-            linears, fused = _analog_part(graph.moe_layers[node.layer], node)
-            increases = []
-            for seed in range(ctx.seed, ctx.seed + self.seeds):
-                simulated = build_simulated_model(model, linears, fused, settings, seed)
-                increases.append(_mean_nll(simulated, windows) - baseline)
-                del simulated
-                advance(1)
+        for node, increases in measure.increases(experts, advance):
             spread = statistics.stdev(increases) if len(increases) > 1 else 0.0
-            node.annotate(Sensitivity(statistics.fmean(increases), self.seeds, token_count, spread))
+            node.annotate(Sensitivity(statistics.fmean(increases), self.seeds,
+                                      measure.token_count, spread))
         took = time.perf_counter() - start
-        return PassResult(graph, True, [f"{estimate}; took {took:.0f} s",
-                                        f"baseline NLL {baseline:.4f} nats/token"])
+        return PassResult(graph, True, [f"{estimate}; took {took:.1f} s",
+                                        f"baseline NLL {measure.baseline:.4f} nats/token"])
 
     def _experts(self, graph: Graph) -> list[Node]:
         chosen = parse_layers(self.layers)
@@ -147,3 +206,174 @@ class SensitivityPass:
             raise PipelineError(f"layers {unknown} are not MoE layers (MoE layers: "
                                 f"{sorted(graph.moe_layers)})")
         return [n for n in graph.experts() if n.layer in chosen]
+
+
+class _Measurement:
+    """Baseline recording, estimate and perturbed runs of one :class:`SensitivityPass` run."""
+
+    def __init__(self, options: SensitivityPass, graph: Graph, model: nn.Module,
+                 windows: list[torch.Tensor], settings: Any, seed: int) -> None:
+        self.options, self.graph, self.model = options, graph, model
+        self.windows, self.settings, self.seed = windows, settings, seed
+        self.token_count = int(sum(w.numel() for w in windows))
+        self.fast: dict[int, _FastLayer] = {}
+        self.stack: nn.ModuleList | None = None
+        self.recorded_layers: list[list[Any]] = []
+        self.recorded_experts: list[dict[str, Any]] = []
+        self.layer_seconds: list[float] = []
+        self.baseline = 0.0
+        self.forward_s = 0.0
+        self.build_s_per_run = 0.0
+        #: perturbed runs of the fast layers, ``replicas`` per chunk; results of chunks run early
+        self.chunks: list[tuple[_FastLayer, list[tuple[Node, int]]]] = []
+        self.done: dict[int, list[float]] = {}
+        parameters = inspect.signature(model.forward).parameters
+        self.extra = {"use_cache": False} if "use_cache" in parameters else {}
+        device = next(model.parameters()).device
+        per_forward = max(1, int(windows[0].numel()))
+        automatic = max(1, _GPU_TOKENS_PER_FORWARD // per_forward) if device.type == "cuda" else 1
+        self.replicas = options.replicas or automatic
+
+    def _fast_candidates(self, layers: set[int]) -> dict[int, _FastLayer]:
+        from hetmap.runtime.experts import routed_layout
+
+        modules = dict(self.model.named_modules())
+        found: dict[int, _FastLayer] = {}
+        stacks: set[str] = set()
+        for number in sorted(layers):
+            moe = self.graph.moe_layers[number]
+            if moe.layout == "modulelist" or moe.identity_experts:
+                continue
+            layout = routed_layout(modules[moe.experts_module], moe.experts_module,
+                                   modules.get(moe.router))
+            where = _decoder_position(self.model, moe.experts_module)
+            if layout.call != "routed" or layout.identity_experts or where is None:
+                continue
+            stacks.add(where[0])
+            found[number] = _FastLayer(moe, layout, where[1])
+        if len(stacks) != 1:
+            return {}
+        stack = self.model.get_submodule(stacks.pop())
+        assert isinstance(stack, nn.ModuleList)
+        self.stack = stack
+        return found
+
+    def record(self, layers: set[int]) -> None:
+        """Rule 1 and the recording of rule 3, timing every decoder layer."""
+        from hetmap.runtime.perturbed import LayerRecorder, output_is_additive
+
+        candidates = self._fast_candidates(layers)
+        modules = dict(self.model.named_modules())
+        total, count = 0.0, 0
+        start = time.perf_counter()
+        if self.stack is None:
+            for batch in self.windows:
+                total += float(_nll_sums(self.model, batch, 1, self.extra).sum())
+                count += batch[:, 1:].numel()
+        else:
+            paths = {fast.moe.experts_module: modules[fast.moe.experts_module]
+                     for fast in candidates.values()}
+            with LayerRecorder(self.stack, paths) as recorder:
+                for batch in self.windows:
+                    total += float(_nll_sums(self.model, batch, 1, self.extra).sum())
+                    count += batch[:, 1:].numel()
+            self.forward_s = time.perf_counter() - start
+            self.recorded_layers = recorder.layer_outputs
+            self.layer_seconds = recorder.layer_seconds
+            for number, fast in candidates.items():
+                calls = [_call_triple(*entry[fast.moe.experts_module][:2])
+                         for entry in recorder.expert_calls]
+                if any(call is None for call in calls):
+                    continue
+                fast.calls = [call for call in calls if call is not None]
+                fast.additive = output_is_additive(
+                    self.stack[fast.position], modules[fast.moe.experts_module],
+                    recorder.layer_calls[fast.position], self.recorded_layers[0][fast.position])
+                self.fast[number] = fast
+            self.recorded_experts = [
+                {path: output for path, (_args, _kwargs, output) in entry.items()}
+                for entry in recorder.expert_calls]
+        self.forward_s = self.forward_s or time.perf_counter() - start
+        self.baseline = total / count
+
+    def estimate(self, experts: list[Node]) -> float:
+        """Rule 4: seconds all runs take. The per-layer times of the baseline, the programming
+        of one run and the run time of the first replayed chunk (run now, kept) give it."""
+        seeds = range(self.seed, self.seed + self.options.seeds)
+        for number, fast in sorted(self.fast.items(), key=lambda item: item[1].position):
+            runs = [(node, seed) for node in experts if node.layer == number for seed in seeds]
+            self.chunks += [(fast, runs[first:first + self.replicas])
+                            for first in range(0, len(runs), self.replicas)]
+        seconds = self.forward_s * _RUN_OVERHEAD * self.options.seeds * sum(
+            node.layer not in self.fast for node in experts)
+        if not self.chunks:
+            return seconds
+        fast, chunk = self.chunks[0]
+        start = time.perf_counter()
+        deltas_of = self._deltas(fast, chunk[:1])
+        with torch.no_grad():
+            deltas_of(*fast.calls[0])  # one window batch's share of a run's deltas
+        self.build_s_per_run = (time.perf_counter() - start) * len(self.windows)
+        start = time.perf_counter()
+        self.done[0] = self._replayed(fast, chunk)
+        first_s = time.perf_counter() - start
+        rest = max(0.0, self.forward_s - sum(self.layer_seconds))
+
+        def predicted(fast: _FastLayer, size: int) -> float:
+            after = fast.position + 1 if fast.additive else fast.position
+            return size * (self.build_s_per_run + rest + sum(self.layer_seconds[after:]))
+
+        correction = first_s / max(predicted(fast, len(chunk)), 1e-9)
+        later = sum(predicted(fast, len(chunk)) for fast, chunk in self.chunks[1:])
+        return seconds + first_s + correction * later
+
+    def _deltas(self, fast: _FastLayer, runs: list[tuple[Node, int]]) -> nn.Module:
+        from hetmap.runtime import module_seed
+        from hetmap.runtime.perturbed import ExpertDeltas
+
+        path = fast.moe.experts_module
+        experts = self.model.get_submodule(path)
+        pairs = [(int(node.expert or 0), module_seed(seed, path)) for node, seed in runs]
+        return ExpertDeltas(experts, path, fast.layout, pairs, self.settings)
+
+    def increases(self, experts: list[Node], advance: Callable[[int], None]
+                  ) -> Iterator[tuple[Node, list[float]]]:
+        """Rule 2 for every expert: its NLL increase per seed."""
+        seeds = range(self.seed, self.seed + self.options.seeds)
+        for node in experts:
+            if node.layer not in self.fast:
+                moe = self.graph.moe_layers[node.layer or 0]
+                values = []
+                for seed in seeds:
+                    values.append(full_rerun_increase(self.model, moe, node, self.settings,
+                                                      seed, self.windows, self.baseline))
+                    advance(1)
+                yield node, values
+        found: dict[str, list[float]] = {}
+        for index, (fast, chunk) in enumerate(self.chunks):
+            values = self.done.pop(index) if index in self.done else self._replayed(fast, chunk)
+            for (node, _seed), value in zip(chunk, values, strict=True):
+                found.setdefault(node.name, []).append(value)
+            advance(len(chunk))
+        for node in experts:
+            if node.name in found:
+                yield node, found[node.name]
+
+    def _replayed(self, fast: _FastLayer, chunk: list[tuple[Node, int]]) -> list[float]:
+        """Rule 3: the NLL increases of ``chunk``'s runs, one replica each."""
+        from hetmap.runtime.perturbed import replayed_tail
+
+        assert self.stack is not None
+        deltas_of = self._deltas(fast, chunk)
+        totals = torch.zeros(len(chunk), dtype=torch.float64)
+        count = 0
+        path = fast.moe.experts_module
+        for index, batch in enumerate(self.windows):
+            with torch.no_grad():
+                deltas = deltas_of(*fast.calls[index])
+            with replayed_tail(self.model, self.stack, fast.position, path,
+                               self.recorded_layers[index], self.recorded_experts[index][path],
+                               deltas, fast.additive):
+                totals += _nll_sums(self.model, batch, len(chunk), self.extra).cpu()
+            count += batch[:, 1:].numel()
+        return [float(total) / count - self.baseline for total in totals]

@@ -14,6 +14,7 @@ from hetmap.compiler.passes.base import PassResult
 class LayerStats:
     """Graph-level annotation: per MoE layer, density spread and score range."""
 
+    scope: ClassVar[str] = "graph"  # checked: the pass must write it on the graph
     layers: tuple[dict[str, Any], ...]
 
     def to_json(self) -> dict[str, Any]:
@@ -24,6 +25,9 @@ class LayerStats:
 class LayerReport:
     name: ClassVar[str] = "layer-report"
     description: ClassVar[str] = "per-layer density spread and score range (example plugin)"
+    # the contract the pass manager checks: run after density and expert-score
+    requires: ClassVar[tuple[type, ...]] = (Density, ExpertScore)
+    provides: ClassVar[tuple[type, ...]] = (LayerStats,)
 
     def run(self, graph, ctx):
         rows = []
@@ -44,6 +48,8 @@ class LayerReport:
 class PinDigital:
     name: ClassVar[str] = "pin-digital"
     description: ClassVar[str] = "force nodes matching a glob onto digital (example plugin)"
+    requires: ClassVar[tuple[type, ...]] = (Placement,)
+    provides: ClassVar[tuple[type, ...]] = (Placement,)  # tiles made before it become stale
     pattern: str = "*"
 
     def run(self, graph, ctx):
