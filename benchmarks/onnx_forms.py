@@ -44,6 +44,15 @@ def olmoe_layer() -> OlmoeForCausalLM:
     return OlmoeForCausalLM(config).eval()
 
 
+def expert_tags(model: OlmoeForCausalLM) -> dict[str, dict[str, str]]:
+    """The tags the onnx emitter gives expert matrices (what the FLOP counter reads)."""
+    experts = "model.layers.0.mlp.experts"
+    return {f"{experts}.{e}.{role}": {"hetmap.node": f"{experts}.{e}", "hetmap.matrix": role,
+                                        "hetmap.placement": "aimc-tile", "hetmap.layer": "0",
+                                        "hetmap.expert": str(e)}
+            for e in range(model.config.num_experts) for role in ("gate", "up", "down")}
+
+
 def file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
 
@@ -87,7 +96,7 @@ def main() -> None:
             path = Path(scratch) / form / "model.onnx"
             path.parent.mkdir()
             start = time.perf_counter()
-            report = export_onnx(model, path, matrix_tags={}, model_props={},
+            report = export_onnx(model, path, matrix_tags=expert_tags(model), model_props={},
                                  example_input=example, moe_form=form, external_data=True)
             cost = count_cost(path, {"batch": 1, "sequence": args.sequence})
             forms[form] = {"export_seconds": round(time.perf_counter() - start, 1),

@@ -33,7 +33,7 @@ from hetmap.compiler.backends.plan import (
 )
 from hetmap.compiler.backends.summary import summarize
 from hetmap.compiler.frontend import LoadedModel, import_model, load_model
-from hetmap.compiler.ir.annotations import Placement
+from hetmap.compiler.ir.annotations import Density, Placement
 from hetmap.compiler.ir.graph import Graph, Node
 from hetmap.compiler.passes.base import CompileContext
 from hetmap.compiler.passes.contracts import Provenance
@@ -217,6 +217,10 @@ def compile_model(model: str | nn.Module | LoadedModel, *, target: str = "aimc-5
     run = run_pipeline(graph, passes, ctx, dump_dir=dump_dir, on_pass=on_pass)
     recorded = {"seed": seed, **({"allow_dense": True} if allow_dense else {}),
                 **{k: v for k, v in options.items() if v is not None}}
+    calibrated = [d.tokens for n in run.graph
+                  if (d := n.get(Density)) is not None and d.source == "calibration"]
+    if calibrated:  # what was used, which a short text makes less than what was asked
+        recorded["calib_tokens_used"] = max(calibrated)
     return Plan(run.graph, loaded, ctx.target, ",".join(str(s) for s in specs), run.timings,
                 recorded)
 

@@ -123,6 +123,8 @@ def compile_cmd(model: str, out: Path | None, force: bool, emit: str, onnx_tiles
         raise click.UsageError(f"{', '.join(onnx_flags)} only apply with --emit onnx")
     if emit != "plan" and out is None:
         raise click.UsageError(f"--emit {emit} needs -o OUT")
+    if dump_ir is not None and dump_ir.exists() and not dump_ir.is_dir():
+        raise click.UsageError(f"--dump-ir {dump_ir} is a file; give a directory (new or existing)")
     if out is not None and out.exists() and not force:
         raise OutputError(f"{out} already exists; pass --force to replace it or choose another -o")
     registries = load_registries()
@@ -210,7 +212,7 @@ def print_summary(plan: dict[str, Any]) -> None:
 
 def simulation_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--seeds", type=int, default=1, show_default=True,
+        click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Programming seeds (mean +- std over them)."),
         click.option("--noise-scale", type=float, default=None,
                      help="Programming-noise scale c. [default: the target's]"),
@@ -218,15 +220,41 @@ def simulation_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--ideal", is_flag=True, help="Turn every analog non-ideality off."),
         click.option("--eval", "eval_file", type=click.Path(), default=None,
                      help="Evaluation text (default: held-out files of the built-in corpus)."),
-        click.option("--eval-tokens", type=int, default=8192, show_default=True),
+        click.option("--eval-tokens", type=click.IntRange(min=2), default=8192, show_default=True,
+                     help="Evaluation tokens (at least 2: one prediction)."),
         click.option("--backend", type=click.Choice(["hetmap", "aihwkit"]), default="hetmap",
                      show_default=True, help="Tile model: hetmap's vectorized one or aihwkit's AnalogLinear."),
-        click.option("--device", default="cuda" if _cuda() else "cpu", show_default=True,
-                     help="Torch device for the simulation."),
+        click.option("--device", default=None, callback=_check_device,
+                     help="Torch device for the simulation. [default: cuda if available, else cpu]"),
     ]
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def _check_device(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+    """A torch device string this machine has: 'cpu', 'cuda', 'cuda:N' (or 'mps'); None: the
+    first CUDA device when there is one, else the CPU."""
+    import torch
+
+    if value is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError) as exc:
+        raise click.BadParameter(f"{value!r} is not a torch device (use cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise click.BadParameter(f"{value!r}: this machine has no CUDA device (use cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise click.BadParameter(f"{value!r}: this machine has {torch.cuda.device_count()} "
+                                     "CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise click.BadParameter(f"{value!r}: MPS is not available here (use cpu)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise click.BadParameter(f"{value!r}: hetmap simulates on cpu or cuda")
+    return value
 
 
 def _cuda() -> bool:
@@ -254,6 +282,17 @@ def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
 
     plan_dir = Path(plan_or_model)
     is_plan = (plan_dir / PLAN_FILE).is_file()
+    if is_plan:
+        context = click.get_current_context()
+        given = [f"--{name.replace('_', '-')}" for name in (*kw, "out", "force")
+                 if name != "seed" and getattr(context.get_parameter_source(name), "name",
+                                               None) == "COMMANDLINE"]
+        if given:
+            raise click.UsageError(
+                f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to a "
+                f"compiled plan directory: it is "
+                f"simulated as compiled, and simulation.json is written into it; recompile with "
+                f"'hetmap compile ... -o DIR' to change the mapping")
     if not is_plan and out is not None and out.exists() and not force:
         raise OutputError(f"{out} already exists; pass --force to replace it or choose another -o")
     progress = progress_factory(err.is_terminal)
@@ -281,6 +320,36 @@ def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
         err.print(f"wrote {out}/ (plan.json, ir.txt, simulation.json)")
 
 
+SIMULATION_KEYS = {"seeds": list, "eval_tokens": int, "eval_source": str, "backend": str,
+                   "settings": dict, "digital_ppl": float, "mapped_ppl_mean": float,
+                   "mapped_ppl_std": float, "digital_param_fraction": float}
+
+
+def read_simulation(path: Path) -> dict[str, Any]:
+    """A simulation.json written by 'hetmap simulate', or a one-line OutputError."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise OutputError(f"{path} is not readable JSON ({type(exc).__name__}); rerun "
+                          "'hetmap simulate' on the plan directory") from exc
+    if not isinstance(data, dict):
+        raise OutputError(f"{path} is not a simulation result (a JSON {type(data).__name__}); "
+                          "rerun 'hetmap simulate' on the plan directory")
+    for key, kind in SIMULATION_KEYS.items():
+        value = data.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float \
+            else isinstance(value, kind)
+        if not ok:
+            raise OutputError(f"{path}: {key!r} is missing or not a {kind.__name__}; rerun "
+                              "'hetmap simulate' on the plan directory")
+    settings = data["settings"]
+    if not isinstance(settings.get("noise_scale"), (int, float)) or "ideal" not in settings:
+        raise OutputError(f"{path}: 'settings' lacks noise_scale or ideal; rerun 'hetmap simulate'")
+    return data
+
+
 def print_simulation(name: str, data: dict[str, Any]) -> None:
     seeds = len(data["seeds"])
     console.print(f"[bold]{name}[/]: perplexity on {data['eval_tokens']:,} tokens ({data['eval_source']}), "
@@ -303,12 +372,14 @@ def print_simulation(name: str, data: dict[str, Any]) -> None:
               show_default=True, help="Comma-separated placement policies.")
 @click.option("--budgets", default="0.125,0.25", show_default=True, help="Comma-separated budgets.")
 @click.option("--noise-scales", default="1.5,2.5", show_default=True, help="Comma-separated c values.")
-@click.option("--seeds", type=int, default=3, show_default=True, help="Programming seeds per point.")
-@click.option("--workers", type=int, default=0, help="Local worker processes (0: serial).")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Programming seeds per point.")
+@click.option("--workers", type=click.IntRange(min=0), default=0,
+              help="Local worker processes (0: serial).")
 @click.option("--ray", "ray_address", default=None, is_flag=False, flag_value="local",
               help="Run points as Ray tasks: an address, or no value for a local instance.")
 @click.option("--eval", "eval_file", type=click.Path(), default=None, help="Evaluation text.")
-@click.option("--eval-tokens", type=int, default=8192, show_default=True)
+@click.option("--eval-tokens", type=click.IntRange(min=2), default=8192, show_default=True)
 @click.option("--target", default="aimc-512", show_default=True, help="Target name or TOML file.")
 @click.option("--calib-tokens", type=int, default=None, help="Calibration tokens. [default: 4096]")
 @click.option("--seed", type=int, default=0, show_default=True, help="First programming seed.")
@@ -373,6 +444,7 @@ def search_cmd(model: str, max_loss: str, metric: str, policy: str | None, budge
     from hetmap.compiler.api import search
     from hetmap.compiler.backends.plan import write_json
     from hetmap.compiler.evaluation.search import SearchStep, parse_loss
+    from hetmap.compiler.passes.place import PlacePass
 
     loss = parse_loss(max_loss)
     if out is not None and out.exists() and not force:
@@ -381,11 +453,14 @@ def search_cmd(model: str, max_loss: str, metric: str, policy: str | None, budge
 
     def on_step(step: SearchStep) -> None:
         if not shown:
-            console.print(f"all digital perplexity {step.digital_ppl:.4f}; a budget passes when "
-                          f"mean + 1 std over {seeds} seed{'s' if seeds != 1 else ''} is within "
-                          f"{loss:.2%} (<= {step.digital_ppl * (1 + loss):.4f})")
-            console.print(f"  {'step':>4}  {'budget':>7}  {'experts':>9}  {'digital':>7}  "
-                          f"{'perplexity':>17}  {'loss':>7}  {'energy/token':>12}  result")
+            scope = "per layer" if budget_scope == "layer" else "across layers"
+            console.print(f"search {model}: policy {policy or PlacePass.policy}, budget {scope}; "
+                          f"all digital perplexity {step.digital_ppl:.4f}")
+            console.print(f"  a budget passes when mean + 1 std over {seeds} seed"
+                          f"{'s' if seeds != 1 else ''} is within {loss:.2%} "
+                          f"(<= {step.digital_ppl * (1 + loss):.4f})")
+            console.print(f"  {'step':>4}  {'budget':>7}  {'experts':^9}  {'digital':>7}  "
+                          f"{'perplexity':^18}  {'loss':>7}  {'energy/token':>12}  result")
         shown.append(step)
         console.print(search_row(len(shown), step))
 
@@ -459,7 +534,6 @@ def demo(out: Path, seeds: int) -> None:
 def inspect(out_dir: Path, plot: bool) -> None:
     """Print the summary and per-layer table of a compiled plan directory (and its
     simulation results, if simulated)."""
-    import json
 
     from hetmap.compiler.backends.plan import read_plan
 
@@ -467,7 +541,7 @@ def inspect(out_dir: Path, plot: bool) -> None:
     print_summary(plan)
     simulation = out_dir / "simulation.json"
     if simulation.is_file():
-        print_simulation(plan["model"]["name"], json.loads(simulation.read_text()))
+        print_simulation(plan["model"]["name"], read_simulation(simulation))
     if plot:
         from hetmap.compiler.evaluation.plots import write_plan_pictures
 
@@ -531,13 +605,29 @@ def _warn_plugins(registries: Any) -> None:
         err.print(f"warning: {problem}")
 
 
+def quiet_third_party() -> None:
+    """Keep third-party warnings (torch.onnx's registration notes, deprecations inside
+    transformers or torch) off stderr: they are not the user's to act on. ``-v`` keeps them."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|onnx)")
+    for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hetmap`` console script."""
-    show_tb = "--traceback" in (argv if argv is not None else sys.argv[1:])
+    args = argv if argv is not None else sys.argv[1:]
+    show_tb = "--traceback" in args
+    if not {"-v", "--verbose"} & set(args):
+        quiet_third_party()
     try:
         cli.main(args=argv, standalone_mode=False, prog_name="hetmap")
     except click.exceptions.Abort:
-        err.print("aborted")
+        err.print("error: interrupted")
         return 130
     except click.UsageError as exc:  # one line, like every other user error
         command = exc.ctx.command_path if exc.ctx is not None else "hetmap"
@@ -553,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"error: {exc}", markup=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        err.print("interrupted")
+        err.print("error: interrupted")
         return 130
     except BrokenPipeError:  # stdout closed early (e.g. piped into head): nothing to report
         sys.stderr.close()
@@ -566,5 +656,8 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 def run() -> None:
-    """Console-script wrapper: exit with :func:`main`'s status."""
-    sys.exit(main())
+    """Console-script entry: :func:`main` made interruptible (see
+    :func:`hetmap.compiler.launch.run_interruptible`)."""
+    from hetmap.compiler.launch import run_interruptible
+
+    sys.exit(run_interruptible(sys.argv[1:]))

@@ -34,11 +34,12 @@ from hetmap.common.grid import TileGrid
 
 from .fused import OutputNoise, compiled, dac_levels
 from .grouped import RowGroups, grouped_product
-from .programming import derive_seed, make_noise_model, program_matrices, seeded
+from .programming import derive_seed, make_noise_model, program_in_chunks, seeded
 from .settings import AnalogSettings
 
-# Matrix elements programmed per noise-model call (bounds the temporaries of programming).
-_PROGRAM_CHUNK_ELEMENTS = 1 << 24
+# Weights programmed per noise-model call: on a CPU few enough tiles that the temporaries
+# stay in the cache; on a GPU enough to keep it busy.
+_PROGRAM_CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
 
 
 class AnalogTileStack(nn.Module):
@@ -85,20 +86,19 @@ class AnalogTileStack(nn.Module):
         return int(self.weight.shape[0])
 
     def _program(self, weights: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Program every matrix block (e.g. gate, up), a bounded number of matrices per call."""
+        """Program every matrix block (e.g. gate, up), a few tiles per noise-model call."""
         settings = self.settings
         noise_model = None if settings.ideal else make_noise_model(settings)
-        per_call = max(1, _PROGRAM_CHUNK_ELEMENTS // max(1, weights[0].numel()))
         programmed, scales = [], []
         with seeded(seed, weights.device):
             for start, size in self.grid.out_offsets():
-                block = weights[:, start : start + size]
-                parts = [
-                    program_matrices(chunk, settings.rows, settings.cols, settings, noise_model)
-                    for chunk in block.split(per_call)
-                ]
-                programmed.append(torch.cat([part[0] for part in parts]))
-                scales.append(torch.cat([part[1] for part in parts]))
+                block_weights, block_scales = program_in_chunks(
+                    weights[:, start : start + size], settings, noise_model,
+                    _PROGRAM_CHUNK_ELEMENTS.get(weights.device.type, 1 << 24))
+                programmed.append(block_weights)
+                scales.append(block_scales)
+        if len(programmed) == 1:
+            return programmed[0], scales[0]
         return torch.cat(programmed, dim=1), torch.cat(scales, dim=2)
 
     def _uniform_tile_width(self) -> int:

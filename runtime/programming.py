@@ -9,7 +9,10 @@ covers many tiles.
    ``weight_scaling_columnwise``), as aihwkit's ``apply_weight_scaling`` does per tile; the
    factor becomes the tile's digital output scale.
 2. Programming noise: ``noise_model.apply_programming_noise`` on the normalized tiles, with
-   the model's programming-noise scale set to ``noise_scale``. With a device-pair converter
+   the model's programming-noise scale set to ``noise_scale`` (for the PCM model with its
+   single device pair and no drift step, the same arithmetic in place, without the drift
+   coefficients aihwkit draws but would not use: :func:`_pcm_programming`). Callers program a
+   few whole tiles per call (:func:`program_in_chunks`). With a device-pair converter
    (abs-max maps to ``g_max``: PCM, Hermes, state-independent) one call covers all tiles:
    every tile's abs-max is ``omega``, so this equals converting each tile on its own as
    aihwkit does; cells outside the matrix are zeroed again. Other converters (the single
@@ -39,6 +42,7 @@ from aihwkit.inference import (
     StateIndependentNoiseModel,
 )
 from aihwkit.inference.converter.conductance import (
+    _ZERO_CLIP,
     NPairConductanceConverter,
     SinglePairConductanceConverter,
 )
@@ -130,12 +134,16 @@ def program_matrices(
     out_tiles = -(-out_features // cols)
     work_dtype = torch.promote_types(weights.dtype, torch.float32)
     shape = (num, out_tiles * cols, in_tiles * rows)
-    padded = weights.new_zeros(shape, dtype=work_dtype)
-    padded[:, :out_features, :in_features] = weights.detach()
-    inside = torch.zeros_like(padded)
-    inside[:, :out_features, :in_features] = 1.0
+    inside_tiled: torch.Tensor | None = None  # which cells hold weights (None: all)
+    if shape == tuple(weights.shape) and weights.dtype == work_dtype:
+        padded = weights.detach()
+    else:
+        padded = weights.new_zeros(shape, dtype=work_dtype)
+        padded[:, :out_features, :in_features] = weights.detach()
+        inside = torch.zeros_like(padded)
+        inside[:, :out_features, :in_features] = 1.0
+        inside_tiled = inside.view(num, out_tiles, cols, in_tiles, rows)
     tiled = padded.view(num, out_tiles, cols, in_tiles, rows)
-    inside_tiled = inside.view(num, out_tiles, cols, in_tiles, rows)
 
     reduce_dims = (4,) if settings.weight_scaling_columnwise else (2, 4)
     mapping = tiled.abs().amax(dim=reduce_dims, keepdim=True) / settings.weight_scaling_omega
@@ -168,13 +176,52 @@ def program_matrices(
     )
 
 
+def program_in_chunks(
+    weights: torch.Tensor,
+    settings: AnalogSettings,
+    noise_model: BaseNoiseModel | None,
+    chunk_elements: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`program_matrices` on ``weights [E, out, in]`` a few whole tiles at a time:
+    about ``chunk_elements`` weights per call (whole rows of column tiles of one matrix, or
+    whole matrices), so that the noise model's temporaries stay in the CPU's cache; the
+    results go straight into the returned tensors. Each chunk holds whole tiles, so every
+    tile is programmed as on its own (rule 2's abs-max argument holds per chunk)."""
+    num, out_features, in_features = weights.shape
+    in_tiles = -(-in_features // settings.rows)
+    cols, rows = min(settings.cols, out_features), min(settings.rows, in_features)
+    tile_weights = torch.empty_like(weights)
+    out_scales = weights.new_empty(num, in_tiles, out_features)
+    in_step = min(in_features, max(1, chunk_elements // max(1, cols * rows)) * rows)
+    column_rows = max(1, chunk_elements // max(1, cols * in_step))
+    out_step = min(out_features, column_rows * cols)
+    whole = out_step >= out_features and in_step >= in_features
+    matrices = max(1, chunk_elements // max(1, out_features * in_features)) if whole else 1
+    for first in range(0, num, matrices):
+        last = min(num, first + matrices)
+        for start in range(0, out_features, out_step):
+            stop = min(out_features, start + out_step)
+            for low in range(0, in_features, in_step):
+                high = min(in_features, low + in_step)
+                programmed, scales = program_matrices(
+                    weights[first:last, start:stop, low:high], settings.rows, settings.cols,
+                    settings, noise_model)
+                tile_weights[first:last, start:stop, low:high] = programmed
+                out_scales[first:last, low // rows:-(-high // rows), start:stop] = scales
+    return tile_weights, out_scales
+
+
 def _noise_all_tiles(
-    tiled: torch.Tensor, inside: torch.Tensor, noise_model: BaseNoiseModel, settings: AnalogSettings
+    tiled: torch.Tensor, inside: torch.Tensor | None, noise_model: BaseNoiseModel, settings: AnalogSettings
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Steps 2-3 with one noise-model call for all tiles ``[E, out tiles, cols, in tiles,
     rows]`` (valid for converters that map a tile by its abs-max, which step 1 made equal)."""
+    if not settings.drifts and _is_plain_pcm(noise_model):
+        programmed = _pcm_programming(tiled, noise_model)
+        return (programmed if inside is None else programmed.mul_(inside)), None
     programmed, drift_params = noise_model.apply_programming_noise(tiled)
-    programmed = programmed * inside
+    if inside is not None:
+        programmed = programmed * inside
     if not settings.drifts:
         return programmed, None
     tile_max = programmed.abs().amax(dim=(2, 4), keepdim=True)
@@ -182,7 +229,37 @@ def _noise_all_tiles(
     drifted = noise_model.apply_drift_noise(
         programmed / tile_max, drift_params, float(settings.drift_time or 0.0)
     )
-    return programmed, drifted * tile_max * inside
+    drifted = drifted * tile_max
+    return programmed, (drifted if inside is None else drifted.mul_(inside))
+
+
+def _is_plain_pcm(noise_model: BaseNoiseModel) -> bool:
+    converter = noise_model.g_converter
+    return (type(noise_model) is PCMLikeNoiseModel and len(noise_model.prog_coeff) == 3
+            and type(converter) is SinglePairConductanceConverter and converter.g_min == 0)
+
+
+def _pcm_programming(weights: torch.Tensor, noise_model: BaseNoiseModel) -> torch.Tensor:
+    """aihwkit's ``PCMLikeNoiseModel.apply_programming_noise`` with its single-pair converter
+    (``g_min = 0``), without the drift coefficients it also draws (unused without a drift
+    step). A weight ``w`` maps to ``g = |w| * ratio`` on one device and 0 on the other; each
+    device gets ``clamp(g + c * sigma(g) * n, 0)``, ``n`` standard normal, so the idle one gets
+    ``clamp(c * sigma(0) * n, 0)``; the weight read back is their difference (sign of ``w``)
+    over ``ratio``. Two normal samples per weight, drawn in one call; in-place arithmetic."""
+    active = weights.abs()
+    ratio = float(noise_model.g_converter.g_max) / max(float(active.max()), _ZERO_CLIP)
+    g_max = float(noise_model.g_max)
+    unit = g_max / float(noise_model.prog_coeff_g_max_reference) * float(
+        noise_model.prog_noise_scale)
+    c0, c1, c2 = (float(coeff) * unit for coeff in noise_model.prog_coeff)
+    noise = torch.empty((2, *weights.shape), dtype=weights.dtype, device=weights.device)
+    noise.normal_()
+    active.mul_(ratio)
+    sigma = torch.mul(active, c2 / g_max**2).add_(c1 / g_max).mul_(active).add_(c0)
+    active.addcmul_(sigma, noise[0]).clamp_(min=0.0)
+    idle = noise[1].mul_(c0).clamp_(min=0.0)
+    sign = torch.ones_like(weights).copysign_(weights)  # +-1, also for w = 0
+    return active.sub_(idle).mul_(sign).div_(ratio)
 
 
 def _noise_tile_by_tile(
@@ -210,8 +287,10 @@ def _noise_tile_by_tile(
     return programmed, drifted
 
 
-def _tile_mean_abs(tiled: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+def _tile_mean_abs(tiled: torch.Tensor, inside: torch.Tensor | None) -> torch.Tensor:
     """aihwkit's global drift read-out (mean abs output of a one-hot read) of every tile."""
     total = tiled.abs().sum(dim=(2, 4), keepdim=True)
+    if inside is None:
+        return (total / (tiled.shape[2] * tiled.shape[4])).clamp(min=_GDC_READOUT_MIN)
     count = inside.sum(dim=(2, 4), keepdim=True).clamp(min=1.0)
     return (total / count).clamp(min=_GDC_READOUT_MIN)

@@ -140,7 +140,7 @@ def test_control_flow_on_ranks_and_constant_sizes_is_resolved_at_trace_time() ->
     assert len(graph.moe_layers) == 2 and len(graph.experts()) == 16
     gm, _, opaque = trace(loaded.module, find_moe_blocks(loaded.module), loaded.example_input)
     assert not opaque
-    for shape in [(1, 3), (3, 11)]:  # neither the example's shape (1, 8) nor each other's
+    for shape in [(1, 3), (3, 11)]:  # neither the example's shape (2, 8) nor each other's
         ids = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
             torch.testing.assert_close(gm(ids), loaded.module(ids), rtol=0, atol=0)
@@ -163,3 +163,23 @@ def test_unmappable_moe_layouts_fail_naming_the_layout() -> None:
         import_model(load_model("tiny:doge"))
     graph = import_model(load_model("tiny:jetmoe"), allow_dense=True)
     assert not graph.moe_layers
+
+
+def test_a_module_called_twice_is_lowered_once() -> None:
+    loaded = load_model(f"{HANDWRITTEN}:looped")
+    graph = import_model(loaded)
+    assert len(graph.experts()) == 16  # the looped layer's experts once
+    again = graph.node("layers.1.mlp#1")
+    assert again.kind is NodeKind.OP and again.op == "repeat" and not again.matrices
+    assert graph.inputs_of("layers.1.mlp#1") and graph.users_of("layers.1.mlp#1")
+    assert graph.node("layers.1.norm#1").op == "repeat"
+
+
+def test_a_decoder_layer_that_is_the_moe_block_keeps_attention_and_norms_apart() -> None:
+    graph = import_model(load_model("tiny:gemma4"))  # router and experts beside self_attn
+    for layer, moe in graph.moe_layers.items():
+        assert moe.block == f"model.layers.{layer}"
+        assert moe.shared == (f"model.layers.{layer}.mlp",)
+        assert graph.node(f"model.layers.{layer}.self_attn").kind is NodeKind.ATTENTION
+        assert graph.node(f"model.layers.{layer}.input_layernorm").kind is NodeKind.NORM
+        assert moe.top_k == 2

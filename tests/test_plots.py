@@ -19,6 +19,7 @@ from hetmap.compiler.evaluation.plots import (
     pareto_rows,
     placement_grid,
     plot_floorplan,
+    write_plan_pictures,
 )
 
 
@@ -94,6 +95,15 @@ def test_floorplan_aggregates_large_plans(demo_plan, tmp_path) -> None:
     assert np.isfinite(layer).sum() == plan["summary"]["arrays_used"]
     assert utilization.sum() == pytest.approx(
         plan["summary"]["tile_utilization"] * plan["summary"]["arrays_used"])
+
+
+def test_an_all_digital_plan_has_no_floorplan(demo_plan, tmp_path) -> None:
+    _, plan = demo_plan
+    digital = {**plan, "nodes": [{**n, "placement": "digital"} for n in plan["nodes"]]}
+    written, skipped = write_plan_pictures(tmp_path, digital)
+    assert written == [tmp_path / "placement.png"]
+    assert len(skipped) == 1 and "no analog tiles" in skipped[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["placement.png"]
 
 
 def test_inspect_plot_on_a_full_size_config(tmp_path, capsys) -> None:

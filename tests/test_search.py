@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hetmap.compiler.api import load_plan
+from hetmap.compiler.api import load_plan, search
 from hetmap.compiler.cli import main
 from hetmap.compiler.evaluation.search import bisect_smallest, candidate_budgets, parse_loss
 from hetmap.compiler.passes.place import budget_count
@@ -71,6 +71,24 @@ def test_search_user_errors_are_one_line(tmp_path, capsys) -> None:
     assert not (tmp_path / "x").exists()
 
 
+def test_search_api_walks_a_boundary() -> None:
+    result = search("demo", max_loss=0.02, seeds=2, eval_tokens=512, calib_tokens=256)
+    assert result.candidates == [k / 8 for k in range(8)]
+    assert len(result.steps) <= math.ceil(math.log2(len(result.candidates) + 1))
+    assert len({s.budget for s in result.steps}) == len(result.steps)
+    chosen = result.chosen
+    assert chosen is not None and chosen.passed and result.require_plan() is result.plan
+    index = result.candidates.index(chosen.budget)
+    below = [s for s in result.steps if s.budget < chosen.budget]
+    assert all(not s.passed for s in below)  # bisection: nothing smaller passed
+    if index > 0:
+        assert any(s.budget == result.candidates[index - 1] for s in below)
+    plan = result.require_plan()
+    assert plan.options["budget"] == chosen.budget
+    assert plan.summary["energy_per_token_j"] == chosen.energy_per_token_j
+    assert plan.summary["experts_digital"] == chosen.experts_digital == round(chosen.budget * 32)
+
+
 @pytest.mark.slow
 def test_search_demo_meets_the_loss_on_fresh_seeds(tmp_path, capsys) -> None:
     out = tmp_path / "search"
@@ -101,7 +119,7 @@ def test_search_demo_meets_the_loss_on_fresh_seeds(tmp_path, capsys) -> None:
 @pytest.mark.slow
 def test_zero_loss_on_a_noisy_target_has_no_budget(tmp_path, capsys) -> None:
     out = tmp_path / "none"
-    code = main(["search", "demo", "--max-loss", "0%", "--noise-scale", "3", "--seeds", "2",
+    code = main(["search", "demo", "--max-loss", "0%", "--noise-scale", "8", "--seeds", "2",
                  "--eval-tokens", "1024", "--calib-tokens", "512", "-o", str(out)])
     captured = capsys.readouterr()
     assert code == 2

@@ -15,6 +15,7 @@ An existing OUT is replaced only with ``force``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -86,18 +87,56 @@ def node_json(node: Node) -> dict[str, Any]:
     return entry
 
 
+#: staging directories being written now; an interrupt handler removes them (see the CLI)
+STAGING: set[Path] = set()
+
+
+def discard_staging() -> None:
+    """Remove every staging directory still being written (called on SIGINT/SIGTERM): each is
+    first renamed away, so a writer still running cannot add to a directory left behind."""
+    for staging in list(STAGING):
+        try:
+            trash = staging.with_name(staging.name + ".discarded")
+            os.replace(staging, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+        STAGING.discard(staging)
+
+
+def _check_replaceable(out: Path) -> None:
+    resolved = out.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or resolved.parent == resolved:
+        raise OutputError(f"refusing to replace {out} (the current directory, one of its parents "
+                          "or the root); choose a new directory for -o")
+    if (resolved / ".git").exists() or (resolved / "pyproject.toml").exists():
+        raise OutputError(f"refusing to replace {out}: it looks like a source tree, not a hetmap "
+                          "output; choose a new directory for -o")
+
+
 @contextlib.contextmanager
 def atomic_directory(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``out`` when the block succeeds."""
+    """Yield a temporary sibling directory that becomes ``out`` when the block succeeds.
+
+    Rules: (1) without ``force`` an existing ``out`` is refused, before the work and again at
+    the final rename, which is atomic: of two runs racing for one ``out`` exactly one wins and
+    the other says why; (2) with ``force`` an existing hetmap output is replaced (never the
+    current directory, a parent of it or a source tree); (3) on any exception or interrupt
+    the staging directory is removed and ``out`` is left as it was.
+    """
     out = Path(out)
     if out.exists() and not force:
         raise OutputError(f"{out} already exists; pass --force to replace it or choose another -o")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} exists and is not a directory")
+    if out.exists():
+        _check_replaceable(out)
     parent = out.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+        STAGING.add(staging)
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)
@@ -105,16 +144,25 @@ def atomic_directory(out: Path, force: bool) -> Iterator[Path]:
         raise OutputError(f"cannot write to {parent}: {exc.strerror}") from exc
     try:
         yield staging
-        if out.exists():
+        if out.exists() and force:
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=parent))
             os.replace(out, trash / out.name)
-            os.replace(staging, out)
+            os.rename(staging, out)
             shutil.rmtree(trash, ignore_errors=True)
         else:
-            os.replace(staging, out)
+            try:  # rename onto an existing non-empty directory fails: the race is decided here
+                os.rename(staging, out)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                    raise OutputError(f"{out} was created by another run while this one worked; "
+                                      "nothing was written: pass --force to replace it or "
+                                      "choose another -o") from exc
+                raise OutputError(f"cannot create {out}: {exc.strerror}") from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        STAGING.discard(staging)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -59,12 +59,11 @@ def check_files(directory: Path, expected: dict[str, tuple[int, ...]] | None = N
     except Exception as exc:  # the files were readable above; report anything else briefly
         raise ModelLoadError(f"cannot read {directory}: {exc}") from exc
     for name, (file, key) in sorted(weights.keys.items()):
-        shape = expected.get(name)
-        per_expert = shape is None
-        if per_expert:
-            shape = _per_expert_shape(name, expected)
-            if shape is None:
-                continue
+        found = expected.get(name)
+        per_expert = found is None
+        shape = _per_expert_shape(name, expected) if found is None else found
+        if shape is None:
+            continue
         with safe_open(str(file), "pt") as handle:
             stored = tuple(handle.get_slice(key).get_shape())
         # one expert's slice of a fused tensor may be stored transposed: compare sizes then

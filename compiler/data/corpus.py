@@ -198,18 +198,29 @@ def read_text_file_tokens(
 
     Raises :class:`MissingDataError` when the file is missing, unreadable or empty.
     """
+    data = read_text_file_bytes(path, max_tokens)
+    return bytes_to_tokens(data, vocab_size)
+
+
+def read_text_file_bytes(path: str | Path, limit: int | None = None) -> bytes:
+    """At most ``limit`` bytes of a user-given text file (a huge file is not read whole); a
+    missing, unreadable, empty or binary file is a one-line MissingDataError."""
     path = Path(path)
+    if path.is_dir():
+        raise MissingDataError(f"{path} is a directory, not a file: pass a text file")
     if not path.is_file():
         raise MissingDataError(f"text file {path} does not exist: pass an existing file")
     try:
-        data = path.read_bytes()
+        with path.open("rb") as handle:
+            data = handle.read(-1 if limit is None else limit)
     except OSError as error:
         raise MissingDataError(f"cannot read text file {path}: {error.strerror}") from error
     if not data:
         raise MissingDataError(f"text file {path} is empty: pass a file with some text")
-    if max_tokens is not None:
-        data = data[:max_tokens]
-    return bytes_to_tokens(data, vocab_size)
+    sample = data[:65536]
+    if b"\0" in sample:
+        raise MissingDataError(f"{path} looks binary (NUL bytes), not text: pass a text file")
+    return data
 
 
 def token_windows(tokens: torch.Tensor, length: int) -> torch.Tensor:

@@ -45,6 +45,15 @@ class StreamingInterpreter(fx.Interpreter):
         with self._materialised(module, path) as live:
             return live(*args, **kwargs)
 
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        """A parameter or buffer the graph reads directly (a module traced through, not a
+        leaf): read from the checkpoint when it is on the meta device."""
+        value = super().get_attr(target, args, kwargs)
+        if isinstance(value, torch.Tensor) and value.is_meta:
+            return self._load(str(target).removeprefix("model.") if self.wrapped else str(target),
+                              value)
+        return value
+
     @contextmanager
     def _materialised(self, module: nn.Module, path: str) -> Iterator[nn.Module]:
         if _has_meta_buffers(module) and not any(True for _ in module.parameters()):

@@ -23,7 +23,8 @@ def load_tokens(model: LoadedModel, file: str | Path | None, split: str, max_tok
         raise MissingDataError(f"model {model.name!r} has no vocabulary size (no config and no "
                                "nn.Embedding): hetmap cannot tokenize text for it")
     if model.tokenizer is not None:
-        text = (Path(file).read_text(errors="replace") if file is not None
+        text = (corpus.read_text_file_bytes(file, max_tokens * 8).decode(errors="replace")
+                if file is not None
                 else corpus.read_corpus_bytes(split, max_tokens * 8).decode(errors="replace"))
         ids = model.tokenizer(text, return_tensors="pt")["input_ids"][0][:max_tokens]
         return ids % vocab

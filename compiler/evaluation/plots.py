@@ -114,7 +114,8 @@ def plot_pareto(path: Path, summary: list[dict[str, Any]], digital_ppl: float | 
                        label="Pareto-optimal", zorder=5)
         ax.set_xlabel("energy per token (J, cost model)")
         ax.set_ylabel("perplexity")
-        ax.set_title("energy-accuracy frontier" + (f", noise scale c = {scale}" if scale else ""))
+        noise = f", noise scale c = {scale}" if scale is not None else ""
+        ax.set_title(f"energy-accuracy frontier{noise}")
         ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -343,6 +344,9 @@ def plot_floorplan(path: Path, plan: dict[str, Any], *, detail_limit: int = 48) 
     plt = _pyplot()
     plan_tiles = floorplan(plan)
     used = plan_tiles.slots_used()
+    if used.size == 0:
+        raise OutputError("the plan has no analog tiles (every matrix is digital): no floorplan "
+                          "to draw")
     if used.size <= detail_limit:
         fig = _detailed(plt, plan_tiles, used)
     else:

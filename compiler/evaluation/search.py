@@ -38,6 +38,7 @@ from hetmap.compiler.passes.place import budget_count
 
 if TYPE_CHECKING:
     from hetmap.compiler.api import Plan
+    from hetmap.compiler.ir.graph import Graph
     from hetmap.compiler.registry import Registries
 
 MAP_PIPELINE = "place,tile,allocate,cost"
@@ -173,7 +174,7 @@ class SearchResult:
                  if best is not None else "no evaluated budget fits the target")
         raise NoBudgetError(f"no budget short of all-digital keeps the perplexity loss within "
                             f"{self.max_loss:.2%} ({self.policy}, {len(self.candidates)} "
-                            f"candidates); {found}. Allow a larger --max-loss or more --seeds")
+                            f"candidates); {found}. Allow a larger --max-loss or try another --policy")
 
     def to_json(self) -> dict[str, Any]:
         return {"max_loss": self.max_loss, "digital_ppl": self.digital_ppl,
@@ -194,7 +195,7 @@ def check_search(metric: str, policy: str, registries: Registries) -> None:
                               "needs a ranking policy (see 'hetmap passes')")
 
 
-def group_sizes(graph: Any, budget_scope: str) -> list[int]:
+def group_sizes(graph: Graph, budget_scope: str) -> list[int]:
     """Expert counts of the placement groups: each MoE layer, or all experts at once."""
     if budget_scope == "global":
         return [len(graph.experts())]
@@ -301,7 +302,7 @@ def search_budget(base: Plan, *, max_loss: float, policy: str, budget_scope: str
                         plans[found] if found is not None else None, settings_json)
 
 
-def _step(graph: Any, budget: float, budget_scope: str, ppl: tuple[float, ...],
+def _step(graph: Graph, budget: float, budget_scope: str, ppl: tuple[float, ...],
           digital_ppl: float, max_loss: float, summary: dict[str, Any] | None,
           fits: bool = True) -> SearchStep:
     sizes = group_sizes(graph, budget_scope)

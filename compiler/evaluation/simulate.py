@@ -82,6 +82,18 @@ def analog_part(graph: Graph, model: nn.Module) -> AnalogPart:
                       tuple(kept), _layouts(graph, modules, set(experts)))
 
 
+def non_finite_cause(model: nn.Module, what: str) -> str:
+    """Why ``model``'s perplexity is not finite: the first parameter holding NaN/Inf, or the
+    first module whose output is not finite on a probe batch."""
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return (f"{what} gives a non-finite perplexity: its tensor {name!r} holds NaN or "
+                        "Inf (a damaged checkpoint or a diverged training run)")
+    return (f"{what} gives a non-finite perplexity although its weights are finite: the "
+            "arithmetic overflowed; try --device cpu or a smaller noise scale")
+
+
 def perplexity(model: nn.Module, windows: list[torch.Tensor], device: str = "cpu") -> float:
     total, count = 0.0, 0
     with torch.no_grad():
@@ -137,6 +149,8 @@ def simulate_plan(plan: Plan, *, seeds: int = 1, seed: int = 0, noise_scale: flo
 
     if seeds < 1:
         raise SimulationError(f"--seeds must be at least 1, got {seeds}")
+    if eval_tokens < 2:
+        raise SimulationError(f"--eval-tokens must be at least 2 (one prediction), got {eval_tokens}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SimulationError("--device cuda asked for, but no CUDA device is available here")
     model = plan.model.runnable()
@@ -148,13 +162,18 @@ def simulate_plan(plan: Plan, *, seeds: int = 1, seed: int = 0, noise_scale: flo
     model = model.to(device)
     if digital_ppl is None:
         digital_ppl = perplexity(model, windows, device)
+    if not math.isfinite(digital_ppl):
+        raise SimulationError(non_finite_cause(model, "the all-digital model"))
     advance(1)
     mapped: list[float] = []
     for index in range(seeds):
         simulated = build_simulated_model(model, part.linears, part.experts, settings,
                                           seed=seed + index, backend=backend,
                                           layouts=part.layouts).to(device)
-        mapped.append(perplexity(simulated, windows, device))
+        value = perplexity(simulated, windows, device)
+        if not math.isfinite(value):
+            raise SimulationError(non_finite_cause(simulated, f"the mapped model (seed {seed + index})"))
+        mapped.append(value)
         del simulated
         advance(1)
     return SimulationResult(

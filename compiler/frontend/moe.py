@@ -227,18 +227,20 @@ def unmappable_moe(model: nn.Module) -> str | None:
     """Why a model in which no MoE block was found still looks like an MoE hetmap cannot map
     (None if it does not): a module with a router (a 2-D weight ``[E, H]``) beside
 
-    1. two or more children holding stacks of E matrices (3-D ``[E, ...]``): experts whose
-       matrices are split over several modules, each called with rows grouped per expert
-       (JetMoE's ``ParallelExperts``);
-    2. embeddings with at least E rows of width H: single-neuron experts fetched by product
-       keys (Doge's ``down_embed``/``up_embed``).
+    1. two or more children (not convolutions) holding stacks of E matrices (3-D
+       ``[E, ...]``): experts whose matrices are split over several modules, each called with
+       rows grouped per expert (JetMoE's ``ParallelExperts``);
+    2. with the router a child of the module, two or more embedding children with at least E
+       rows of width H: single-neuron experts fetched by product keys (Doge's
+       ``down_embed``/``up_embed``).
     """
     for path, module in model.named_modules():
         children = dict(module.named_children())
         for router, _, slots, hidden in _router_candidates(module, skip=""):
             stacks = [name for name, child in children.items()
-                      if any(p.dim() == 3 and p.shape[0] == slots
-                             for p in child.parameters(recurse=False))]
+                      if not isinstance(child, nn.modules.conv._ConvNd)
+                      and any(p.dim() == 3 and p.shape[0] == slots
+                              for p in child.parameters(recurse=False))]
             if len(stacks) >= 2:
                 return (f"MoE block {path!r} splits its {slots} experts' matrices over modules "
                         f"{', '.join(repr(s) for s in stacks)}, called with rows grouped per "
@@ -246,8 +248,8 @@ def unmappable_moe(model: nn.Module) -> str | None:
                         "matrices from one experts module, so this layout is not supported")
             tables = [name for name, child in children.items()
                       if isinstance(child, nn.Embedding) and child.embedding_dim == hidden
-                      and child.num_embeddings >= slots and name != router]
-            if len(tables) >= 2:
+                      and child.num_embeddings >= slots]
+            if router in children and len(tables) >= 2:
                 return (f"MoE block {path!r} keeps single-neuron experts as rows of embeddings "
                         f"{', '.join(repr(t) for t in tables)} chosen by router {router!r} "
                         "(product keys, as Doge's CDMoE); hetmap maps routed experts made of "

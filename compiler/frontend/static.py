@@ -6,11 +6,13 @@ position_ids.shape[0] == 4`` after an ``expand(4, ...)``, ``reshape(*input_ids.s
 Such a condition or iteration is resolved once, at trace time. Rules:
 
 1. The graph built so far is run on a *symbolic* example input: a fake tensor (no data) whose
-   every size is a free symbol (torch's ``ShapeEnv``). Each graph node is run once; the
+   every size is a free symbol (torch's ``ShapeEnv``; each size of the example must be at
+   least 2, as torch makes sizes 0 and 1 constants). Each graph node is run once; the
    torch.fx patches are lifted meanwhile, so modules run eagerly, not traced.
 2. ``bool(value)`` is resolved when the value is the same for every size of the inputs: a plain
-   bool, or a symbolic bool that simplifies to a constant. A condition on a size (``if seq_len
-   > 1``) or on tensor data is not resolved.
+   bool, or a symbolic bool whose expression is the constant true or false by itself (not by
+   the size ranges that code run so far assumed). A condition on a size (``if seq_len > 1``)
+   or on tensor data is not resolved.
 3. ``iter(value)`` / ``len(value)`` are resolved for a sequence (a shape, a tuple): its length
    never depends on sizes; the items stay traced (``shape[i]``, not an example's size).
 4. torch's fake kernel of ``_grouped_mm`` (fused experts) takes bfloat16 only: in the symbolic
@@ -31,13 +33,7 @@ import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
-from torch.fx.experimental.symbolic_shapes import (
-    DimDynamic,
-    ShapeEnv,
-    StatelessSymbolicContext,
-    statically_known_false,
-    statically_known_true,
-)
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -56,15 +52,20 @@ class StaticValues:
         self.interpreter.args_iter = iter(inputs)
         self.graph = graph
         self.symbols = {s for x in inputs if isinstance(x, torch.Tensor) for s in _free_symbols(x)}
+        self.constant_sizes = any(not isinstance(size, torch.SymInt) for x in inputs
+                                  if isinstance(x, torch.Tensor) for size in list(x.shape))
 
     def _symbolic(self, example: Any) -> Any:
         if not isinstance(example, torch.Tensor):
             return example
-        context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * example.dim())
+        context: StatelessSymbolicContext[Any, Any] = StatelessSymbolicContext(
+            dynamic_sizes=[DimDynamic.DYNAMIC] * example.dim())
         return self.mode.from_tensor(example, symbolic_context=context)
 
     def value(self, node: fx.Node) -> Any:
         """The symbolic value of ``node``, running the nodes before it that have not run."""
+        if self.constant_sizes:
+            raise NotStatic("the example input has a size below 2 (a constant to torch)")
         env = self.interpreter.env
         for pending in self.graph.nodes:
             if pending not in env:
@@ -90,13 +91,12 @@ class StaticValues:
             raise NotStatic(f"{node.name} is a tensor (a condition on data)")
         if isinstance(value, torch.SymInt | torch.SymFloat):
             value = value != 0
-        if isinstance(value, bool | torch.SymBool):
-            if statically_known_true(value):
-                return True
-            if statically_known_false(value):
-                return False
+        if isinstance(value, torch.SymBool):
+            expr = value.node.expr
+            if expr in (sympy.true, sympy.false):
+                return bool(expr)
             raise NotStatic(f"{node.name} depends on input sizes")
-        if isinstance(value, int | float | str | tuple | list | dict | type(None)):
+        if isinstance(value, bool | int | float | str | tuple | list | dict | type(None)):
             return bool(value)
         raise NotStatic(f"{node.name} is a {type(value).__name__}")
 
@@ -120,5 +120,6 @@ class _GroupedMmInBf16(TorchDispatchMode):
 
 
 def _free_symbols(tensor: torch.Tensor) -> set[sympy.Symbol]:
-    return {s for size in tensor.shape if isinstance(size, torch.SymInt)
+    sizes: list[Any] = list(tensor.shape)
+    return {s for size in sizes if isinstance(size, torch.SymInt)
             for s in size.node.expr.free_symbols}

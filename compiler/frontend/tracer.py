@@ -18,14 +18,16 @@ Rules:
    become IR nodes. A module that cannot be traced and holds an MoE block (or the model's
    own forward) raises :class:`TraceError` naming its path and a hint.
 5. Inside a module that cannot be kept whole (the model's forward, or a module holding an MoE
-   block), a condition or iteration that depends on the inputs' ranks only (e.g.
-   ``if position_ids.ndim == 3``, ``reshape(*input_ids.shape, ...)``) is resolved on an
-   example input (see :mod:`.static`); the graph stays valid for every input of those ranks.
+   block), a condition, iteration or ``len`` whose value is the same for every input size
+   (on ranks or constant sizes: ``if position_ids.ndim == 3``, ``reshape(*input_ids.shape,
+   ...)``) is resolved on a symbolic example input (see :mod:`.static`); the graph stays valid
+   for every input of the example's ranks. Other control flow there is rule 4's error.
 """
 
 from __future__ import annotations
 
 import inspect
+import operator
 import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping
@@ -146,7 +148,7 @@ class HetmapTracer(fx.Tracer):
         values = self._static_values()
         if values is None:
             return super().iter(obj)
-        return iter([obj[i] for i in range(self.length(obj))])
+        return iter([operator.getitem(obj, i) for i in range(self.length(obj))])
 
     def length(self, obj: fx.Proxy) -> int:
         values = self._static_values()
@@ -226,8 +228,9 @@ def _hf_autowrap(model: nn.Module) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
 MAX_OPAQUE = 256
 
 
-#: the example input of a Hugging Face causal LM for rule 5 (token ids, batch 1)
-EXAMPLE_TOKENS = 8
+#: the example input of a Hugging Face causal LM for rule 5: token ids ``EXAMPLE_SHAPE``
+#: (sizes of at least 2, see :mod:`.static`)
+EXAMPLE_SHAPE = (2, 8)
 
 
 def trace(model: nn.Module, moe_paths: Iterable[str], example_input: torch.Tensor | None = None
@@ -235,8 +238,8 @@ def trace(model: nn.Module, moe_paths: Iterable[str], example_input: torch.Tenso
     """Trace ``model``; return the GraphModule, whether it is wrapped as HF causal LM, and the
     paths of the modules kept whole because they could not be traced (rule 4).
 
-    ``example_input`` (token ids for a Hugging Face model, default ``[1, EXAMPLE_TOKENS]``
-    zeros) resolves rank-only control flow (rule 5); without one, none is resolved.
+    ``example_input`` (token ids for a Hugging Face model, default zeros of
+    ``EXAMPLE_SHAPE``) resolves static control flow (rule 5); without one, none is resolved.
     In the wrapped form, module paths in the graph carry a leading ``model.``.
     """
     moe_paths = set(moe_paths)
@@ -245,7 +248,7 @@ def trace(model: nn.Module, moe_paths: Iterable[str], example_input: torch.Tenso
     modules, functions = _hf_autowrap(model) if hf else ((), ())
     if example_input is None and hf:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        example_input = torch.zeros(1, EXAMPLE_TOKENS, dtype=torch.long, device=device)
+        example_input = torch.zeros(EXAMPLE_SHAPE, dtype=torch.long, device=device)
     examples = None if example_input is None else (example_input,)
     opaque: list[str] = []
     while True:

@@ -302,7 +302,12 @@ class DensityPass:
                     node.annotate(collectors[layer].sums.moments(e, collectors[layer].streams))
         graph.annotate(Coactivation({layer: c.coactivation.numpy() for layer, c in counters.items()
                                      if c.tokens}))
-        notes = [f"calibrated on {max((c.tokens for c in counters.values()), default=0)} tokens"]
+        used = max((c.tokens for c in counters.values()), default=0)
+        if used < self.calib_tokens:
+            ctx.log(f"warning: calibrated on {used} tokens, fewer than calib_tokens="
+                    f"{self.calib_tokens}: the calibration text is shorter (plan.json records "
+                    "calib_tokens_used)")
+        notes = [f"calibrated on {used} tokens"]
         return PassResult(graph, True, notes)
 
     def _streams(self, ctx: CompileContext) -> bool:

@@ -1,0 +1,71 @@
+"""The console script's entry: the CLI run in a worker thread, so that SIGINT and SIGTERM
+are answered at once at any stage, imports included.
+
+The main thread installs the signal handlers before anything heavy is imported, then waits
+for the worker. On a signal it removes every staging directory being written (see
+:func:`hetmap.compiler.backends.plan.discard_staging`), prints ``error: interrupted`` and exits
+130 (SIGINT) or 143 (SIGTERM); C++ code that does not return to Python for seconds (the ONNX
+export, a large matrix product) cannot delay it. Finished outputs are never touched: they
+were renamed into place atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+
+class _Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (raised in the main thread by the signal handler)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def run_interruptible(argv: list[str]) -> int:
+    """:func:`main` in a worker thread, so that the main thread answers SIGINT and SIGTERM at
+    once at any stage (C++ code such as the ONNX export or a matrix product does not return
+    to Python for seconds): it removes every staging directory being written, prints
+    ``error: interrupted`` and exits 130 (SIGINT) or 143 (SIGTERM). Finished outputs are
+    never touched: they were renamed into place atomically."""
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            from hetmap.compiler.cli import main
+
+            outcome["code"] = main(argv)
+        except BaseException as exc:  # re-raised in the main thread
+            outcome["error"] = exc
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise _Interrupted(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    worker = threading.Thread(target=work, name="hetmap-main", daemon=True)
+    try:
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.1)
+    except _Interrupted as exc:
+        for s in previous:  # a second signal while cleaning up must not cut the cleanup short
+            signal.signal(s, signal.SIG_IGN)
+        if "hetmap.compiler.backends.plan" in sys.modules:  # else nothing was staged yet
+            sys.modules["hetmap.compiler.backends.plan"].discard_staging()
+        sys.stderr.write("\nerror: interrupted\n")
+        sys.stderr.flush()
+        os._exit(130 if exc.signum == signal.SIGINT else 143)
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+    if "error" in outcome:
+        raise outcome["error"]
+    return int(outcome.get("code", 1))
+
+
+def run() -> None:
+    """``hetmap`` console script."""
+    sys.exit(run_interruptible(sys.argv[1:]))

@@ -1,0 +1,117 @@
+"""Fast paths of the tile model: counter-based output noise and the compiled periphery,
+programming a few tiles at a time, and the in-place PCM programming noise."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hetmap.runtime import AnalogSettings, AnalogTileStack
+from hetmap.runtime.fused import OutputNoise, call_keys, fused_add_round, normal_table
+from hetmap.runtime.grouped import RowGroups
+from hetmap.runtime.programming import make_noise_model, program_in_chunks, program_matrices
+
+
+def _samples(seed: int, call: int, count: int) -> torch.Tensor:
+    """Rule 1's samples, read off the fused function with zero outputs and scale 1."""
+    first, second = call_keys(seed, call)
+    return fused_add_round(torch.zeros(count), normal_table(), torch.tensor(first),
+                           torch.tensor(second), 1.0, rounds=False)
+
+
+def test_counter_samples_are_standard_normal() -> None:
+    """2**20 samples: mean and std within 4 standard errors of 0 and 1, tail shares and the
+    CDF (Kolmogorov-Smirnov distance) as a normal's, no lag-1 correlation."""
+    samples = _samples(seed=7, call=0, count=1 << 20).double()
+    count = samples.numel()
+    assert abs(samples.mean().item()) < 4 / math.sqrt(count)
+    assert abs(samples.std().item() - 1.0) < 4 / math.sqrt(2 * count)
+    assert (samples.abs() > 2.0).double().mean().item() == pytest.approx(0.0455, rel=0.03)
+    grid = torch.linspace(-3, 3, 61, dtype=torch.float64)
+    empirical = (samples.unsqueeze(0) <= grid.unsqueeze(1)).double().mean(dim=1)
+    normal_cdf = 0.5 * (1 + torch.special.erf(grid / math.sqrt(2)))
+    assert (empirical - normal_cdf).abs().max().item() < 1.63 / math.sqrt(count) * 1.5
+    lag = torch.corrcoef(torch.stack([samples[:-1], samples[1:]]))[0, 1].item()
+    assert abs(lag) < 4 / math.sqrt(count)
+
+
+def test_counter_samples_differ_by_call_and_seed_and_repeat_by_seed() -> None:
+    first = _samples(seed=1, call=0, count=4096)
+    assert torch.equal(first, _samples(seed=1, call=0, count=4096))
+    for other in (_samples(seed=1, call=1, count=4096), _samples(seed=2, call=0, count=4096)):
+        assert abs(torch.corrcoef(torch.stack([first, other]))[0, 1].item()) < 0.07
+        assert (first == other).double().mean().item() < 0.01
+
+
+def test_eager_output_noise_is_the_seeded_randn_stream() -> None:
+    """kernels=eager draws exactly torch.randn of a generator seeded with the seed."""
+    outputs = torch.zeros(6, 5)
+    OutputNoise(11, torch.device("cpu")).add_round_(outputs, 0.5, rounds=False)
+    expected = torch.randn(6, 5, generator=torch.Generator().manual_seed(11)) * 0.5
+    assert torch.allclose(outputs, expected)
+
+
+@pytest.mark.slow
+def test_compiled_periphery_equals_the_same_functions_uncompiled(monkeypatch) -> None:
+    """kernels=compiled through torch.compile (C++ on the CPU) against the very same code
+    path with compilation switched off; float64 so that no rounding decision can flip.
+    Compiling takes tens of seconds."""
+    from hetmap.runtime import analog, fused
+
+    torch.manual_seed(0)
+    weights = torch.randn(3, 40, 48, dtype=torch.float64)
+    inputs = torch.randn(30, 48, dtype=torch.float64) * torch.rand(30, 1, dtype=torch.float64)
+    groups = RowGroups.from_sorted(torch.randint(0, 3, (30,)).sort().values, 3)
+    settings_ = AnalogSettings(rows=32, cols=16, noise_scale=1.0, out_noise=0.1, out_bound=4.0,
+                               kernels="compiled")
+    outputs = [AnalogTileStack(weights, settings_, 3)(inputs, groups) for _ in range(2)]
+    with monkeypatch.context() as patch:
+        for module in (analog, fused):
+            patch.setattr(module, "compiled", lambda function: function)
+        expected = AnalogTileStack(weights, settings_, 3)(inputs, groups)
+    assert torch.equal(outputs[0], outputs[1])  # seeded
+    assert torch.allclose(outputs[0], expected, rtol=1e-9, atol=1e-9)
+    exact = torch.einsum("si,soi->so", inputs, weights[groups.row_matrix])
+    assert ((outputs[0] - exact).norm() / exact.norm()).item() > 1e-3  # noise did something
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    num=st.integers(1, 3), out_features=st.integers(1, 70), in_features=st.integers(1, 70),
+    rows=st.integers(3, 20), cols=st.integers(3, 20), chunk=st.integers(1, 2000),
+    columnwise=st.booleans(),
+)
+def test_programming_in_chunks_equals_one_call(num: int, out_features: int, in_features: int,
+                                               rows: int, cols: int, chunk: int,
+                                               columnwise: bool) -> None:
+    """Noise off, so programming is deterministic: the chunked tile bookkeeping (partial
+    tiles, per-tile scales) must give exactly the one-call result."""
+    weights = torch.randn(num, out_features, in_features,
+                          generator=torch.Generator().manual_seed(chunk))
+    analog = AnalogSettings(rows=rows, cols=cols, noise_scale=0.0,
+                            weight_scaling_columnwise=columnwise)
+    whole = program_matrices(weights, rows, cols, analog, make_noise_model(analog))
+    chunked = program_in_chunks(weights, analog, make_noise_model(analog), chunk)
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+
+
+def test_in_place_pcm_noise_matches_aihwkit_statistics() -> None:
+    """hetmap's PCM programming against aihwkit's own apply_programming_noise on the same
+    normalized weights: per weight bin, the error's std agrees within 5% and its mean within
+    4 standard errors."""
+    from hetmap.runtime.programming import _pcm_programming
+
+    torch.manual_seed(0)
+    weights = torch.linspace(-1.0, 1.0, 201).repeat(2000, 1)
+    model = make_noise_model(AnalogSettings(noise_scale=1.5))
+    ours = _pcm_programming(weights, model) - weights
+    theirs = model.apply_programming_noise(weights)[0] - weights
+    for low, high in ((0, 20), (60, 100), (100, 101), (150, 201)):
+        mine, reference = ours[:, low:high], theirs[:, low:high]
+        assert mine.std().item() == pytest.approx(reference.std().item(), rel=0.05)
+        standard_error = math.sqrt(2.0 / mine.numel()) * reference.std().item()
+        assert abs(mine.mean().item() - reference.mean().item()) < 4 * standard_error
