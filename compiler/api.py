@@ -7,6 +7,7 @@
     plan.emit_onnx("out/demo-af")                 # model.onnx with placement metadata
     result = plan.simulate(seeds=3)               # perplexity all-digital vs mapped
     print(result.digital_ppl, result.mapped_ppl_mean, result.mapped_ppl_std)
+    accuracy = plan.evaluate(["piqa"], seeds=3)   # lm-eval task accuracy, digital vs mapped
     same = hetmap.load_plan("out/demo-af")        # a plan directory back as a Plan
 """
 
@@ -29,9 +30,9 @@ from hetmap.compiler.backends.plan import (
     atomic_directory,
     node_json,
     restore_annotations,
+    summarize,
     write_plan,
 )
-from hetmap.compiler.backends.summary import summarize
 from hetmap.compiler.frontend import LoadedModel, import_model, load_model
 from hetmap.compiler.ir.annotations import Density, Placement
 from hetmap.compiler.ir.graph import Graph, Node
@@ -128,6 +129,20 @@ class Plan:
         from hetmap.compiler.evaluation.simulate import simulate_plan
 
         return simulate_plan(self, **options)
+
+    def evaluate(self, tasks: Any = None, **options: Any) -> Any:
+        """Downstream-task accuracy (lm-eval) all-digital vs mapped, ``tasks`` defaulting to the
+        paper's eight; see :func:`hetmap.compiler.evaluation.lmeval.evaluate_plan`."""
+        try:
+            from hetmap.compiler.evaluation import lmeval
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not exc.name.startswith("lm_eval"):
+                raise
+            from hetmap.common.errors import SimulationError
+
+            raise SimulationError("downstream accuracy needs lm-evaluation-harness: "
+                                  "pip install 'hetmap[eval]' ('make venv' installs it)") from exc
+        return lmeval.evaluate_plan(self, lmeval.PAPER_TASKS if tasks is None else tasks, **options)
 
     def write(self, out: str | Path, *, force: bool = False,
               extra: Callable[[Path], None] | None = None) -> Path:
@@ -229,9 +244,12 @@ def run_sweep(model: str, *, policies: list[str], budgets: list[float], noise_sc
               seeds: int, out: str | Path, seed: int = 0, target: str = "aimc-512",
               calib_tokens: int | None = None, eval_file: str | None = None,
               eval_tokens: int = 8192, seq_len: int = 256, workers: int = 0,
-              ray: str | None = None, force: bool = False,
+              ray: str | None = None, force: bool = False, resume: bool = False,
               progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict[str, Any]:
-    """The trade-off study of :mod:`hetmap.compiler.evaluation.sweep`; writes sweep.csv/json/png to ``out``."""
+    """The trade-off study of :mod:`hetmap.compiler.evaluation.sweep`; writes
+    sweep.csv/json/png to ``out``. Each finished point is recorded beside ``out`` as it
+    completes; ``resume`` continues an interrupted sweep from those records (same numbers as
+    an uninterrupted run), and without it a sweep that left records is refused."""
     import copy
 
     from hetmap.compiler.data.textdata import batches, load_tokens
@@ -241,6 +259,12 @@ def run_sweep(model: str, *, policies: list[str], budgets: list[float], noise_sc
     registries = load_registries()
     for policy in policies:
         registries.policies.get(policy)  # unknown names fail before any work
+    record = sweeping.SweepProgress(Path(out))
+    done = record.load() if resume else {}
+    if not resume and record.path.is_file():
+        raise OutputError(f"an interrupted sweep into {out} left {len(record.load())} finished "
+                          f"point(s) in {record.path}: pass --resume to continue it, or delete "
+                          "that file to start over")
     base = compile_model(model, target=target, pipeline="density,expert-score",
                          registries=registries, progress=progress, calib_tokens=calib_tokens)
     plans = []
@@ -263,13 +287,21 @@ def run_sweep(model: str, *, policies: list[str], budgets: list[float], noise_sc
         digital = perplexity(base.model.runnable(), batches(tokens, seq_len, 8))
     finally:
         torch.set_num_threads(threads)
-    values = sweeping.run_points(points, workers=workers, ray=ray, progress=progress)
+    reused = sum(1 for p in points if sweeping.point_key(p) in done)
+    record.start(keep=resume)
+    try:
+        values = sweeping.run_points(points, workers=workers, ray=ray, progress=progress,
+                                     done=done, record=record.record)
+    finally:
+        record.close()
     summary = sweeping.summarize_points(points, values)
     extra = {"model": base.model.spec, "target": base.target.name, "digital_ppl": digital,
              "policies": policies, "budgets": budgets, "noise_scales": noise_scales,
              "seeds": seeds, "eval_tokens": eval_tokens, "eval_source": eval_file or "corpus:eval"}
+    extra["resumed_points"] = reused
     with atomic_directory(Path(out), force) as staging:
         sweeping.write_outputs(staging, points, values, summary, extra)
+    record.path.unlink(missing_ok=True)
     return {**extra, "summary": summary, "points": values}
 
 

@@ -364,6 +364,108 @@ def print_simulation(name: str, data: dict[str, Any]) -> None:
                   f"{', '.join(data['simulated_digital'][:4])}...[/]")
 
 
+@cli.command("eval")
+@click.argument("plan_or_model")
+@click.option("--tasks", default=None,
+              help="Comma-separated lm-eval task, group or tag names. "
+              "[default: the paper's piqa,arc_easy,arc_challenge,boolq,hellaswag,winogrande,mathqa,mmlu]")
+@click.option("--include-path", type=click.Path(), default=None,
+              help="Directory of local lm-eval task YAML files (tasks whose data need no download).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N items per task.")
+@click.option("--num-fewshot", type=click.IntRange(min=0), default=None,
+              help="Few-shot examples per item. [default: the task's, else 0]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Sequences per forward pass.")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Programming seeds (mean +- std over them).")
+@click.option("--noise-scale", type=float, default=None,
+              help="Programming-noise scale c. [default: the target's]")
+@click.option("--drift-time", type=float, default=None, help="Seconds of drift after programming (with GDC).")
+@click.option("--ideal", is_flag=True, help="Turn every analog non-ideality off.")
+@click.option("--backend", type=click.Choice(["hetmap", "aihwkit"]), default="hetmap",
+              show_default=True, help="Tile model: hetmap's vectorized one or aihwkit's AnalogLinear.")
+@click.option("--device", default="cuda" if _cuda() else "cpu", show_default=True,
+              callback=_check_device, help="Torch device for the evaluation.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Write plan.json, ir.txt and eval.json here (MODEL form).")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@compile_options
+def eval_cmd(plan_or_model: str, tasks: str | None, include_path: str | None, limit: int | None,
+             num_fewshot: int | None, batch_size: int, seeds: int, noise_scale: float | None,
+             drift_time: float | None, ideal: bool, backend: str, device: str, out: Path | None,
+             force: bool, **kw: Any) -> None:
+    """Downstream-task accuracy (lm-evaluation-harness) of the all-digital and the mapped model.
+
+    PLAN_OR_MODEL is a compiled plan directory (eval.json is added to it) or a MODEL, compiled
+    first with the compile options."""
+    import logging
+
+    from hetmap.compiler.api import compile_model, load_plan
+    from hetmap.compiler.backends.plan import PLAN_FILE, write_json
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes are not the user's to act on
+    plan_dir = Path(plan_or_model)
+    is_plan = (plan_dir / PLAN_FILE).is_file()
+    context = click.get_current_context()
+    if is_plan:
+        given = [f"--{name.replace('_', '-')}" for name in (*kw, "out", "force")
+                 if name != "seed" and (source := context.get_parameter_source(name)) is not None
+                 and source.name == "COMMANDLINE"]
+        if given:
+            raise click.UsageError(
+                f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to a compiled "
+                "plan directory: it is evaluated as compiled, and eval.json is written into it")
+    elif out is not None and out.exists() and not force:
+        raise OutputError(f"{out} already exists; pass --force to replace it or choose another -o")
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
+    if names == []:
+        raise click.UsageError("--tasks names no task; give NAME[,NAME...]")
+    progress = progress_factory(err.is_terminal)
+    if is_plan:
+        plan = load_plan(plan_dir)
+    else:
+        plan = compile_model(plan_or_model, target=kw["target"], pipeline=kw["pipeline"],
+                             seed=kw["seed"], trust_remote_code=kw["trust_remote_code"],
+                             allow_dense=kw["allow_dense"], progress=progress,
+                             log=lambda m: err.print(m, markup=False), **pass_overrides(kw))
+    result = plan.evaluate(names, seeds=seeds, seed=kw["seed"], include_path=include_path,
+                           limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                           noise_scale=noise_scale, drift_time=drift_time, ideal=ideal,
+                           backend=backend, device=device, progress=progress)
+    data = {**result.to_json(), "digital_param_fraction": plan.summary["digital_param_fraction"]}
+    print_eval(plan.model.name, data)
+    if is_plan:
+        target = plan_dir / "eval.json"
+        staging = plan_dir / ".eval.json.tmp"
+        write_json(staging, data)
+        staging.replace(target)
+        err.print(f"wrote {target}")
+    elif out is not None:
+        plan.write(out, force=force, extra=lambda d: write_json(d / "eval.json", data))
+        err.print(f"wrote {out}/ (plan.json, ir.txt, eval.json)")
+
+
+def print_eval(name: str, data: dict[str, Any]) -> None:
+    """The accuracy table of eval.json, in percent like the paper's."""
+    seeds = len(data["seeds"])
+    settings = data["settings"]
+    console.print(f"[bold]{name}[/]: lm-eval accuracy (%), {data['backend']} tiles, noise scale "
+                  f"{settings['noise_scale']}{', ideal' if settings['ideal'] else ''}, {seeds} seed"
+                  f"{'s' if seeds != 1 else ''}, {data['digital_param_fraction']:.1%} of parameters "
+                  f"digital", markup=True)
+    console.print(f"  {'task':<24} {'metric':<9} {'items':>6} {'digital':>8}  mapped", markup=False)
+    for task, metrics in data["results"].items():
+        for metric, row in metrics.items():
+            console.print(f"  {task:<24} {metric:<9} {data['samples'].get(task, 0):>6} "
+                          f"{100 * row['digital']:>8.2f}  {100 * row['mapped_mean']:.2f} +- "
+                          f"{100 * row['mapped_std']:.2f}", markup=False)
+    if data.get("average") and len(data["results"]) > 1:
+        average = data["average"]
+        console.print(f"  {'average (' + average['metric'] + ')':<24} {'':<9} {'':>6} "
+                      f"{100 * average['digital']:>8.2f}  {100 * average['mapped_mean']:.2f} +- "
+                      f"{100 * average['mapped_std']:.2f}", markup=False)
+
+
 @cli.command()
 @click.argument("model")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
@@ -383,9 +485,12 @@ def print_simulation(name: str, data: dict[str, Any]) -> None:
 @click.option("--target", default="aimc-512", show_default=True, help="Target name or TOML file.")
 @click.option("--calib-tokens", type=int, default=None, help="Calibration tokens. [default: 4096]")
 @click.option("--seed", type=int, default=0, show_default=True, help="First programming seed.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted sweep into OUT: its finished points are not recomputed.")
 def sweep(model: str, out: Path, force: bool, policies: str, budgets: str, noise_scales: str,
           seeds: int, workers: int, ray_address: str | None, eval_file: str | None,
-          eval_tokens: int, target: str, calib_tokens: int | None, seed: int) -> None:
+          eval_tokens: int, target: str, calib_tokens: int | None, seed: int,
+          resume: bool) -> None:
     """Trade-off study: perplexity against digital parameter fraction (sweep.csv/json/png)."""
     from hetmap.compiler.api import run_sweep
 
@@ -397,7 +502,10 @@ def sweep(model: str, out: Path, force: bool, policies: str, budgets: str, noise
                        noise_scales=parse_floats(noise_scales, "--noise-scales"), seeds=seeds,
                        seed=seed, target=target, calib_tokens=calib_tokens, eval_file=eval_file,
                        eval_tokens=eval_tokens, workers=workers, ray=ray_address, out=out,
-                       force=force, progress=progress_factory(err.is_terminal))
+                       force=force, resume=resume, progress=progress_factory(err.is_terminal))
+    if result.get("resumed_points"):
+        err.print(f"resumed: {result['resumed_points']} point(s) taken from the interrupted run",
+                  markup=False)
     console.print(f"all digital perplexity {result['digital_ppl']:.4f}")
     for row in result["summary"]:
         energy = row.get("energy_per_token_j")

@@ -16,9 +16,9 @@ counter-based generator instead, so that they are drawn inside the ADC's pass:
    a GPU) that reads and writes every output once, with no temporaries. Run uncompiled it is
    the reference the compiled kernel is tested against (equal up to float contraction).
 4. :func:`dac_levels` is the DAC step (scale, round, clip) as one function for the compiler.
-5. ``kernels="eager"`` (the default) draws with ``torch.randn`` from a ``torch.Generator``
-   seeded with the same seed, then adds and rounds in place: no compilation, the draws
-   hetmap has always made.
+5. ``kernels="eager"`` (the default) draws ``torch.randn``'s samples (``normal_`` into a
+   buffer kept between calls) from a ``torch.Generator`` seeded with the same seed, then adds
+   and rounds in place: no compilation, the draws hetmap has always made.
 """
 
 from __future__ import annotations
@@ -113,20 +113,24 @@ class OutputNoise:
         self.calls = 0
         self._table = normal_table(device) if compiled else None
         self._generator: torch.Generator | None = None
+        self._buffer = torch.empty(0, device=device)
         if not compiled:
             self._generator = torch.Generator(device=device)
             self._generator.manual_seed(seed)
 
     def add_round_(self, outputs: torch.Tensor, scale: float, rounds: bool) -> torch.Tensor:
         """``outputs <- round(outputs + scale * sample)`` (no rounding without ``rounds``)."""
-        if self._table is None:  # rule 5
-            noise = torch.randn(outputs.shape, generator=self._generator,
-                                device=outputs.device, dtype=outputs.dtype)
+        if self._table is None:  # rule 5, into a buffer kept between calls
+            if self._buffer.numel() < outputs.numel() or self._buffer.dtype != outputs.dtype:
+                self._buffer = outputs.new_empty(max(outputs.numel(), 2 * self._buffer.numel()))
+            noise = self._buffer[: outputs.numel()].view(outputs.shape)
+            noise.normal_(generator=self._generator)
             outputs.add_(noise, alpha=scale)
             return outputs.round_() if rounds else outputs
         first, second = call_keys(self.seed, self.calls)
         self.calls += 1
         keys = torch.tensor([first, second], dtype=torch.int64, device=outputs.device)
-        compiled(fused_add_round_)(outputs, self._table.to(outputs.dtype), keys[0], keys[1],
-                               scale, rounds)
+        if self._table.dtype != outputs.dtype:
+            self._table = self._table.to(outputs.dtype)
+        compiled(fused_add_round_)(outputs, self._table, keys[0], keys[1], scale, rounds)
         return outputs

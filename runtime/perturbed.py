@@ -149,6 +149,8 @@ class LayerRecorder:
         self.layer_seconds = [0.0] * len(decoder_layers)
         self.expert_calls: list[dict[str, tuple[tuple[Any, ...], dict[str, Any], Any]]] = []
         self.layer_calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self.layer_calls_per_forward: list[list[int]] = []
+        self.disordered = False
         self._handles: list[Any] = []
         self._layers = decoder_layers
         self._experts = experts
@@ -171,8 +173,9 @@ class LayerRecorder:
 
     def _call_hook(self, position: int) -> Any:
         def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if position == 0:
+            if position == 0 or not self.layer_outputs:
                 self.layer_outputs.append([])
+                self.layer_calls_per_forward.append([0] * len(self._layers))
                 self.expert_calls.append({})
             self.layer_calls.setdefault(position, (args, kwargs))  # first forward's call
             _synchronize(args[0] if args else None)
@@ -184,9 +187,20 @@ class LayerRecorder:
         def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
             _synchronize(output[0] if isinstance(output, tuple) else output)
             self.layer_seconds[position] += time.perf_counter() - self._started
+            self.layer_calls_per_forward[-1][position] += 1
+            self.disordered |= len(self.layer_outputs[-1]) != position
             self.layer_outputs[-1].append(output)
 
         return hook
+
+    @property
+    def in_order(self) -> bool:
+        """Whether every forward ran each decoder layer once, in order (what replaying
+        assumes)."""
+        return bool(self.layer_outputs) and not self.disordered and all(
+            calls == [1] * len(self._layers) and len(outputs) == len(self._layers)
+            for calls, outputs in zip(self.layer_calls_per_forward, self.layer_outputs,
+                                      strict=True))
 
     def _experts_hook(self, path: str) -> Any:
         def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],

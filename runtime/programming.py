@@ -245,7 +245,8 @@ def _pcm_programming(weights: torch.Tensor, noise_model: BaseNoiseModel) -> torc
     step). A weight ``w`` maps to ``g = |w| * ratio`` on one device and 0 on the other; each
     device gets ``clamp(g + c * sigma(g) * n, 0)``, ``n`` standard normal, so the idle one gets
     ``clamp(c * sigma(0) * n, 0)``; the weight read back is their difference (sign of ``w``)
-    over ``ratio``. Two normal samples per weight, drawn in one call; in-place arithmetic."""
+    over ``ratio``. Computed in weight units (``sigma(g) / ratio`` as a polynomial in
+    ``|w|``), two normal samples per weight drawn in one call, in-place arithmetic."""
     active = weights.abs()
     ratio = float(noise_model.g_converter.g_max) / max(float(active.max()), _ZERO_CLIP)
     g_max = float(noise_model.g_max)
@@ -254,12 +255,12 @@ def _pcm_programming(weights: torch.Tensor, noise_model: BaseNoiseModel) -> torc
     c0, c1, c2 = (float(coeff) * unit for coeff in noise_model.prog_coeff)
     noise = torch.empty((2, *weights.shape), dtype=weights.dtype, device=weights.device)
     noise.normal_()
-    active.mul_(ratio)
-    sigma = torch.mul(active, c2 / g_max**2).add_(c1 / g_max).mul_(active).add_(c0)
+    sigma = torch.mul(active, c2 * ratio / g_max**2).add_(c1 / g_max).mul_(active)
+    sigma.add_(c0 / ratio)
     active.addcmul_(sigma, noise[0]).clamp_(min=0.0)
-    idle = noise[1].mul_(c0).clamp_(min=0.0)
+    idle = noise[1].mul_(c0 / ratio).clamp_(min=0.0)
     sign = torch.ones_like(weights).copysign_(weights)  # +-1, also for w = 0
-    return active.sub_(idle).mul_(sign).div_(ratio)
+    return active.sub_(idle).mul_(sign)
 
 
 def _noise_tile_by_tile(

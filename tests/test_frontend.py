@@ -146,6 +146,8 @@ def test_control_flow_on_ranks_and_constant_sizes_is_resolved_at_trace_time() ->
             torch.testing.assert_close(gm(ids), loaded.module(ids), rtol=0, atol=0)
     with pytest.raises(TraceError, match="cannot trace the model's forward"):
         trace(loaded.module, find_moe_blocks(loaded.module))  # no example input: unresolved
+    with pytest.raises(TraceError, match="size below 2"):  # torch fixes sizes 0 and 1
+        trace(loaded.module, find_moe_blocks(loaded.module), torch.zeros(1, 8, dtype=torch.long))
 
 
 def test_control_flow_on_a_sequence_length_stays_a_one_line_error() -> None:

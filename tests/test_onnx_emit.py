@@ -26,12 +26,26 @@ def tags(node: onnx.NodeProto) -> dict[str, str]:
 @pytest.mark.parametrize("tiles", [False, True], ids=["whole", "tiles"])
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.rsplit(":", 1)[-1].rsplit("/", 1)[-1])
 def test_onnx_matches_pytorch_and_plan(model: str, tiles: bool, tmp_path, capsys) -> None:
-    out = tmp_path / "out"
+    check_emitted(model, ["--onnx-tiles"] if tiles else [], tmp_path / "out", capsys)
+
+
+def test_ort_form_with_tiles(tmp_path, capsys) -> None:
+    """OLMoE's blocks become com.microsoft.MoE nodes; tiles of other matrices are lowered."""
+    proto = check_emitted("olmoe-tiny", ["--onnx-moe", "ort", "--onnx-tiles"], tmp_path / "out", capsys)
+    assert sum(node.op_type == "MoE" for node in proto.graph.node) == 2
+    assert any("hetmap.tile" in tags(node) for node in proto.graph.node)
+
+
+def check_emitted(model: str, options: list[str], out, capsys) -> onnx.ModelProto:
+    """Compile with --emit onnx and OPTIONS; onnxruntime equals PyTorch, tags equal plan.json."""
     args = ["compile", model, "--emit", "onnx", "-o", str(out), "--target", TARGET,
             "--calib-tokens", "256", "--budget", "0.25", "--chips", "auto"]
     if model.endswith(":dense"):
         args.append("--allow-dense")
-    assert main(args + (["--onnx-tiles"] if tiles else [])) == 0, capsys.readouterr().err
+    assert main(args + options) == 0, capsys.readouterr().err
+    form = options[options.index("--onnx-moe") + 1] if "--onnx-moe" in options else "dispatch"
+    assert f"onnx: {form} MoE form" in capsys.readouterr().err
+    tiles = "--onnx-tiles" in options
     plan = json.loads((out / "plan.json").read_text())
     proto = onnx.load(str(out / "model.onnx"))
     onnx.checker.check_model(proto, full_check=True)
@@ -52,6 +66,8 @@ def test_onnx_matches_pytorch_and_plan(model: str, tiles: bool, tmp_path, capsys
     assert model_props["hetmap.version"] == plan["hetmap_version"]
 
     assert_tags_match_plan(proto, plan, tiles)
+    assert {p.key: p.value for p in proto.metadata_props}["hetmap.moe_form"] == form
+    return proto
 
 
 def matrix_tags_in(proto: onnx.ModelProto) -> dict[tuple[str, str], list[dict[str, str]]]:

@@ -74,7 +74,7 @@ def test_simulate_cli_on_model_and_plan(tmp_path, capsys) -> None:
 
 def test_simulate_errors_are_one_line(tmp_path, capsys) -> None:
     code = main(["simulate", "olmoe-tiny", "--seeds", "0", "--calib-tokens", "256"])
-    assert code == 2 and "--seeds must be at least 1" in capsys.readouterr().err
+    assert code == 2 and "0 is not in the range x>=1" in capsys.readouterr().err
     code = main(["simulate", "olmoe-tiny", "--eval", str(tmp_path / "missing.txt"), "--calib-tokens", "256"])
     err = capsys.readouterr().err
     assert code == 2 and "does not exist" in err and "Traceback" not in err

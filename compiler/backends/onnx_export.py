@@ -21,11 +21,11 @@ Rules:
 2. Graph interface: input ``input_ids`` int64 ``[batch, sequence]``, output ``logits``
    ``[batch, sequence, vocab]``; both input dims are dynamic.
 3. Model form: see :mod:`~hetmap.compiler.backends.onnx_prepare`. Experts stores of every
-   layout :mod:`hetmap.runtime.layouts` reads become a static dense dispatch with one
-   initializer per expert matrix (and per bias); hand-written
+   layout :mod:`hetmap.runtime.layouts` reads get one initializer per expert matrix (and
+   per bias) and the dispatch of rule 8's ``moe_form``; hand-written
    ModuleList/ModuleDict experts keep their ``nn.Linear`` initializers and are exported as
    written unless their container is called as ``experts(hidden, top_k_index,
-   top_k_weights)`` (then dispatched densely). A hand-written dispatch must be traceable by
+   top_k_weights)`` (then dispatched by ``moe_form`` too). A hand-written dispatch must be traceable by
    ``torch.export`` (dense ``torch.where`` dispatch, or sparse ``torch.where`` +
    ``index_add_`` loops; Python branches on data such as ``if idx.numel() == 0`` are not).
 4. Tags: see :mod:`~hetmap.compiler.backends.onnx_tagging`; ``model_props`` become the
@@ -104,7 +104,7 @@ class ExportReport:
     untagged_nodes: tuple[UntaggedNode, ...]
     """Weight-consuming nodes whose matrix has no entry in ``matrix_tags``."""
     swapped_experts: tuple[str, ...]
-    """Experts module paths exported in the static per-expert form."""
+    """Experts module paths exported in the per-expert form (static or dispatch)."""
     tiled_keys: tuple[str, ...]
     """Matrix keys lowered to one MatMul/Gemm per tile."""
     tile_nodes: int

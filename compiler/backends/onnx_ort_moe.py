@@ -48,23 +48,19 @@ MOE_EXPERTS_TAG = "hetmap.moe_experts"
 
 def _moe_schema() -> onnx.defs.OpSchema:
     """The part of onnxruntime's MoE schema the export uses (onnx registers none for it)."""
-    optional = onnx.defs.OpSchema.FormalParameterOption.Optional
-    inputs = [onnx.defs.OpSchema.FormalParameter(name, "T", param_option=optional if i in (3, 5) else
-                                                 onnx.defs.OpSchema.FormalParameterOption.Single)
-              for i, name in enumerate(("input", "router_probs", "fc1_experts_weights",
-                                        "fc1_experts_bias", "fc2_experts_weights",
-                                        "fc2_experts_bias"))]
-    attribute = onnx.defs.OpSchema.Attribute
-    kinds = onnx.defs.OpSchema.AttrType
-    return onnx.defs.OpSchema(
-        "MoE", "com.microsoft", 1, inputs=inputs,
-        outputs=[onnx.defs.OpSchema.FormalParameter("output", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "")],
-        attributes=[attribute("k", kinds.INT, ""), attribute("activation_type", kinds.STRING, ""),
-                    attribute("swiglu_fusion", kinds.INT, ""),
-                    attribute("normalize_routing_weights", kinds.INT, ""),
-                    attribute("activation_alpha", kinds.FLOAT, ""),
-                    attribute("activation_beta", kinds.FLOAT, "")])
+    schema, option = onnx.defs.OpSchema, onnx.defs.OpSchema.FormalParameterOption
+    inputs = [schema.FormalParameter(name, "T", param_option=option.Optional
+                                     if name.endswith("_bias") else option.Single)
+              for name in ("input", "router_probs", "fc1_experts_weights", "fc1_experts_bias",
+                           "fc2_experts_weights", "fc2_experts_bias")]
+    attributes = [schema.Attribute(name, kind, "") for name, kind in (
+        ("k", schema.AttrType.INT), ("activation_type", schema.AttrType.STRING),
+        ("swiglu_fusion", schema.AttrType.INT), ("normalize_routing_weights", schema.AttrType.INT),
+        ("activation_alpha", schema.AttrType.FLOAT), ("activation_beta", schema.AttrType.FLOAT))]
+    return schema("MoE", "com.microsoft", 1, inputs=inputs,
+                  outputs=[schema.FormalParameter("output", "T")],
+                  type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "")],
+                  attributes=attributes)
 
 
 _MOE = Op(Opset("com.microsoft", 1), "MoE", _moe_schema())

@@ -21,6 +21,10 @@ Rules:
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
+import json
+import os
 import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -76,29 +80,98 @@ def evaluate_point(point: SweepPoint) -> float:
     return perplexity(simulated, _WORKER_STATE["windows"])
 
 
+def point_key(point: SweepPoint) -> str:
+    """A stable name for a point: the hash of everything it is computed from."""
+    text = json.dumps(dataclasses.asdict(point), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+class SweepProgress:
+    """Finished points of one sweep, appended to a JSON-lines file as each completes (flushed
+    and synced), so that an interrupted sweep loses at most the points in flight.
+
+    Rules: (1) the file lives beside OUT (``.OUT.sweep-progress.jsonl``), outside the staging
+    directory an interrupt removes; (2) a record is ``{"key": point_key, "ppl": value}``; a
+    torn last line (the process died mid-write) is ignored; (3) ``--resume`` reuses the
+    records whose key matches a point of the sweep being run; (4) the file is removed once
+    the sweep's outputs are in place.
+    """
+
+    def __init__(self, out: Path) -> None:
+        out = Path(out)
+        self.path = out.resolve().parent / f".{out.name}.sweep-progress.jsonl"
+
+    def load(self) -> dict[str, float]:
+        done: dict[str, float] = {}
+        if not self.path.is_file():
+            return done
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                done[str(record["key"])] = float(record["ppl"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # a torn last line
+        return done
+
+    def start(self, keep: bool) -> None:
+        if not keep:
+            self.path.unlink(missing_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = self.path.open("a")
+
+    def record(self, key: str, ppl: float) -> None:
+        self._handle.write(json.dumps({"key": key, "ppl": ppl}) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def finish(self) -> None:
+        self._handle.close()
+        self.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle is not None and not handle.closed:
+            handle.close()
+
+
 def run_points(points: list[SweepPoint], *, workers: int = 0, ray: str | None = None,
-               progress: Callable[[str, int], Callable[[int], None]] | None = None) -> list[float]:
-    advance = (progress or (lambda _d, _t: (lambda _n: None)))("sweep points", len(points))
+               progress: Callable[[str, int], Callable[[int], None]] | None = None,
+               done: dict[str, float] | None = None,
+               record: Callable[[str, float], None] | None = None) -> list[float]:
+    """Perplexity of every point, in order. Points whose key is in ``done`` are not computed
+    again; every computed point is passed to ``record`` as soon as it finishes."""
+    done = done or {}
+    keys = [point_key(p) for p in points]
+    todo = [i for i, key in enumerate(keys) if key not in done]
+    results: list[float] = [done.get(key, 0.0) for key in keys]
+    advance = (progress or (lambda _d, _t: (lambda _n: None)))("sweep points", len(todo))
+
+    def finished(index: int, value: float) -> None:
+        results[index] = value
+        if record is not None:
+            record(keys[index], value)
+        advance(1)
+
+    pending = [points[i] for i in todo]
     if ray is not None:
-        return _run_ray(points, ray, advance)
+        _run_ray(pending, ray, lambda i, value: finished(todo[i], value))
+        return results
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context
 
-        results: list[float] = []
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            for value in pool.map(evaluate_point, points):
-                results.append(value)
-                advance(1)
+            for index, value in zip(todo, pool.map(evaluate_point, pending), strict=True):
+                finished(index, value)
         return results
-    out = []
-    for point in points:
-        out.append(evaluate_point(point))
-        advance(1)
-    return out
+    for index, point in zip(todo, pending, strict=True):
+        finished(index, evaluate_point(point))
+    return results
 
 
-def _run_ray(points: list[SweepPoint], address: str, advance: Callable[[int], None]) -> list[float]:
+def _run_ray(points: list[SweepPoint], address: str,
+             finished: Callable[[int, float], None]) -> list[float]:
+    """Run ``points`` as Ray tasks; ``finished(i, ppl)`` is called as each one returns."""
     try:
         import ray
     except ImportError as exc:
@@ -114,8 +187,9 @@ def _run_ray(points: list[SweepPoint], address: str, advance: Callable[[int], No
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                results[pending.pop(ref)] = float(ray.get(ref))
-                advance(1)
+                index = pending.pop(ref)
+                results[index] = float(ray.get(ref))
+                finished(index, results[index])
         return results
     finally:
         if started:

@@ -281,6 +281,8 @@ class _Measurement:
             self.recorded_layers = recorder.layer_outputs
             self.layer_seconds = recorder.layer_seconds
             for number, fast in candidates.items():
+                if not recorder.in_order:  # a layer ran twice or not at all: no replay
+                    break
                 calls = [_call_triple(*entry[fast.moe.experts_module][:2])
                          for entry in recorder.expert_calls]
                 if any(call is None for call in calls):

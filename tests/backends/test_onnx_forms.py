@@ -9,6 +9,7 @@ sparsity: the routed experts of ``dispatch`` and ``ort`` count top-k / (router s
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -179,6 +180,10 @@ def test_forms_on_the_zoo(family: str, tmp_path: Path) -> None:
         assert_tags_match_plan(proto, plan_json, tiles=False)
         summary = json.loads((out / "onnx_summary.json").read_text())
         assert summary["moe_form"] == form
+        if form == "ort":  # only OLMoE's blocks are softmax top-k SwiGLU experts alone
+            assert bool(summary["fallbacks"]) == (family != "olmoe"), summary["fallbacks"]
+            moe_nodes = sum(n.op_type == "MoE" for n in proto.graph.node)
+            assert moe_nodes == (len(plan.graph.moe_layers) if family == "olmoe" else 0)
         costs[form] = count_cost(proto, DIMS)
     layers = list(plan.graph.moe_layers.values())
     slots = {(m.top_k, m.num_experts + m.identity_experts) for m in layers}
@@ -192,3 +197,20 @@ def test_forms_on_the_zoo(family: str, tmp_path: Path) -> None:
             assert family == "llama4" and cost.expert_flops == pytest.approx(static), form
         else:
             assert cost.expert_flops == pytest.approx(static * top_k / router_slots, rel=1e-9), form
+
+
+def test_readme_snippet_reads_every_form(mixtral_forms: dict[str, ExportReport]) -> None:
+    """The README's toolchain snippet reads the same placements off each form."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## For toolchain authors", 1)[1].split("\n## ", 1)[0]
+    (snippet,) = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    definitions = snippet.split("\nfor form in", 1)[0]
+    namespace: dict[str, object] = {}
+    exec(compile(definitions, "README.md", "exec"), namespace)  # noqa: S102 - our own docs
+    read = {form: sorted(namespace["matrices"](str(r.path)))  # type: ignore[operator]
+            for form, r in mixtral_forms.items()}
+    placements = {form: {(ir, role, where) for _, ir, role, where, _ in rows}
+                  for form, rows in read.items()}
+    analog = {(ir, role) for ir, role, where in placements["static"] if where == "aimc-tile"}
+    assert len(analog) == 2 * NUM_EXPERTS * 3
+    assert placements["dispatch"] == placements["ort"] == placements["static"]

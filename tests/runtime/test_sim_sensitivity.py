@@ -101,3 +101,14 @@ def test_additivity_check_tells_residual_adds_from_norms(norm_after: bool) -> No
     output = layer(hidden)
     additive = perturbed.output_is_additive(layer, layer.experts, ((hidden,), {}), output)
     assert additive is not norm_after
+
+
+def test_estimate_is_logged_before_the_measured_runs() -> None:
+    events: list[str] = []
+
+    def progress(_description: str, _total: int):
+        return lambda count: events.extend(["run"] * count)
+
+    compile_model(load_model("demo"), pipeline=f"sensitivity{{tokens={TOKENS},layers=2}}",
+                  log=events.append, progress=progress)
+    assert "estimated" in events[0] and events[1:] == ["run"] * 8
