@@ -17,7 +17,7 @@ import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -133,15 +133,7 @@ class Plan:
     def evaluate(self, tasks: Any = None, **options: Any) -> Any:
         """Downstream-task accuracy (lm-eval) all-digital vs mapped, ``tasks`` defaulting to the
         paper's eight; see :func:`hetmap.compiler.evaluation.lmeval.evaluate_plan`."""
-        try:
-            from hetmap.compiler.evaluation import lmeval
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not exc.name.startswith("lm_eval"):
-                raise
-            from hetmap.common.errors import SimulationError
-
-            raise SimulationError("downstream accuracy needs lm-evaluation-harness: "
-                                  "pip install 'hetmap[eval]' ('make venv' installs it)") from exc
+        lmeval = require_lm_eval()
         return lmeval.evaluate_plan(self, lmeval.PAPER_TASKS if tasks is None else tasks, **options)
 
     def write(self, out: str | Path, *, force: bool = False,
@@ -154,6 +146,21 @@ class Plan:
             if extra is not None:
                 extra(staging)
         return out
+
+
+def require_lm_eval() -> ModuleType:
+    """:mod:`hetmap.compiler.evaluation.lmeval`, or a one-line error when lm-eval (the optional
+    ``eval`` extra) is not installed."""
+    try:
+        from hetmap.compiler.evaluation import lmeval
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("lm_eval"):
+            raise
+        from hetmap.common.errors import SimulationError
+
+        raise SimulationError("downstream accuracy needs lm-evaluation-harness: pip install "
+                              "'hetmap[eval]' ('make venv' installs it)") from exc
+    return lmeval
 
 
 def _portable_spec(spec: str) -> str:

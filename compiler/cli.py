@@ -171,42 +171,46 @@ def onnx_moe_given(value: str) -> bool:
     return source is not None and source.name == "COMMANDLINE"
 
 
-def print_summary(plan: dict[str, Any]) -> None:
+def print_summary(plan: dict[str, Any] | Any) -> None:
+    """Print a plan's typed summary (:class:`hetmap.compiler.backends.plan.PlanSummary`; a
+    plan.json dict is read into one first)."""
     from rich.table import Table
 
-    s = plan["summary"]
-    console.print(f"[bold]{plan['model']['name']}[/] on [bold]{plan['target']['name']}[/]  "
-              f"pipeline: {plan['pipeline']}")
-    console.print(f"  parameters   {s['params_total']:,}  digital {s['params_digital']:,} "
-              f"({s['digital_param_fraction']:.2%})  analog {s['params_analog']:,}")
-    console.print(f"  experts      {s['experts_digital']} of {s['experts_total']} digital "
-              f"in {s['moe_layers']} MoE layers")
-    if "tiles_used" in s:
-        console.print(f"  crossbars    {s['tiles_used']:,} tiles on {s['arrays_used']:,} arrays, "
-                  f"utilization {s['tile_utilization']:.1%}")
-    if "energy_per_token_j" in s:
-        ratio = s["energy_per_token_j"] / s["digital_energy_per_token_j"] if s["digital_energy_per_token_j"] else 0
-        lat = s["latency_per_token_s"] / s["digital_latency_per_token_s"] if s["digital_latency_per_token_s"] else 0
-        console.print(f"  energy/token {s['energy_per_token_j']:.3e} J ({ratio:.2f}x all-digital)   "
-                  f"latency/token {s['latency_per_token_s']:.3e} s ({lat:.2f}x all-digital)")
-    if s.get("layers"):
+    from hetmap.compiler.backends.plan import PlanSummary
+
+    s = plan if isinstance(plan, PlanSummary) else PlanSummary.from_json(plan)
+    console.print(f"[bold]{s.model_name}[/] on [bold]{s.target_name}[/]  pipeline: {s.pipeline}")
+    console.print(f"  parameters   {s.params_total:,}  digital {s.params_digital:,} "
+                  f"({s.digital_param_fraction:.2%})  analog {s.params_analog:,}")
+    console.print(f"  experts      {s.experts_digital} of {s.experts_total} digital "
+                  f"in {s.moe_layers} MoE layers")
+    if s.allocation is not None:
+        a = s.allocation
+        console.print(f"  crossbars    {a.tiles_used:,} tiles on {a.arrays_used:,} arrays, "
+                      f"utilization {a.tile_utilization:.1%}")
+    if s.cost is not None:
+        mapped, digital = s.cost.estimate.mapped, s.cost.estimate.all_digital
+        ratio = mapped.energy_j / digital.energy_j if digital.energy_j else 0
+        lat = mapped.latency_s / digital.latency_s if digital.latency_s else 0
+        console.print(f"  energy/token {mapped.energy_j:.3e} J ({ratio:.2f}x all-digital)   "
+                      f"latency/token {mapped.latency_s:.3e} s ({lat:.2f}x all-digital)")
+    if s.layers:
         table = Table(title=None, show_edge=False, pad_edge=False)
         for col in ("layer", "experts", "top-k", "digital", "expert params digital"):
             table.add_column(col, justify="right")
-        for row in s["layers"]:
-            share = row["expert_params_digital"] / row["expert_params"] if row["expert_params"] else 0
-            table.add_row(str(row["layer"]), str(row["experts"]), str(row["top_k"]),
-                          str(row["experts_digital"]), f"{share:.1%}")
+        for row in s.layers:
+            share = row.expert_params_digital / row.expert_params if row.expert_params else 0
+            table.add_row(str(row.layer), str(row.experts), str(row.top_k),
+                          str(row.experts_digital), f"{share:.1%}")
         console.print(table)
-    if s.get("cost_by_kind"):
-        from rich.table import Table as T2
-
-        table = T2(show_edge=False, pad_edge=False)
+    if s.cost is not None and s.cost.estimate.mapped.energy_by_kind:
+        by_kind = s.cost.estimate.mapped.energy_by_kind
+        table = Table(show_edge=False, pad_edge=False)
         for col in ("kind", "energy/token (J)", "share"):
             table.add_column(col, justify="right")
-        total = sum(v["energy_j"] for v in s["cost_by_kind"].values()) or 1.0
-        for kind, row in sorted(s["cost_by_kind"].items()):
-            table.add_row(kind, f"{row['energy_j']:.3e}", f"{row['energy_j'] / total:.1%}")
+        total = sum(by_kind.values()) or 1.0
+        for kind, energy in sorted(by_kind.items()):
+            table.add_row(kind, f"{energy:.3e}", f"{energy / total:.1%}")
         console.print(table)
 
 
@@ -369,7 +373,7 @@ def print_simulation(name: str, data: dict[str, Any]) -> None:
 @click.option("--tasks", default=None,
               help="Comma-separated lm-eval task, group or tag names. "
               "[default: the paper's piqa,arc_easy,arc_challenge,boolq,hellaswag,winogrande,mathqa,mmlu]")
-@click.option("--include-path", type=click.Path(), default=None,
+@click.option("--include-path", type=click.Path(exists=True, file_okay=False), default=None,
               help="Directory of local lm-eval task YAML files (tasks whose data need no download).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N items per task.")
 @click.option("--num-fewshot", type=click.IntRange(min=0), default=None,
@@ -420,6 +424,7 @@ def eval_cmd(plan_or_model: str, tasks: str | None, include_path: str | None, li
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
     if names == []:
         raise click.UsageError("--tasks names no task; give NAME[,NAME...]")
+    task_set = plan_tasks(names, include_path)  # unknown names fail before any compiling
     progress = progress_factory(err.is_terminal)
     if is_plan:
         plan = load_plan(plan_dir)
@@ -428,7 +433,7 @@ def eval_cmd(plan_or_model: str, tasks: str | None, include_path: str | None, li
                              seed=kw["seed"], trust_remote_code=kw["trust_remote_code"],
                              allow_dense=kw["allow_dense"], progress=progress,
                              log=lambda m: err.print(m, markup=False), **pass_overrides(kw))
-    result = plan.evaluate(names, seeds=seeds, seed=kw["seed"], include_path=include_path,
+    result = plan.evaluate(task_set, seeds=seeds, seed=kw["seed"],
                            limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
                            noise_scale=noise_scale, drift_time=drift_time, ideal=ideal,
                            backend=backend, device=device, progress=progress)
@@ -443,6 +448,14 @@ def eval_cmd(plan_or_model: str, tasks: str | None, include_path: str | None, li
     elif out is not None:
         plan.write(out, force=force, extra=lambda d: write_json(d / "eval.json", data))
         err.print(f"wrote {out}/ (plan.json, ir.txt, eval.json)")
+
+
+def plan_tasks(names: list[str] | None, include_path: str | None) -> Any:
+    """The lm-eval tasks to run, loaded (see hetmap.compiler.evaluation.lmeval.load_tasks)."""
+    from hetmap.compiler.api import require_lm_eval
+
+    lmeval = require_lm_eval()
+    return lmeval.load_tasks(lmeval.PAPER_TASKS if names is None else names, include_path)
 
 
 def print_eval(name: str, data: dict[str, Any]) -> None:

@@ -22,12 +22,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hetmap.common.errors import HetmapError, OutputError
 from hetmap.compiler.ir.annotations import Placement
 from hetmap.compiler.ir.graph import Graph, Node
+from hetmap.compiler.ir.hwannotations import AllocationSummary, ArrayLayout, CostSummary
 
 PLAN_FILE = "plan.json"
 IR_FILE = "ir.txt"
@@ -285,16 +287,9 @@ def restore_annotations(graph: Any, data: dict[str, Any], target: Any, passes: A
     """Check a validated plan against the model's freshly imported IR and put back every
     annotation plan.json records. Any mismatch is a one-line OutputError."""
     from hetmap.common.grid import TileGrid
-    from hetmap.compiler.algorithms.cost import CostEstimate
     from hetmap.compiler.ir.annotations import Density, ExpertScore, Placement, Sensitivity
     from hetmap.compiler.ir.graph import verify
-    from hetmap.compiler.ir.hwannotations import (
-        AllocationSummary,
-        ArrayAssignment,
-        ArrayLayout,
-        CostSummary,
-        Tiling,
-    )
+    from hetmap.compiler.ir.hwannotations import ArrayAssignment, Tiling
     from hetmap.compiler.passes.contracts import Fact, Provenance
 
     entries = {entry["name"]: entry for entry in data["nodes"]}
@@ -339,19 +334,11 @@ def restore_annotations(graph: Any, data: dict[str, Any], target: Any, passes: A
                 tuple(tuple((int(a), int(b), int(c)) for a, b, c in m.get("offsets", []))
                       for m in matrices),
                 tuple(int(m.get("serial_steps", 1)) for m in matrices)))
-    summary = data["summary"]
-    if "allocation" in summary:
-        a = summary["allocation"]
-        layout = a["layout"]
-        graph.annotate(AllocationSummary(
-            chips=a["chips"], arrays_available=a["arrays_available"], arrays_used=a["arrays_used"],
-            tiles_used=a["tiles_used"], stored_weights=a["stored_weights"],
-            tile_utilization=a["tile_utilization"], unpacked_arrays=a["unpacked_arrays"],
-            unpacked_utilization=a["unpacked_utilization"], packing=a["packing"],
-            layout=ArrayLayout(layout["rows"], layout["cols"], layout["chips"],
-                               layout["arrays_per_chip"], layout["tiers"])))
-    if "cost" in summary:
-        graph.annotate(CostSummary(CostEstimate.from_json(summary["cost"])))
+    typed = PlanSummary.from_json(data)
+    if typed.allocation is not None:
+        graph.annotate(typed.allocation)
+    if typed.cost is not None:
+        graph.annotate(typed.cost)
     kinds = _annotation_types()
     facts = {}
     for kind_name, provider in data.get("provided", {}).items():
@@ -365,3 +352,62 @@ def restore_annotations(graph: Any, data: dict[str, Any], target: Any, passes: A
         verify(graph)
     except HetmapError as exc:
         raise OutputError(f"{source} does not fit model {graph.name!r}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One MoE layer's row of the summary."""
+
+    layer: int
+    experts: int
+    top_k: int
+    experts_digital: int
+    expert_params_digital: int
+    expert_params: int
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """The typed view of a plan's header that reports print (``hetmap compile``, ``inspect``)."""
+
+    model_name: str
+    target_name: str
+    pipeline: str
+    params_total: int
+    params_digital: int
+    params_analog: int
+    digital_param_fraction: float
+    experts_total: int
+    experts_digital: int
+    moe_layers: int
+    layers: tuple[LayerSummary, ...]
+    allocation: AllocationSummary | None = None
+    cost: CostSummary | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PlanSummary:
+        """From a plan.json (or ``Plan.header()``) already valid against the schema."""
+        from hetmap.compiler.algorithms.cost import CostEstimate
+
+        s = data["summary"]
+        allocation = None
+        if "allocation" in s:
+            a, layout = s["allocation"], s["allocation"]["layout"]
+            allocation = AllocationSummary(
+                chips=a["chips"], arrays_available=a["arrays_available"],
+                arrays_used=a["arrays_used"], tiles_used=a["tiles_used"],
+                stored_weights=a["stored_weights"], tile_utilization=a["tile_utilization"],
+                unpacked_arrays=a["unpacked_arrays"], unpacked_utilization=a["unpacked_utilization"],
+                packing=a["packing"], layout=ArrayLayout(layout["rows"], layout["cols"],
+                                                         layout["chips"], layout["arrays_per_chip"],
+                                                         layout["tiers"]))
+        cost = CostSummary(CostEstimate.from_json(s["cost"])) if "cost" in s else None
+        return cls(model_name=data["model"]["name"], target_name=data["target"]["name"],
+                   pipeline=data["pipeline"], params_total=s["params_total"],
+                   params_digital=s["params_digital"], params_analog=s["params_analog"],
+                   digital_param_fraction=s["digital_param_fraction"],
+                   experts_total=s["experts_total"], experts_digital=s["experts_digital"],
+                   moe_layers=s["moe_layers"],
+                   layers=tuple(LayerSummary(**{k: row[k] for k in LayerSummary.__dataclass_fields__})
+                                for row in s["layers"]),
+                   allocation=allocation, cost=cost)

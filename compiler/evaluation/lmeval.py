@@ -168,10 +168,17 @@ class HetmapLM(TemplateLM):
         return outputs
 
 
-def load_tasks(names: Sequence[str],
-               include_path: str | Path | None = None) -> tuple[list[Any], list[str]]:
-    """lm-eval Task/Group objects for ``names``, data loaded (rule 2), and the names results
-    are reported under (a task or group by its name, a tag by the names of its tasks)."""
+@dataclass(frozen=True)
+class TaskSet:
+    """Loaded lm-eval Task/Group objects, and the names results are reported under (a task or
+    group by its name, a tag by the names of its tasks)."""
+
+    objects: tuple[Any, ...]
+    names: tuple[str, ...]
+
+
+def load_tasks(names: Sequence[str], include_path: str | Path | None = None) -> TaskSet:
+    """lm-eval tasks for ``names``, their data loaded (rule 2)."""
     if not names:
         raise SimulationError("no task given: pass --tasks NAME[,NAME...]")
     if include_path is not None and not Path(include_path).is_dir():
@@ -201,13 +208,14 @@ def load_tasks(names: Sequence[str],
         else:  # a tag: its tasks
             loaded.extend(result["tasks"].values())
             reported.extend(result["tasks"])
-    return loaded, list(dict.fromkeys(reported))
+    return TaskSet(tuple(loaded), tuple(dict.fromkeys(reported)))
 
 
-def run_tasks(lm: HetmapLM, names: Sequence[str], tasks: list[Any], *, limit: int | None,
+def run_tasks(lm: HetmapLM, tasks: TaskSet, *, limit: int | None,
               num_fewshot: int | None) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
-    """lm-eval's metrics of one model per requested name, and the items each task used."""
-    results = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
+    """lm-eval's metrics of one model per reported name, and the items each task used."""
+    results = simple_evaluate(model=lm, tasks=list(tasks.objects), limit=limit,
+                              num_fewshot=num_fewshot,
                               log_samples=False, bootstrap_iters=0,
                               task_manager=TaskManager(include_defaults=False))
     assert results is not None  # single process: rank 0
@@ -215,7 +223,7 @@ def run_tasks(lm: HetmapLM, names: Sequence[str], tasks: list[Any], *, limit: in
                       for key, value in results["results"][name].items()
                       if key.endswith(",none") and "_stderr" not in key
                       and isinstance(value, (int, float))}
-               for name in names}
+               for name in tasks.names}
     samples = {name: int(count.get("effective", 0))
                for name, count in results.get("n-samples", {}).items()}
     return metrics, samples
@@ -272,13 +280,14 @@ def _std(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def evaluate_plan(plan: Plan, tasks: Sequence[str] = PAPER_TASKS, *, seeds: int = 1,
+def evaluate_plan(plan: Plan, tasks: Sequence[str] | TaskSet = PAPER_TASKS, *, seeds: int = 1,
                   seed: int = 0, include_path: str | Path | None = None, limit: int | None = None,
                   num_fewshot: int | None = None, batch_size: int = 8,
                   noise_scale: float | None = None, drift_time: float | None = None,
                   ideal: bool = False, backend: str = "hetmap", device: str = "cpu",
                   progress: Callable[[str, int], Callable[[int], None]] | None = None) -> EvalResult:
-    """Accuracy of ``plan``'s model on lm-eval ``tasks``: all-digital and mapped per seed."""
+    """Accuracy of ``plan``'s model on lm-eval ``tasks`` (names, or a :class:`TaskSet` from
+    :func:`load_tasks`): all-digital and mapped per seed."""
     from hetmap.compiler.evaluation.simulate import analog_part
     from hetmap.runtime import build_simulated_model
     from hetmap.runtime.settings import settings_for
@@ -292,20 +301,21 @@ def evaluate_plan(plan: Plan, tasks: Sequence[str] = PAPER_TASKS, *, seeds: int 
     model = plan.model.runnable().to(device)
     options = {"batch_size": batch_size, "device": device}
     digital_lm = HetmapLM.for_model(plan.model, model, **options)  # no vocabulary: fails first
-    loaded, names = load_tasks(list(dict.fromkeys(tasks)), include_path)
+    loaded = tasks if isinstance(tasks, TaskSet) else load_tasks(list(dict.fromkeys(tasks)),
+                                                                 include_path)
+    names = list(loaded.names)
     part = analog_part(plan.graph, model)
     settings = settings_for(plan.target, noise_scale=noise_scale, drift_time=drift_time, ideal=ideal)
     advance = (progress or (lambda _d, _t: (lambda _n: None)))("evaluating", seeds + 1)
     run = {"limit": limit, "num_fewshot": num_fewshot}
-    digital, samples = run_tasks(digital_lm, names, loaded, **run)
+    digital, samples = run_tasks(digital_lm, loaded, **run)
     advance(1)
     mapped: dict[str, dict[str, list[float]]] = {t: {m: [] for m in digital[t]} for t in names}
     for index in range(seeds):
         simulated = build_simulated_model(model, part.linears, part.experts, settings,
                                           seed=seed + index, backend=backend,
                                           layouts=part.layouts).to(device)
-        values, _ = run_tasks(HetmapLM.for_model(plan.model, simulated, **options), names,
-                              loaded, **run)
+        values, _ = run_tasks(HetmapLM.for_model(plan.model, simulated, **options), loaded, **run)
         for task, metrics in mapped.items():
             for metric, series in metrics.items():
                 series.append(values[task][metric])

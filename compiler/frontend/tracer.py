@@ -236,7 +236,7 @@ EXAMPLE_SHAPE = (2, 8)
 def trace(model: nn.Module, moe_paths: Iterable[str], example_input: torch.Tensor | None = None
           ) -> tuple[fx.GraphModule, bool, tuple[str, ...]]:
     """Trace ``model``; return the GraphModule, whether it is wrapped as HF causal LM, and the
-    paths of the modules kept whole because they could not be traced (rule 4).
+    paths of the (outermost) modules kept whole because they could not be traced (rule 4).
 
     ``example_input`` (token ids for a Hugging Face model, default zeros of
     ``EXAMPLE_SHAPE``) resolves static control flow (rule 5); without one, none is resolved.
@@ -264,7 +264,8 @@ def trace(model: nn.Module, moe_paths: Iterable[str], example_input: torch.Tenso
             if failing is None or not _can_be_opaque(failing[0], moe_paths, opaque):
                 raise _trace_error(exc, failing, model) from exc
             opaque.append(failing[0])
-    return fx.GraphModule(tracer.root, graph, type(root).__name__), hf, tuple(opaque)
+    outermost = tuple(p for p in opaque if not any(p.startswith(q + ".") for q in opaque))
+    return fx.GraphModule(tracer.root, graph, type(root).__name__), hf, outermost
 
 
 def _can_be_opaque(path: str, moe_paths: set[str], opaque: list[str]) -> bool:
