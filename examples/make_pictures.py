@@ -8,7 +8,7 @@
 * ``olmoe-floorplan.png``: the aggregated floorplan of the full-size OLMoE-1B-7B config
   (``--policy random --budget 0.25``, structure only).
 
-Run from the repository root (about 3 minutes on 2 busy cores)::
+Run from the repository root (about 2 minutes on 2 busy cores)::
 
     .venv/bin/python examples/make_pictures.py [--out docs/img] [--seeds 3] [--eval-tokens 4096]
 """

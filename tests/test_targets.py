@@ -179,3 +179,18 @@ def test_dynamic_weights_and_bad_shapes_are_not_supported() -> None:
         False, "weights not static")
     assert not aimc_supports(target, "linear", (8, 8, 8), weights_static=True)[0]
     assert aimc_supports(target, "mystery", (8, 8), True) == (False, "unknown node kind 'mystery'")
+
+
+def test_one_list_of_noise_models_for_targets_and_the_simulator() -> None:
+    """Every noise model the simulator accepts is a valid target noise model, and back."""
+    from hetmap.common.noise import NOISE_MODELS as COMMON
+    from hetmap.runtime.settings import NOISE_MODELS as RUNTIME
+    from hetmap.targets import NOISE_MODELS as TARGETS
+    from hetmap.targets import load_target
+
+    assert RUNTIME is COMMON and TARGETS is COMMON and "reram-cmo" in COMMON
+    data = load_target("aimc-512").to_json()
+    data["aimc"]["noise"] = {"model": "reram-cmo", "params": {}}
+    from hetmap.targets import target_from_dict
+
+    assert target_from_dict(data).aimc.noise.model == "reram-cmo"
