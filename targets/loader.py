@@ -164,6 +164,14 @@ _NOISE_PARAMS: dict[str, dict[str, Callable[[object], Any]]] = {
         "noise_scale": _non_negative_number,
         "coeff_g_max_reference": _positive_number,
     },
+    "reram-cmo": {
+        "g_max": _positive_number,
+        "g_min": _non_negative_number,
+        "prog_noise_scale": _non_negative_number,
+        "read_noise_scale": _non_negative_number,
+        "drift_scale": _non_negative_number,
+        "acceptance_range": _positive_number,
+    },
     "state-independent": {
         "prog_coeff": _coefficients,
         "g_max": _positive_number,
