@@ -184,7 +184,7 @@ def load_plan(out: str | Path, *, registries: Registries | None = None) -> Plan:
 
     data = read_plan(Path(out))
     registries = registries or load_registries()
-    loaded = load_model(data["model"]["spec"])
+    loaded = load_model(data["model"]["spec"], dtype=str(data["options"].get("dtype", "auto")))
     if loaded.name != data["model"]["name"]:
         raise OutputError(f"{out}/plan.json was compiled for model {data['model']['name']!r}, "
                           f"but {data['model']['spec']!r} now loads {loaded.name!r}; recompile it")
@@ -196,6 +196,7 @@ def load_plan(out: str | Path, *, registries: Registries | None = None) -> Plan:
 
 def compile_model(model: str | nn.Module | LoadedModel, *, target: str = "aimc-512",
                   pipeline: str | None = None, seed: int = 0, trust_remote_code: bool = False,
+                  dtype: str = "auto",
                   allow_dense: bool = False, registries: Registries | None = None, dump_dir: Path | None = None,
                   progress: Callable[[str, int], Callable[[int], None]] | None = None,
                   on_pass: Callable[[PassTiming], None] | None = None,
@@ -223,7 +224,7 @@ def compile_model(model: str | nn.Module | LoadedModel, *, target: str = "aimc-5
                             f"pipeline {text!r}")
     check_contracts(None, passes, SimpleNamespace(registries=registries))
     if isinstance(model, str):
-        loaded = load_model(model, trust_remote_code=trust_remote_code)
+        loaded = load_model(model, trust_remote_code=trust_remote_code, dtype=dtype)
     elif isinstance(model, nn.Module):
         loaded = LoadedModel(spec=type(model).__name__, name=type(model).__name__,
                              source="module", module=model.eval(), config=getattr(model, "config", None))
@@ -237,7 +238,8 @@ def compile_model(model: str | nn.Module | LoadedModel, *, target: str = "aimc-5
         ctx.log = log
     graph = import_model(loaded, allow_dense=allow_dense)
     run = run_pipeline(graph, passes, ctx, dump_dir=dump_dir, on_pass=on_pass)
-    recorded = {"seed": seed, **({"allow_dense": True} if allow_dense else {}),
+    recorded = {"seed": seed, "dtype": str(loaded.dtype).removeprefix("torch."),
+                **({"allow_dense": True} if allow_dense else {}),
                 **{k: v for k, v in options.items() if v is not None}}
     calibrated = [d.tokens for n in run.graph
                   if (d := n.get(Density)) is not None and d.source == "calibration"]

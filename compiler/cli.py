@@ -64,6 +64,11 @@ def compile_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--trust-remote-code", is_flag=True, help="Allow checkpoints that ship modeling code."),
         click.option("--allow-dense", is_flag=True,
                      help="Map a model in which no MoE block is found (dense rule only)."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+                     default="auto", show_default=True,
+                     help="Weights' dtype for loading, calibration and the digital part of "
+                     "simulation ('auto': the checkpoint's own when reduced, else float32); "
+                     "analog tiles always compute in float32."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -133,7 +138,8 @@ def compile_cmd(model: str, out: Path | None, force: bool, emit: str, onnx_tiles
         known = ", ".join(["plan", *sorted(registries.emitters.entries)])
         raise click.UsageError(f"unknown emitter {emit!r} for --emit (known: {known})")
     plan = compile_model(model, target=kw["target"], pipeline=kw["pipeline"], seed=kw["seed"],
-                         trust_remote_code=kw["trust_remote_code"], allow_dense=kw["allow_dense"], dump_dir=dump_ir,
+                         trust_remote_code=kw["trust_remote_code"], allow_dense=kw["allow_dense"],
+                         dtype=kw["dtype"], dump_dir=dump_ir,
                          registries=registries, log=lambda message: err.print(message, markup=False),
                          progress=progress_factory(err.is_terminal),
                          on_pass=(lambda t: err.print(f"  pass {t.name:<14} {t.seconds * 1000:8.1f} ms"
@@ -179,7 +185,8 @@ def print_summary(plan: dict[str, Any] | Any) -> None:
     from hetmap.compiler.backends.plan import PlanSummary
 
     s = plan if isinstance(plan, PlanSummary) else PlanSummary.from_json(plan)
-    console.print(f"[bold]{s.model_name}[/] on [bold]{s.target_name}[/]  pipeline: {s.pipeline}")
+    console.print(f"[bold]{s.model_name}[/] on [bold]{s.target_name}[/]  pipeline: {s.pipeline}  "
+                  f"weights: {s.dtype}")
     console.print(f"  parameters   {s.params_total:,}  digital {s.params_digital:,} "
                   f"({s.digital_param_fraction:.2%})  analog {s.params_analog:,}")
     console.print(f"  experts      {s.experts_digital} of {s.experts_total} digital "
@@ -261,12 +268,6 @@ def _check_device(_ctx: click.Context, _param: click.Parameter, value: str | Non
     return value
 
 
-def _cuda() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
 @cli.command()
 @click.argument("plan_or_model")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
@@ -305,6 +306,7 @@ def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
     else:
         plan = compile_model(plan_or_model, target=kw["target"], pipeline=kw["pipeline"],
                              seed=kw["seed"], trust_remote_code=kw["trust_remote_code"], allow_dense=kw["allow_dense"],
+                         dtype=kw["dtype"],
                              progress=progress, log=lambda m: err.print(m, markup=False),
                              **pass_overrides(kw))
     result = plan.simulate(seeds=seeds, seed=kw["seed"], noise_scale=noise_scale,
@@ -388,8 +390,8 @@ def print_simulation(name: str, data: dict[str, Any]) -> None:
 @click.option("--ideal", is_flag=True, help="Turn every analog non-ideality off.")
 @click.option("--backend", type=click.Choice(["hetmap", "aihwkit"]), default="hetmap",
               show_default=True, help="Tile model: hetmap's vectorized one or aihwkit's AnalogLinear.")
-@click.option("--device", default="cuda" if _cuda() else "cpu", show_default=True,
-              callback=_check_device, help="Torch device for the evaluation.")
+@click.option("--device", default=None, callback=_check_device,
+              help="Torch device for the simulation. [default: cuda if available, else cpu]")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Write plan.json, ir.txt and eval.json here (MODEL form).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
@@ -537,15 +539,15 @@ def sweep(model: str, out: Path, force: bool, policies: str, budgets: str, noise
 @click.option("--policy", default=None, help="Placement policy (see 'hetmap passes'). [default: expected-impact]")
 @click.option("--budget-scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
               help="Granularity: the budget counts experts per MoE layer or across all layers.")
-@click.option("--seeds", type=int, default=3, show_default=True,
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Programming seeds per budget; mean + one std must stay within the loss.")
 @click.option("--noise-scale", type=float, default=None, help="Programming-noise scale c. [default: the target's]")
 @click.option("--drift-time", type=float, default=None, help="Seconds of drift after programming (with GDC).")
 @click.option("--eval", "eval_file", type=click.Path(), default=None,
               help="Evaluation text (default: held-out files of the built-in corpus).")
 @click.option("--eval-tokens", type=int, default=8192, show_default=True)
-@click.option("--device", default="cuda" if _cuda() else "cpu", show_default=True,
-              help="Torch device for the simulation.")
+@click.option("--device", default=None, callback=_check_device,
+              help="Torch device. [default: cuda if available, else cpu]")
 @click.option("--target", default="aimc-512", show_default=True, help="Target name or TOML file.")
 @click.option("--calib", type=click.Path(), default=None, help="Calibration text file.")
 @click.option("--calib-tokens", type=int, default=None, help="Calibration tokens. [default: 4096]")

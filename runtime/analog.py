@@ -226,13 +226,17 @@ class AnalogTileStack(nn.Module):
                                              dtype=tile_inputs.dtype),
                 inp_unit, unit, settings.inp_bound, settings.inp_res > 0,
             )
-        else:
-            levels = tile_inputs * (scale / inp_unit)
+        else:  # in float32 at least, as the compiled kernel computes (levels fit bf16)
+            wide = tile_inputs.dtype in (torch.float32, torch.float64)
+            work = tile_inputs if wide else tile_inputs.float()
+            scale_ = scale if wide or not isinstance(scale, torch.Tensor) else scale.float()
+            levels = work * (scale_ / inp_unit)
             if settings.inp_res > 0:
                 levels.round_()
             levels.clamp_(-settings.inp_bound / inp_unit, settings.inp_bound / inp_unit)
             if inp_unit != unit:
                 levels.mul_(inp_unit / unit)  # the product comes out in ADC steps
+            levels = levels.to(tile_inputs.dtype)
         outputs = grouped_product(levels, tile_weight, groups)
         if settings.out_noise > 0:  # noise and ADC rounding in one step
             self._output_noise(outputs.device).add_round_(

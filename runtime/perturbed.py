@@ -130,11 +130,19 @@ def _plus(value: Any, delta: torch.Tensor) -> Any:
 
 
 class _Replay(nn.Module):
-    """Stands in for a module: ignores its inputs and returns ``output``."""
+    """Stands in for ``original``: ignores its inputs and returns ``output``; other attributes
+    (e.g. a decoder layer's ``attention_type``, read by the model's loop) are the original's."""
 
-    def __init__(self, output: Any) -> None:
+    def __init__(self, output: Any, original: nn.Module) -> None:
         super().__init__()
         self.output = output
+        object.__setattr__(self, "_original", original)  # not a submodule
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
 
     def forward(self, *_args: Any, **_kwargs: Any) -> Any:
         return self.output
@@ -266,16 +274,17 @@ def replayed_tail(model: nn.Module, decoder_layers: nn.ModuleList, position: int
     if additive:
         layer_output = _plus(_repeat(recorded_layers[position], replicas), deltas)
         for index in range(position + 1):
-            swaps[index] = _Replay(layer_output)
+            swaps[index] = _Replay(layer_output, decoder_layers[index])
     else:
         before = _repeat(recorded_layers[position - 1], replicas) if position else None
         for index in range(position):
-            swaps[index] = _Replay(before)
+            swaps[index] = _Replay(before, decoder_layers[index])
     originals = {index: decoder_layers[index] for index in swaps}
     experts_swap = None
     if not additive:
         experts_output = _plus(_repeat(recorded_experts, replicas), deltas)
-        experts_swap = (experts_path, model.get_submodule(experts_path), _Replay(experts_output))
+        experts = model.get_submodule(experts_path)
+        experts_swap = (experts_path, experts, _Replay(experts_output, experts))
     try:
         for index, module in swaps.items():
             decoder_layers[index] = module

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Mapping
 
+import torch
 from torch import nn
 
 from hetmap.common.errors import SimulationError
@@ -87,13 +88,14 @@ def build_simulated_model(
     make_experts = SimulatedExperts if backend == "hetmap" else ReferenceExperts
     replacements: dict[str, nn.Module] = {}
     for path in linear_paths:
-        linear = modules[path]
+        linear = _float32(modules[path])
         assert isinstance(linear, nn.Linear)
         replacements[path] = make_linear(linear, settings, module_seed(seed, path))
     for path in expert_paths:
         indices = [int(index) for index in analog_experts[path]]
         replacements[path] = make_experts(
-            modules[path], indices, settings, module_seed(seed, path), path, expert_layouts[path]
+            _float32(modules[path]), indices, settings, module_seed(seed, path), path,
+            expert_layouts[path]
         )
 
     # Deep-copy the rest of the model; the replaced modules are memoized to placeholders so
@@ -103,6 +105,18 @@ def build_simulated_model(
     for path, replacement in replacements.items():
         _set_submodule(simulated, path, replacement)
     return simulated.eval()
+
+
+def _float32(module: nn.Module) -> nn.Module:
+    """``module`` itself when its floating-point weights are float32, else a float32 copy.
+
+    The analog tiles program and compute in float32 whatever the model's storage dtype
+    (bfloat16 or float16 checkpoints): the DAC/ADC steps, the noise and the scales need it.
+    Their outputs go back to the input's dtype, so the digital rest of the model keeps its own.
+    """
+    reduced = any(p.is_floating_point() and p.dtype != torch.float32
+                  for p in [*module.parameters(), *module.buffers()])
+    return copy.deepcopy(module).float() if reduced else module
 
 
 def _lookup(modules: Mapping[str, nn.Module], path: str) -> nn.Module:

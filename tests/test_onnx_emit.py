@@ -29,6 +29,7 @@ def test_onnx_matches_pytorch_and_plan(model: str, tiles: bool, tmp_path, capsys
     check_emitted(model, ["--onnx-tiles"] if tiles else [], tmp_path / "out", capsys)
 
 
+@pytest.mark.slow
 def test_ort_form_with_tiles(tmp_path, capsys) -> None:
     """OLMoE's blocks become com.microsoft.MoE nodes; tiles of other matrices are lowered."""
     proto = check_emitted("olmoe-tiny", ["--onnx-moe", "ort", "--onnx-tiles"], tmp_path / "out", capsys)

@@ -383,6 +383,7 @@ class PlanSummary:
     layers: tuple[LayerSummary, ...]
     allocation: AllocationSummary | None = None
     cost: CostSummary | None = None
+    dtype: str = "float32"
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PlanSummary:
@@ -410,4 +411,5 @@ class PlanSummary:
                    moe_layers=s["moe_layers"],
                    layers=tuple(LayerSummary(**{k: row[k] for k in LayerSummary.__dataclass_fields__})
                                 for row in s["layers"]),
-                   allocation=allocation, cost=cost)
+                   allocation=allocation, cost=cost,
+                   dtype=str(data.get("options", {}).get("dtype", "float32")))

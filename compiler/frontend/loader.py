@@ -41,6 +41,8 @@ class LoadedModel:
     checkpoint: Path | None = None
     example_input: torch.Tensor | None = None
     trust_remote_code: bool = False
+    #: the dtype weights are loaded, calibrated and simulated in (see :func:`resolve_dtype`)
+    dtype: torch.dtype = torch.float32
 
     @property
     def on_meta(self) -> bool:
@@ -66,7 +68,7 @@ class LoadedModel:
         try:
             module = transformers.AutoModelForCausalLM.from_pretrained(
                 self.checkpoint, local_files_only=True, trust_remote_code=self.trust_remote_code,
-                attn_implementation=ATTENTION, dtype=torch.float32).eval()
+                attn_implementation=ATTENTION, dtype=self.dtype).eval()
         except (RuntimeError, ValueError, OSError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"cannot load the weights of {self.checkpoint}: {first}") from exc
@@ -171,8 +173,34 @@ def _load_factory(spec: str) -> LoadedModel:
                        config=getattr(result, "config", None), example_input=example)
 
 
-def load_model(spec: str, *, trust_remote_code: bool = False) -> LoadedModel:
-    """Resolve ``spec`` (see module docstring); raise :class:`ModelLoadError` on failure."""
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                  "float16": torch.float16}
+
+
+def resolve_dtype(requested: str, config: Any) -> torch.dtype:
+    """``requested`` ("auto", "float32", "bfloat16", "float16") as a torch dtype; "auto" is
+    the checkpoint's own dtype when it is a reduced one (its config's ``dtype``), else
+    float32."""
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise ModelLoadError(f"unknown dtype {requested!r}: use auto, {', '.join(DTYPES)}")
+        return DTYPES[requested]
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(stored).removeprefix("torch.") if stored is not None else "float32"
+    return DTYPES[name] if name in ("bfloat16", "float16") else torch.float32
+
+
+def load_model(spec: str, *, trust_remote_code: bool = False, dtype: str = "auto") -> LoadedModel:
+    """Resolve ``spec`` (see module docstring) and set its dtype (:func:`resolve_dtype`);
+    raise :class:`ModelLoadError` on failure."""
+    loaded = _load_model(spec, trust_remote_code=trust_remote_code)
+    loaded.dtype = resolve_dtype(dtype, loaded.config)
+    if loaded.dtype != torch.float32 and not loaded.on_meta:
+        loaded.module = loaded.module.to(loaded.dtype)
+    return loaded
+
+
+def _load_model(spec: str, *, trust_remote_code: bool = False) -> LoadedModel:
     if spec in TRAINED_MODELS:
         directory = TRAINED_MODELS[spec][0]
         if not (directory / "config.json").is_file():

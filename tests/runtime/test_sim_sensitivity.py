@@ -112,3 +112,20 @@ def test_estimate_is_logged_before_the_measured_runs() -> None:
     compile_model(load_model("demo"), pipeline=f"sensitivity{{tokens={TOKENS},layers=2}}",
                   log=events.append, progress=progress)
     assert "estimated" in events[0] and events[1:] == ["run"] * 8
+
+
+@pytest.mark.parametrize("name", ["mixtral-tiny", "deepseek-v3-tiny"])
+def test_replay_across_families(name: str) -> None:
+    """Renormalised top-k (Mixtral); shared experts and dense first layers (DeepSeek-V3)."""
+    loaded = load_model(name)
+    plan = compile_model(loaded, pipeline="sensitivity{tokens=128,seq_len=64,replicas=2}")
+    layers = len(plan.graph.moe_layers)
+    assert f"{layers} of {layers} layer(s) replayed" in plan.timings[0].notes[0]
+    model = loaded.runnable()
+    windows = batches(load_tokens(loaded, None, "calib", 128), 64, 8)
+    settings = settings_for(plan.target)
+    baseline = _mean_nll(model, windows)
+    for node in plan.graph.experts():
+        expected = full_rerun_increase(model, plan.graph.moe_layers[node.layer], node, settings,
+                                       0, windows, baseline)
+        assert abs(node.get(Sensitivity).loss_increase - expected) < TOLERANCE
