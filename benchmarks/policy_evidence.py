@@ -67,7 +67,7 @@ from hetmap.compiler.registry import load_registries
 from hetmap.runtime import build_simulated_model
 
 #: model name -> the corpus it was trained on (its calibration and evaluation text)
-MODELS = {"demo": "stdlib", "demo-c": "c-headers"}
+MODELS = {"demo": "stdlib", "demo-c": "c-headers", "demo-ds": "package-docs"}
 POLICIES = ["max-norm", "activation-frequency", "activation-weight", "router-norm", "random",
             "expected-impact", "measured"]
 BUDGETS = [0.125, 0.25]

@@ -50,7 +50,7 @@ Result = dict[str, Any]
 
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
+    return lines[-1][:600] if lines else ""
 
 
 def _run(args: list[str], timeout: float) -> tuple[bool, str, str]:

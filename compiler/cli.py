@@ -409,7 +409,8 @@ def eval_cmd(plan_or_model: str, tasks: str | None, include_path: str | None, li
     from hetmap.compiler.api import compile_model, load_plan
     from hetmap.compiler.backends.plan import PLAN_FILE, write_json
 
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes are not the user's to act on
+    for name in ("lm_eval", "huggingface_hub", "datasets"):  # notes and retries: one error line
+        logging.getLogger(name).setLevel(logging.ERROR)
     plan_dir = Path(plan_or_model)
     is_plan = (plan_dir / PLAN_FILE).is_file()
     context = click.get_current_context()
@@ -433,7 +434,7 @@ def eval_cmd(plan_or_model: str, tasks: str | None, include_path: str | None, li
     else:
         plan = compile_model(plan_or_model, target=kw["target"], pipeline=kw["pipeline"],
                              seed=kw["seed"], trust_remote_code=kw["trust_remote_code"],
-                             allow_dense=kw["allow_dense"], progress=progress,
+                             allow_dense=kw["allow_dense"], dtype=kw["dtype"], progress=progress,
                              log=lambda m: err.print(m, markup=False), **pass_overrides(kw))
     result = plan.evaluate(task_set, seeds=seeds, seed=kw["seed"],
                            limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,

@@ -22,6 +22,15 @@ text: ``MixtralForCausalLM`` (softmax over all experts, top-k renormalised) on t
 
     .venv/bin/python examples/train_demo.py --arch mixtral --corpus c-headers \
         --out compiler/assets/demo-c --steps 1500 --batch-size 16 --seed 0
+
+and ``demo-ds``, a fine-grained MoE of the kind of the paper's second model (DeepSeek-MoE:
+many small routed experts, top-6, a shared expert, a dense first layer) as
+``DeepseekV2ForCausalLM``, on the ``package-docs`` corpus (the installed packages' METADATA
+prose), with a Switch-style load-balancing loss computed here (transformers' DeepSeek-V2 has
+none)::
+
+    .venv/bin/python examples/train_demo.py --arch deepseek --corpus package-docs \
+        --out compiler/assets/demo-ds --steps 400 --batch-size 16 --seed 0
 """
 
 from __future__ import annotations
@@ -38,7 +47,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM
+from transformers import (
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+)
 
 from hetmap.compiler.data.corpus import (
     CORPORA,
@@ -49,7 +65,7 @@ from hetmap.compiler.data.corpus import (
 )
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "compiler" / "assets" / "demo"
-ARCHITECTURES = ("olmoe", "mixtral")
+ARCHITECTURES = ("olmoe", "mixtral", "deepseek")
 VOCAB_SIZE = 256
 SEQ_LEN = 256
 EVAL_BYTES = 1 << 20  # the whole eval split (about 1 MB)
@@ -127,8 +143,62 @@ def mixtral_config(aux_loss_coef: float = 0.05, hidden_size: int = 96) -> Mixtra
     )
 
 
+def deepseek_config(aux_loss_coef: float = 0.05) -> DeepseekV2Config:
+    """``demo-ds``'s architecture: DeepSeek-V2 (MLA attention), 4 layers of which the first is
+    dense, 16 routed experts of intermediate 48 with top-6 softmax routing, one shared expert,
+    bytes. ``router_aux_loss_coef`` is read by :class:`RouterBalance` (not by transformers)."""
+    config = DeepseekV2Config(
+        vocab_size=VOCAB_SIZE, hidden_size=96, intermediate_size=256, moe_intermediate_size=48,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=6,
+        first_k_dense_replace=1, topk_method="greedy", norm_topk_prob=False,
+        q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=24, max_position_embeddings=SEQ_LEN * 2, tie_word_embeddings=False,
+        pad_token_id=None, bos_token_id=None, eos_token_id=None,
+        attn_implementation="eager", dtype="float32",
+    )
+    config.router_aux_loss_coef = aux_loss_coef
+    return config
+
+
+class RouterBalance:
+    """Switch-style load balancing for routers that transformers trains without one:
+    ``E * sum_e f_e * P_e`` per MoE layer (``f_e``: the share of top-k slots given to expert
+    e, ``P_e``: its mean router probability), averaged over layers."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.handles = [layer.mlp.gate.register_forward_hook(self._hook)
+                        for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+
+    def _hook(self, _module: torch.nn.Module, _args: object, output: tuple) -> None:
+        logits, _weights, indices = output
+        self.captured.append((logits, indices))
+
+    def loss(self) -> torch.Tensor:
+        terms = []
+        for logits, indices in self.captured:
+            experts = logits.shape[-1]
+            probs = logits.float().softmax(dim=-1).mean(dim=0)
+            share = torch.bincount(indices.reshape(-1), minlength=experts).float()
+            share = share / indices.numel()
+            terms.append(experts * (share * probs).sum())
+        self.captured.clear()
+        return torch.stack(terms).mean()
+
+
+def num_routed_experts(config: object) -> int:
+    for name in ("num_experts", "num_local_experts", "n_routed_experts"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError("config names no routed expert count")
+
+
 def build_model(arch: str, aux_loss_coef: float) -> torch.nn.Module:
     """A fresh model of the named architecture."""
+    if arch == "deepseek":
+        return DeepseekV2ForCausalLM(deepseek_config(aux_loss_coef))
     if arch == "mixtral":
         return MixtralForCausalLM(mixtral_config(aux_loss_coef))
     return OlmoeForCausalLM(demo_config(aux_loss_coef))
@@ -162,7 +232,9 @@ def model_perplexity(model: OlmoeForCausalLM, windows: torch.Tensor, batch: int 
 def routing_counts(model: OlmoeForCausalLM, windows: torch.Tensor) -> torch.Tensor:
     """[layers, experts, vocab] counts of tokens routed to each expert, by input byte."""
     config = model.config
-    counts = torch.zeros(config.num_hidden_layers, config.num_experts, config.vocab_size)
+    moe_layers = [layer for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    experts = num_routed_experts(config)
+    counts = torch.zeros(len(moe_layers), experts, config.vocab_size)
     current = {"tokens": torch.empty(0, dtype=torch.long)}
 
     def counter(layer: int):  # the experts' pre-hook sees (hidden, top_k_index, top_k_weights)
@@ -171,14 +243,14 @@ def routing_counts(model: OlmoeForCausalLM, windows: torch.Tensor) -> torch.Tens
             tokens = current["tokens"].unsqueeze(1).expand_as(top_k_index)
             flat = top_k_index.reshape(-1) * config.vocab_size + tokens.reshape(-1)
             counts[layer] += torch.bincount(
-                flat, minlength=config.num_experts * config.vocab_size
-            ).reshape(config.num_experts, config.vocab_size).float()
+                flat, minlength=experts * config.vocab_size
+            ).reshape(experts, config.vocab_size).float()
 
         return hook
 
     handles = [
         layer.mlp.experts.register_forward_pre_hook(counter(index))
-        for index, layer in enumerate(model.model.layers)
+        for index, layer in enumerate(moe_layers)
     ]
     try:
         model.eval()
@@ -247,6 +319,7 @@ def train(model: OlmoeForCausalLM, train_tokens: torch.Tensor, settings: TrainSe
     )
     offsets_max = train_tokens.numel() - SEQ_LEN
     started = time.perf_counter()
+    balance = RouterBalance(model) if model.config.model_type == "deepseek_v2" else None
     model.train()
     for step in range(settings.steps):
         for group in optimizer.param_groups:
@@ -254,6 +327,10 @@ def train(model: OlmoeForCausalLM, train_tokens: torch.Tensor, settings: TrainSe
         offsets = torch.randint(0, offsets_max, (settings.batch_size,), generator=generator)
         batch = torch.stack([train_tokens[o : o + SEQ_LEN] for o in offsets.tolist()])
         output = model(input_ids=batch, labels=batch)
+        if balance is not None:  # transformers computes no balancing loss for this family
+            aux = balance.loss()
+            output.aux_loss = aux
+            output.loss = output.loss + model.config.router_aux_loss_coef * aux
         output.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -269,6 +346,9 @@ def train(model: OlmoeForCausalLM, train_tokens: torch.Tensor, settings: TrainSe
                 f"{elapsed:6.0f}s elapsed, ~{remaining:.0f}s left",
                 flush=True,
             )
+    if balance is not None:
+        for handle in balance.handles:
+            handle.remove()
     model.eval()
 
 
@@ -298,9 +378,10 @@ def main(argv: list[str] | None = None) -> None:
         "--aux-loss-coef", type=float, default=0.05, help="router load-balancing loss weight"
     )
     parser.add_argument("--arch", choices=ARCHITECTURES, default="olmoe",
-                        help="model architecture (olmoe: demo; mixtral: demo-c)")
+                        help="model architecture (olmoe: demo; mixtral: demo-c; deepseek: demo-ds)")
     parser.add_argument("--corpus", choices=CORPORA, default="stdlib",
-                        help="training text (stdlib: Python sources; c-headers: CPython C headers)")
+                        help="training text (stdlib: Python sources; c-headers: CPython C "
+                        "headers; package-docs: installed packages' METADATA prose)")
     parser.add_argument("--batch-size", type=int, default=32, help="windows per step")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     args = parser.parse_args(argv)
@@ -353,7 +434,20 @@ def write_training_notes(
     """Write TRAINING.md next to the weights."""
     size = (args.out / "model.safetensors").stat().st_size
     command = "python examples/train_demo.py " + " ".join(sys.argv[1:])
-    if args.arch == "mixtral":
+    experts = num_routed_experts(config)
+    moe_note = ""
+    if args.arch == "deepseek":
+        title = "# hetmap demo-ds model: training record"
+        intro = (
+            "Byte-level `DeepseekV2ForCausalLM` (transformers; MLA attention, softmax top-6 "
+            "routing over 16 fine-grained routed experts, one shared expert, the first layer "
+            "dense), trained by `examples/train_demo.py` on the `train` split of the "
+            f"`{args.corpus}` corpus (installed packages' METADATA prose; "
+            "`hetmap.compiler.data.corpus`), with a Switch-style balancing loss.")
+        name = "demo-ds DeepSeek-V2"
+        moe_note = (f", first {config.first_k_dense_replace} layer(s) dense (intermediate "
+                    f"{config.intermediate_size}), {config.n_shared_experts} shared expert(s)")
+    elif args.arch == "mixtral":
         title = "# hetmap demo-c model: training record"
         intro = (
             "Byte-level `MixtralForCausalLM` (transformers; softmax router, top-k weights "
@@ -385,8 +479,9 @@ def write_training_notes(
         f"(peak lr {settings.peak_lr}, warm-up {settings.warmup_steps}, cosine to 10%, weight "
         f"decay {settings.weight_decay}), seed {settings.seed}",
         f"- Architecture: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-        f"{config.num_attention_heads} heads, {config.num_experts} routed experts per layer "
-        f"(intermediate {config.intermediate_size}), top-{config.num_experts_per_tok}, "
+        f"{config.num_attention_heads} heads, {experts} routed experts per MoE layer "
+        f"(intermediate {getattr(config, 'moe_intermediate_size', config.intermediate_size)})"
+        f"{moe_note}, top-{config.num_experts_per_tok}, "
         f"vocabulary {config.vocab_size} (token = byte), router aux loss coef "
         f"{config.router_aux_loss_coef}",
         f"- Parameters: {parameters}; `model.safetensors` {size / 1e6:.2f} MB (fp32)",
@@ -400,7 +495,8 @@ def write_training_notes(
         "",
         "## Routing frequency on the calib split",
         "",
-        "Fraction of calib tokens each expert computes on (each row sums to top-k = 2).",
+        "Fraction of calib tokens each expert computes on, per MoE layer (each row sums to "
+        f"top-k = {config.num_experts_per_tok}).",
         "",
         *report,
         "",

@@ -16,9 +16,9 @@ counter-based generator instead, so that they are drawn inside the ADC's pass:
    a GPU) that reads and writes every output once, with no temporaries. Run uncompiled it is
    the reference the compiled kernel is tested against (equal up to float contraction).
 4. :func:`dac_levels` is the DAC step (scale, round, clip) as one function for the compiler.
-5. ``kernels="eager"`` (the default) draws ``torch.randn``'s samples (``normal_`` into a
-   buffer kept between calls) from a ``torch.Generator`` seeded with the same seed, then adds
-   and rounds in place: no compilation, the draws hetmap has always made.
+5. ``kernels="eager"`` (the default) draws with ``torch.randn`` from a ``torch.Generator``
+   seeded with the same seed, then adds and rounds in place: no compilation, the draws
+   hetmap has always made.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ _COMPILED: dict[str, Any] = {}
 
 
 def compiled(function: Any) -> Any:
-    """``torch.compile(function, dynamic=True)``, compiled once per process."""
+    """``torch.compile(function, dynamic=True)``: one wrapper per function, made on first use
+    (torch compiles on the wrapper's first call and keeps the kernels with it)."""
     name = function.__name__
     if name not in _COMPILED:
         _COMPILED[name] = torch.compile(function, dynamic=True)
@@ -113,18 +114,15 @@ class OutputNoise:
         self.calls = 0
         self._table = normal_table(device) if compiled else None
         self._generator: torch.Generator | None = None
-        self._buffer = torch.empty(0, device=device)
         if not compiled:
             self._generator = torch.Generator(device=device)
             self._generator.manual_seed(seed)
 
     def add_round_(self, outputs: torch.Tensor, scale: float, rounds: bool) -> torch.Tensor:
         """``outputs <- round(outputs + scale * sample)`` (no rounding without ``rounds``)."""
-        if self._table is None:  # rule 5, into a buffer kept between calls
-            if self._buffer.numel() < outputs.numel() or self._buffer.dtype != outputs.dtype:
-                self._buffer = outputs.new_empty(max(outputs.numel(), 2 * self._buffer.numel()))
-            noise = self._buffer[: outputs.numel()].view(outputs.shape)
-            noise.normal_(generator=self._generator)
+        if self._table is None:  # rule 5
+            noise = torch.randn(outputs.shape, generator=self._generator,
+                                device=outputs.device, dtype=outputs.dtype)
             outputs.add_(noise, alpha=scale)
             return outputs.round_() if rounds else outputs
         first, second = call_keys(self.seed, self.calls)

@@ -11,23 +11,20 @@ from collections.abc import Iterator
 import pytest
 import torch
 from conftest import FIXTURES
+from lm_eval.api.instance import Instance
 from torch import nn
 
-pytest.importorskip("lm_eval")
-
-from lm_eval.api.instance import Instance  # noqa: E402
-
-from hetmap.common.errors import MissingDataError, SimulationError  # noqa: E402
-from hetmap.compiler.api import Plan, compile_model  # noqa: E402
-from hetmap.compiler.cli import main  # noqa: E402
-from hetmap.compiler.evaluation.lmeval import (  # noqa: E402
+from hetmap.common.errors import MissingDataError, SimulationError
+from hetmap.compiler.api import Plan, compile_model
+from hetmap.compiler.cli import main
+from hetmap.compiler.evaluation.lmeval import (
     HetmapLM,
     TaskSet,
     evaluate_plan,
     load_tasks,
     run_tasks,
 )
-from hetmap.compiler.frontend import LoadedModel  # noqa: E402
+from hetmap.compiler.frontend import LoadedModel
 
 TASKS = FIXTURES / "lmeval"
 TASK = "python_continuation"
@@ -85,6 +82,63 @@ def test_digital_accuracy_equals_direct_computation(plan: Plan, tasks: TaskSet) 
     got = [value for value, _ in lm.loglikelihood(requests)]
     torch.testing.assert_close(torch.tensor(got), torch.tensor([v for s in direct[:6] for v in s]),
                                rtol=1e-5, atol=1e-4)
+
+
+def test_a_group_reports_lm_evals_aggregate(plan: Plan, tasks: TaskSet) -> None:
+    lm = HetmapLM.for_model(plan.model, plan.model.runnable())
+    group = load_tasks(["hetmap_tests"], TASKS)  # tests/fixtures/lmeval/hetmap_tests.yaml
+    assert group.members == {"hetmap_tests": (TASK,)}
+    metrics, samples = run_tasks(lm, group, limit=10, num_fewshot=None)
+    alone, _ = run_tasks(lm, tasks, limit=10, num_fewshot=None)
+    assert metrics["hetmap_tests"]["acc"] == alone[TASK]["acc"] and samples == {"hetmap_tests": 10}
+    with pytest.raises(SimulationError, match=f"task '{TASK}' is named twice"):
+        load_tasks(["hetmap_tests", TASK], TASKS)
+
+
+def test_rolling_loglikelihood_and_greedy_generation(plan: Plan) -> None:
+    model = plan.model.runnable()
+    lm = HetmapLM.for_model(plan.model, model)
+    text = "for name in sorted(names):\n    print(name)\n"
+    ids = [ord("\n")] + list(text.encode())  # the newline byte is the prefix token (rule 1)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits, dim=-1)[0]
+    expected = float(log_probs.gather(1, torch.tensor(ids[1:])[:, None]).sum())
+    (got,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    assert got == pytest.approx(expected, rel=1e-5)
+    context = "def close(self):\n    self."
+    (answer,) = lm.generate_until([Instance("generate_until", {}, (context, {"until": ["\n"], "max_gen_toks": 12}), 0)])
+    with torch.no_grad():
+        first = int(model(torch.tensor([list(context.encode())])).logits[0, -1].argmax())
+    assert answer and len(answer) <= 12 and "\n" not in answer and answer.encode()[0] == first
+
+
+def test_a_hugging_face_tokenizer_is_used_when_the_model_has_one() -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hetmap.compiler.frontend import load_model
+
+    text = ["def scale(x):\n    return x * 2\n", "import os\nprint(os.getcwd())\n"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(text * 10, trainers.BpeTrainer(vocab_size=120,
+                                                           special_tokens=["<eos>", "<unk>"]))
+    loaded = load_model("olmoe-tiny")
+    loaded.tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+    lm = HetmapLM.for_model(loaded, loaded.runnable(), batch_size=3)
+    pairs = [("def scale(x):", " return x * 2"), ("import os", " print(os.getcwd())"), ("", "import os")]
+    expected = []
+    for context, ending in pairs:
+        whole = loaded.tokenizer.encode(context + ending, add_special_tokens=False)
+        start = len(loaded.tokenizer.encode(context, add_special_tokens=False)) if context else 0
+        ids = ([] if context else [loaded.tokenizer.eos_token_id]) + whole
+        start += 0 if context else 1
+        assert ids[start:] and max(ids) < 256 and lm.tok_encode(context + ending) == whole
+        with torch.no_grad():
+            log_probs = torch.log_softmax(lm.model(torch.tensor([ids[:-1]])).logits, dim=-1)[0]
+        expected.append(float(log_probs[start - 1:].gather(1, torch.tensor(ids[start:])[:, None]).sum()))
+    got = [value for value, _ in lm.loglikelihood([Instance("loglikelihood", {}, p, 0) for p in pairs])]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-4)
 
 
 def test_ideal_mapped_equals_digital_and_noise_varies_over_seeds(plan: Plan, tasks: TaskSet) -> None:
@@ -147,5 +201,5 @@ def test_unknown_and_undownloadable_tasks_are_one_line(tmp_path, capsys) -> None
     (tmp_path / "remote.yaml").write_text(
         "task: remote_items\ndataset_path: hetmap-tests/not-local\noutput_type: multiple_choice\n"
         "test_split: test\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{c}}'\ndoc_to_target: 0\n")
-    with pytest.raises(SimulationError, match="task 'remote_items' needs its data set downloaded"):
+    with pytest.raises(SimulationError, match="task 'remote_items' cannot load its data set .*needs network"):
         load_tasks(["remote_items"], tmp_path)

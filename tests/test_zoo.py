@@ -9,8 +9,9 @@ shapes; every weight-multiplying node tagged). A family hetmap cannot map is lis
 
 The ONNX export takes 20-30 s per family on 2 cores (several minutes for some hybrids), too
 long for CI over all ~55 families: CI exports a few families of distinct layouts
-(``ONNX_IN_CI``); ``benchmarks/zoo_status.py`` exports them all and writes the status table
-the README shows.
+(``ONNX_IN_CI``); ``benchmarks/zoo_status.py`` exports them all and writes the status the
+README's family table is generated from (checked here against the JSON, and the JSON's compile
+failures against ``UNSUPPORTED``).
 """
 
 from __future__ import annotations

@@ -23,6 +23,13 @@ CPython C headers (``*.h`` files, recursively, under ``sysconfig.get_paths()["in
 which ship with every Python that can build extensions. Same hash rule (2) on the path
 relative to the include directory; its split list is ``compiler/assets/corpus_split_c.json``.
 Select it with ``corpus="c-headers"`` (every function defaults to ``"stdlib"``).
+
+A third corpus, ``package-docs``, trains ``demo-ds`` on prose: the ``METADATA`` files of the
+installed packages (``<name>-<version>.dist-info/METADATA`` directly under
+``sysconfig.get_paths()["purelib"]``: each package's description, mostly English Markdown or
+reStructuredText, and its header fields), hetmap's own excluded. Same hash rule (2) on the
+path relative to that directory; its split list is ``compiler/assets/corpus_split_docs.json``,
+so the pinned environment of ``make venv`` reads the same files everywhere.
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ SPLITS: tuple[str, ...] = ("train", "calib", "eval")
 SPLIT_PATH = Path(__file__).resolve().parent.parent / "assets" / "corpus_split.json"
 
 SPLIT_PATH_C = Path(__file__).resolve().parent.parent / "assets" / "corpus_split_c.json"
-CORPORA: tuple[str, ...] = ("stdlib", "c-headers")
+SPLIT_PATH_DOCS = Path(__file__).resolve().parent.parent / "assets" / "corpus_split_docs.json"
+CORPORA: tuple[str, ...] = ("stdlib", "c-headers", "package-docs")
 
 _EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"})
 _SPLIT_BOUNDS = (("train", 80), ("calib", 90), ("eval", 100))
@@ -58,6 +66,11 @@ def include_root() -> Path:
     return Path(sysconfig.get_paths()["include"])
 
 
+def packages_root() -> Path:
+    """The running interpreter's site-packages (the ``package-docs`` corpus)."""
+    return Path(sysconfig.get_paths()["purelib"])
+
+
 def _check_corpus(corpus: str) -> None:
     if corpus not in CORPORA:
         raise HetmapError(f"unknown corpus '{corpus}': use one of {', '.join(CORPORA)}")
@@ -66,13 +79,14 @@ def _check_corpus(corpus: str) -> None:
 def corpus_root(corpus: str = "stdlib") -> Path:
     """The directory a corpus's listed paths are relative to."""
     _check_corpus(corpus)
-    return stdlib_root() if corpus == "stdlib" else include_root()
+    return {"stdlib": stdlib_root, "c-headers": include_root,
+            "package-docs": packages_root}[corpus]()
 
 
 def split_path(corpus: str = "stdlib") -> Path:
     """The committed split list of a corpus."""
     _check_corpus(corpus)
-    return SPLIT_PATH if corpus == "stdlib" else SPLIT_PATH_C
+    return {"stdlib": SPLIT_PATH, "c-headers": SPLIT_PATH_C, "package-docs": SPLIT_PATH_DOCS}[corpus]
 
 
 def split_of(relative_path: str) -> str:
@@ -105,6 +119,27 @@ def scan_headers(root: Path | None = None) -> dict[str, list[str]]:
             relative = path.relative_to(root).as_posix()
             parts[split_of(relative)].append(relative)
     return {name: sorted(files) for name, files in parts.items()}
+
+
+def scan_package_docs(root: Path | None = None) -> dict[str, list[str]]:
+    """Assign every ``*.dist-info/METADATA`` under ``root`` (default: site-packages), hetmap's
+    own excepted, to a split."""
+    root = packages_root() if root is None else root
+    parts: dict[str, list[str]] = {name: [] for name in SPLITS}
+    for path in root.glob("*.dist-info/METADATA"):
+        if path.is_file() and not path.parent.name.startswith("hetmap-"):
+            relative = path.relative_to(root).as_posix()
+            parts[split_of(relative)].append(relative)
+    return {name: sorted(files) for name, files in parts.items()}
+
+
+def write_split_docs(path: Path = SPLIT_PATH_DOCS, root: Path | None = None
+                     ) -> dict[str, list[str]]:
+    """Scan site-packages and write the ``package-docs`` split list (the committed asset)."""
+    return _write_split_document(
+        path, scan_package_docs(root), "hetmap package-docs corpus split: installed packages' "
+        "dist-info/METADATA files, relative to sysconfig purelib; see "
+        "hetmap.compiler.data.corpus for the rules")
 
 
 def _write_split_document(path: Path, parts: dict[str, list[str]], description: str
@@ -140,7 +175,8 @@ def listed_files(split: str, corpus: str = "stdlib") -> list[str]:
     _check_split(split)
     path = split_path(corpus)
     if not path.is_file():
-        writer = "write_split" if corpus == "stdlib" else "write_split_c"
+        writer = {"stdlib": "write_split", "c-headers": "write_split_c",
+                  "package-docs": "write_split_docs"}[corpus]
         raise MissingDataError(
             f"corpus split list {path} is missing: regenerate it with "
             f"hetmap.compiler.data.corpus.{writer}()"

@@ -98,16 +98,16 @@ class HetmapLM(TemplateLM):
             return str(self.tokenizer.decode(list(tokens)))
         return bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
 
-    def _log_probs(self, sequences: list[list[int]]) -> torch.Tensor:
-        """Next-token log-probabilities [batch, longest, vocab] of right-padded sequences."""
+    def _logits(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Next-token logits [batch, longest, vocab] of right-padded sequences (on the device;
+        a causal model's logits at a position do not depend on the padding after it)."""
         longest = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), longest), self.eot_token_id, dtype=torch.long)
         for row, sequence in enumerate(sequences):
             ids[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
         with torch.no_grad():
             output = self.model(ids.to(self._device))
-        logits = output.logits if hasattr(output, "logits") else output
-        return torch.log_softmax(logits.float(), dim=-1).cpu()
+        return output.logits if hasattr(output, "logits") else output
 
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
                               disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
@@ -118,12 +118,12 @@ class HetmapLM(TemplateLM):
         for start in range(0, len(order), self.batch_size):
             chosen = order[start:start + self.batch_size]
             inputs = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in chosen]
-            log_probs = self._log_probs(inputs)
+            logits = self._logits(inputs)
             for row, index in enumerate(chosen):
                 key, _, continuation = requests[index]
                 scored = continuation[-len(inputs[row]):]
                 end = len(inputs[row])
-                rows = log_probs[row, end - len(scored):end]
+                rows = torch.log_softmax(logits[row, end - len(scored):end].float(), dim=-1).cpu()
                 target = torch.tensor(scored, dtype=torch.long)
                 value = float(rows.gather(1, target[:, None]).sum())
                 answers[index] = (value, bool((rows.argmax(dim=-1) == target).all()))
@@ -154,7 +154,7 @@ class HetmapLM(TemplateLM):
             produced: list[int] = []
             text = ""
             for _ in range(int(options.get("max_gen_toks", 256))):
-                token = int(self._log_probs([(tokens + produced)[-self.max_length:]])[0, -1].argmax())
+                token = int(self._logits([(tokens + produced)[-self.max_length:]])[0, -1].argmax())
                 if token == self.eot_token_id:
                     break
                 produced.append(token)
@@ -175,6 +175,8 @@ class TaskSet:
 
     objects: tuple[Any, ...]
     names: tuple[str, ...]
+    #: reported name -> the names of the tasks it runs (a group's leaves, or itself)
+    members: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def load_tasks(names: Sequence[str], include_path: str | Path | None = None) -> TaskSet:
@@ -189,7 +191,7 @@ def load_tasks(names: Sequence[str], include_path: str | Path | None = None) -> 
     if manager is None or any(name not in manager.all_tasks for name in names):
         manager = TaskManager(include_path=str(include_path) if include_path else None)
     loaded: list[Any] = []
-    reported: list[str] = []
+    members: dict[str, tuple[str, ...]] = {}
     for name in names:
         if name not in manager.all_tasks:
             where = f" nor a task YAML under {include_path}" if include_path else \
@@ -198,17 +200,22 @@ def load_tasks(names: Sequence[str], include_path: str | Path | None = None) -> 
         try:
             result = manager.load([name])
         except (ConnectionError, OSError) as exc:
+            cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise SimulationError(
-                f"task {name!r} needs its data set downloaded, which failed here "
-                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); use a task "
-                "whose data are local (--include-path DIR)") from exc
+                f"task {name!r} cannot load its data set ({cause}); a task whose data must be "
+                "downloaded needs network access: use local data (--include-path DIR)") from exc
+        twice = next((task for task in result["tasks"] for other, leaves in members.items()
+                      if task in leaves), None)
+        if twice is not None:
+            raise SimulationError(f"task {twice!r} is named twice by --tasks (in {name!r} and "
+                                  "another name): lm-eval runs each task once; drop one")
         if name in result["groups"] or name in result["tasks"]:
             loaded.append(result["groups"].get(name) or result["tasks"][name])
-            reported.append(name)
+            members[name] = tuple(result["tasks"])
         else:  # a tag: its tasks
             loaded.extend(result["tasks"].values())
-            reported.extend(result["tasks"])
-    return TaskSet(tuple(loaded), tuple(dict.fromkeys(reported)))
+            members.update({task: (task,) for task in result["tasks"]})
+    return TaskSet(tuple(loaded), tuple(members), members)
 
 
 def run_tasks(lm: HetmapLM, tasks: TaskSet, *, limit: int | None,
@@ -219,13 +226,14 @@ def run_tasks(lm: HetmapLM, tasks: TaskSet, *, limit: int | None,
                               log_samples=False, bootstrap_iters=0,
                               task_manager=TaskManager(include_defaults=False))
     assert results is not None  # single process: rank 0
-    metrics = {name: {key.split(",")[0]: float(value)
+    metrics = {name: {key.removesuffix(",none"): float(value)
                       for key, value in results["results"][name].items()
-                      if key.endswith(",none") and "_stderr" not in key
-                      and isinstance(value, (int, float))}
+                      if "," in key and "_stderr" not in key and isinstance(value, (int, float))}
                for name in tasks.names}
-    samples = {name: int(count.get("effective", 0))
-               for name, count in results.get("n-samples", {}).items()}
+    counts = results.get("n-samples", {})
+    samples = {name: sum(int(counts.get(task, {}).get("effective", 0))
+                         for task in tasks.members.get(name, (name,)))
+               for name in tasks.names}
     return metrics, samples
 
 

@@ -22,6 +22,8 @@ DEMO_DIR = ASSETS / "demo"
 TRAINED_MODELS = {
     "demo": (DEMO_DIR, "OLMoE architecture, byte-level, trained on Python stdlib sources"),
     "demo-c": (ASSETS / "demo-c", "Mixtral architecture, byte-level, trained on C header files"),
+    "demo-ds": (ASSETS / "demo-ds", "DeepSeek-V2 fine-grained MoE (16 experts top-6, shared "
+                "expert, dense first layer), byte-level, trained on package docs"),
 }
 
 _TINY_COMMON: dict[str, Any] = dict(vocab_size=256, hidden_size=64, num_attention_heads=4,

@@ -2,7 +2,7 @@
 
 MODEL is one of (rules, in order):
 
-1. a trained model that ships with hetmap (``demo``, ``demo-c``);
+1. a trained model that ships with hetmap (``demo``, ``demo-c``, ``demo-ds``);
 2. a built-in config name (see ``hetmap models``): tiny ones get random weights from a fixed
    seed, full-size ones are built on the meta device (structure only, no weight memory);
 3. a local Hugging Face checkpoint directory (``config.json`` + safetensors), local files only;

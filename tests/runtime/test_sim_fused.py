@@ -3,6 +3,7 @@ programming a few tiles at a time, and the in-place PCM programming noise."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -115,3 +116,21 @@ def test_in_place_pcm_noise_matches_aihwkit_statistics() -> None:
         assert mine.std().item() == pytest.approx(reference.std().item(), rel=0.05)
         standard_error = math.sqrt(2.0 / mine.numel()) * reference.std().item()
         assert abs(mine.mean().item() - reference.mean().item()) < 4 * standard_error
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_periphery_on_cuda_equals_eager(dtype: torch.dtype) -> None:
+    """On a GPU, kernels=compiled (Triton) against eager, output noise off: the same
+    arithmetic, so equal up to float rounding of the dtype."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    weights = torch.randn(4, 256, 512, device=device, dtype=dtype)
+    inputs = torch.randn(300, 512, device=device, dtype=dtype)
+    groups = RowGroups.from_sorted(torch.randint(0, 4, (300,), device=device).sort().values, 4)
+    base = AnalogSettings(rows=256, cols=128, noise_scale=1.0)
+    eager = AnalogTileStack(weights, base, 1)(inputs, groups)
+    compiled = AnalogTileStack(weights, dataclasses.replace(base, kernels="compiled"), 1)
+    outputs = compiled(inputs, groups)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ((outputs.float() - eager.float()).norm() / eager.float().norm()).item() < tolerance
