@@ -2,16 +2,17 @@
 
 Builds one randomly initialised OLMoE layer at OLMoE-1B-7B's widths (hidden 2048, 64 experts
 of intermediate 1024, top-8; 16 heads; a 1,024-token vocabulary so the LM head stays small),
-exports it in the ``static``, ``dispatch`` and ``ort`` forms (weights in external data),
-and times onnxruntime (CPU execution provider, ``--threads`` intra-op threads) on a
-single-token input (decode-like) and on a ``--sequence``-token prefill, the forms taking turns
-so load swings hit all of them. Also records each file's size, its largest difference from
+exports it in the ``static``, ``dispatch`` and ``ort`` forms (weights in external data;
+each export's peak resident memory above the memory held before it, Linux only), and times
+onnxruntime (CPU execution provider, ``--threads`` intra-op threads) on a single-token input
+(decode-like) and on a ``--sequence``-token prefill, the forms taking turns so load swings
+hit all of them. Also records each file's size, its largest difference from
 PyTorch on the export's example input, and its FLOPs per token from
 :func:`hetmap.compiler.backends.onnx_flops.count_cost`. Writes
 ``benchmarks/results/onnx_forms.json``.
 
 Usage: ``python benchmarks/onnx_forms.py [--threads 1] [--sequence 128] [--repeats 5]``
-(about 5 minutes on 2 shared CPU cores; 7 GB of disk in a temporary folder).
+(about 6 minutes on 2 shared CPU cores; 5 GB of disk in a temporary folder).
 """
 
 from __future__ import annotations
@@ -53,6 +54,23 @@ def expert_tags(model: OlmoeForCausalLM) -> dict[str, dict[str, str]]:
             for e in range(model.config.num_experts) for role in ("gate", "up", "down")}
 
 
+def rss_bytes(field: str) -> int | None:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process from /proc (Linux), else None."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    line = next((x for x in status.read_text().splitlines() if x.startswith(field + ":")), None)
+    return None if line is None else int(line.split()[1]) * 1024
+
+
+def reset_peak_rss() -> None:
+    """Start a new ``VmHWM`` measurement (Linux: writing 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
 
@@ -81,7 +99,8 @@ def main() -> None:
     example = torch.randint(0, 1024, (2, 8), generator=torch.Generator().manual_seed(1))
     result: dict[str, object] = {
         "model": {"kind": "OlmoeForCausalLM, 1 layer, random weights", **WIDTHS,
-                  "parameters": sum(p.numel() for p in model.parameters())},
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())},
         "threads": args.threads, "sequence": args.sequence, "repeats": args.repeats,
         "onnxruntime": ort.__version__, "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "forms": {},
@@ -91,23 +110,30 @@ def main() -> None:
     options.intra_op_num_threads = args.threads
     options.inter_op_num_threads = 1
     with tempfile.TemporaryDirectory(prefix="onnx_forms.") as scratch:
-        sessions = {}
+        paths = {}
         for form in MOE_FORMS:
-            path = Path(scratch) / form / "model.onnx"
+            path = paths[form] = Path(scratch) / form / "model.onnx"
             path.parent.mkdir()
+            resident = rss_bytes("VmRSS")
+            reset_peak_rss()
             start = time.perf_counter()
             report = export_onnx(model, path, matrix_tags=expert_tags(model), model_props={},
                                  example_input=example, moe_form=form, external_data=True)
+            seconds = round(time.perf_counter() - start, 1)
+            peak = rss_bytes("VmHWM")
             cost = count_cost(path, {"batch": 1, "sequence": args.sequence})
-            forms[form] = {"export_seconds": round(time.perf_counter() - start, 1),
+            forms[form] = {"export_seconds": seconds,
+                           "export_peak_rss_above_model_bytes":
+                               None if peak is None or resident is None else peak - resident,
                            "file_bytes": file_bytes(path),
                            "max_difference_vs_pytorch": report.max_difference,
                            "fallbacks": dict(report.fallbacks),
                            "flops_per_token": cost.flops_per_token,
                            "expert_flops_per_token": cost.expert_flops / cost.tokens}
-            sessions[form] = ort.InferenceSession(str(path), options,
-                                                  providers=["CPUExecutionProvider"])
             print(f"exported {form}: {forms[form]}", flush=True)
+        sessions = {form: ort.InferenceSession(str(path), options,
+                                               providers=["CPUExecutionProvider"])
+                    for form, path in paths.items()}
         rng = np.random.default_rng(0)
         for name, shape in (("decode_1_token", (1, 1)), ("prefill", (1, args.sequence))):
             input_ids = rng.integers(0, 1024, shape).astype(np.int64)

@@ -290,7 +290,8 @@ def _try_ort_block(swap: _Swapper, store_path: str, layout: ExpertLayout,
         if _reproduces(candidate, call):
             swap.put(block_path, candidate)
             return None
-    return "its routing is not softmax top-k (renormalised or not) over the router's logits"
+    return ("its output is not softmax top-k routed SwiGLU experts alone (other routing or "
+            "activation, or shared experts or other terms added in the block)")
 
 
 def call_top_k(call: _RecordedCall | None) -> int | None:
