@@ -265,7 +265,7 @@ INTERRUPTS = [
     ("export", ["compile", "demo", "--emit", "onnx", "-o", "out"], 16.0),
     ("simulate", ["simulate", "demo", "--eval-tokens", "4096", "--seeds", "3", "-o", "out"], 12.0),
     ("sweep", ["sweep", "olmoe-tiny", "--policies", "random,max-norm", "--budgets", "0.25",
-               "--noise-scales", "1.5", "--seeds", "2", "--eval-tokens", "1024", "-o", "out"], 8.0),
+               "--noise-scales", "1.5", "--seeds", "3", "--eval-tokens", "4096", "-o", "out"], 8.0),
 ]
 
 
@@ -277,7 +277,8 @@ def test_interrupt_at_any_stage_leaves_nothing(stage: str, argv: list[str], dela
     code, err = _run_and_signal(argv, delay, signum, tmp_path)
     leftovers = sorted(os.listdir(tmp_path))
     if code == 0:  # finished before the signal (a fast machine): the output is whole
-        assert (tmp_path / "out" / "plan.json").is_file()
+        written = {p.name for p in (tmp_path / "out").iterdir()}
+        assert {"plan.json"} <= written or {"sweep.csv", "sweep.json"} <= written, written
         return
     assert code == (130 if signum == signal.SIGINT else 143), err
     assert [line for line in err.splitlines() if line.strip()][-1] == "error: interrupted"

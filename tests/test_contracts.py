@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import pytest
 
-from hetmap.common.errors import MissingDataError, PassError, PipelineError
+from hetmap.common.errors import HetmapError, MissingDataError, PassError, PipelineError
 from hetmap.compiler.api import compile_model
 from hetmap.compiler.ir.annotations import Placement
 from hetmap.compiler.ir.hwannotations import AllocationSummary, CostSummary, Tiling
@@ -128,10 +128,23 @@ def test_checkpoint_that_does_not_match_its_config_is_refused(tmp_path: Path) ->
     key = next(k for k in tensors if "experts" in k and "down" in k)
     tensors[key] = torch.zeros(tensors[key].shape[0] + 3, *tensors[key].shape[1:])
     save_file(tensors, path, metadata={"format": "pt"})
-    with pytest.raises(MissingDataError) as caught:
+    with pytest.raises(HetmapError) as caught:  # refused as the checkpoint opens
         compile_model(str(tmp_path), pipeline="expert-score,place{policy=max-norm}")
-    assert "does not match its config.json" in str(caught.value)
-    assert "down" in str(caught.value)
+    assert "does not match its config" in str(caught.value)
+    assert "down_proj" in str(caught.value) and "model.safetensors" in str(caught.value)
+    # a live module whose weights disagree with the IR is refused by expert-score itself
+    from hetmap.compiler.ir.graph import Matrix, Node, NodeKind, WeightRef
+    from hetmap.compiler.passes.expert_score import load_matrix
+
+    class Store:
+        where = {"w": tmp_path / "model.safetensors"}
+
+        def load(self, ref: WeightRef) -> torch.Tensor:
+            return torch.zeros(5, 4)
+
+    matrix = Matrix("down", "e.0.down", 4, 4, WeightRef("w", 0))
+    with pytest.raises(MissingDataError, match="does not match its config.json"):
+        load_matrix(Store(), Node("e.0", NodeKind.EXPERT, matrices=(matrix,)), matrix)
 
 
 def _hetmap_imports(path: Path) -> set[str]:

@@ -72,17 +72,31 @@ def test_twenty_random_interrupts_then_the_same_csv(tmp_path: Path) -> None:
     hetmap = str(Path(sys.executable).with_name("hetmap"))
     args = ["sweep", "olmoe-tiny", "--policies", "random,max-norm,router-norm",
             "--budgets", "0.125,0.25", "--noise-scales", "1.5", "--seeds", "3",
-            "--eval-tokens", "512", "--calib-tokens", "256"]
-    subprocess.run([hetmap, *args, "-o", "whole"], cwd=tmp_path, check=True,
-                   capture_output=True)
+            "--eval-tokens", "2048", "--calib-tokens", "256"]
+    total = 3 * 2 * 3
+    # the uninterrupted run, timed: S until its first point is recorded, T to the end
+    progress_file = tmp_path / ".whole.sweep-progress.jsonl"
+    start = time.perf_counter()
+    proc = subprocess.Popen([hetmap, *args, "-o", "whole"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = None
+    while proc.poll() is None:
+        if first is None and progress_file.is_file() and progress_file.stat().st_size:
+            first = time.perf_counter() - start
+        time.sleep(0.05)
+    assert proc.returncode == 0
+    whole_time = time.perf_counter() - start
+    startup = first if first is not None else whole_time / 2
     rng = random.Random(0)
     interrupted = 0
-    for attempt in range(40):
+    cut_progress = sweeping.SweepProgress(tmp_path / "cut")
+    for attempt in range(21):
         argv = [hetmap, *args, "-o", "cut", *(["--resume"] if attempt else [])]
         proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
-        if interrupted < 20:
-            time.sleep(rng.uniform(2.0, 9.0))
+        if interrupted < 20:  # a random moment: in start-up or within the work left
+            left = (whole_time - startup) * (1 - len(cut_progress.load()) / total)
+            time.sleep(rng.uniform(0.5, 1.0) * startup + rng.uniform(0.0, 0.8) * left)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=600)

@@ -129,10 +129,12 @@ class Exported:
         self.proto = onnx.load(str(report.path))
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+@pytest.fixture(scope="module", params=[(name, form) for name in MODELS
+                                         for form in ("static", "dispatch")],
+                ids=lambda param: "-".join(param))
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    """One export per family (15-40 s each on 2 cores)."""
-    name = request.param
+    """One export per family and MoE form (15-40 s each on 2 cores)."""
+    name, form = request.param
     model = MODELS[name]()
     tags = matrix_tags(model)
     first_store = next(iter(experts_stores(model)))
@@ -143,7 +145,7 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     report = export_onnx(
         model, tmp_path_factory.mktemp(name) / "model.onnx", matrix_tags=tags,
         model_props={"hetmap.version": "test"}, example_input=example,
-        tile_ranges={tiled: tile_grid(in_features, out_features)})
+        tile_ranges={tiled: tile_grid(in_features, out_features)}, moe_form=form)
     return Exported(name, model, report, tags, tiled)
 
 
