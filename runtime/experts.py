@@ -347,6 +347,28 @@ def _inner_bias(experts: CanonicalExperts, chosen: list[int]) -> torch.Tensor | 
     return torch.cat(parts, dim=1).contiguous()
 
 
+def expert_group(canon: CanonicalExperts, chosen: list[int], settings: AnalogSettings | None,
+                 seed: int) -> _ExpertGroup:
+    """The gate/up and down stacks of experts ``chosen``: analog tiles with ``settings``,
+    exact digital products without."""
+    layout = canon.layout
+    roles = ("gate", "up") if layout.has_gate else ("up",)
+    inner = torch.cat([canon.weights[role][chosen] for role in roles], dim=1).contiguous()
+    down = canon.weights["down"][chosen].contiguous()
+    down_bias = canon.biases["down"][chosen].contiguous() if "down" in canon.biases else None
+    inner_stack: nn.Module
+    down_stack: nn.Module
+    if settings is None:
+        inner_stack, down_stack = DigitalStack(inner), DigitalStack(down)
+    else:
+        splits = (layout.intermediate,) * len(roles)
+        inner_stack = AnalogTileStack(inner, settings, derive_seed(seed, "gate_up"),
+                                      out_splits=splits)
+        down_stack = AnalogTileStack(down, settings, derive_seed(seed, "down"))
+    return _ExpertGroup(inner_stack, down_stack, _inner_bias(canon, chosen), down_bias,
+                        layout.intermediate, layout.has_gate)
+
+
 class SimulatedExperts(LayoutExperts):
     """An experts module with ``analog_experts`` on simulated AIMC tiles, the rest exact."""
 
@@ -366,8 +388,8 @@ class SimulatedExperts(LayoutExperts):
         canon = canonical_experts(experts, path, self.layout)
         analog = list(self.analog_experts)
         digital = [index for index in range(self.num_experts) if index not in set(analog)]
-        self.analog = self._group(canon, analog, settings, seed) if analog else None
-        self.digital = self._group(canon, digital, None, seed) if digital else None
+        self.analog = expert_group(canon, analog, settings, seed) if analog else None
+        self.digital = expert_group(canon, digital, None, seed) if digital else None
         device = canon.weights["down"].device
         is_analog = torch.zeros(self.num_experts, dtype=torch.bool)
         is_analog[analog] = True
@@ -376,26 +398,6 @@ class SimulatedExperts(LayoutExperts):
         local_index[digital] = torch.arange(len(digital))
         self.register_buffer("is_analog", is_analog.to(device), persistent=False)
         self.register_buffer("local_index", local_index.to(device), persistent=False)
-
-    def _group(self, canon: CanonicalExperts, chosen: list[int],
-               settings: AnalogSettings | None, seed: int) -> _ExpertGroup:
-        layout = canon.layout
-        gated = layout.has_gate
-        roles = ("gate", "up") if gated else ("up",)
-        inner = torch.cat([canon.weights[role][chosen] for role in roles], dim=1).contiguous()
-        down = canon.weights["down"][chosen].contiguous()
-        down_bias = canon.biases["down"][chosen].contiguous() if "down" in canon.biases else None
-        inner_stack: nn.Module
-        down_stack: nn.Module
-        if settings is None:
-            inner_stack, down_stack = DigitalStack(inner), DigitalStack(down)
-        else:
-            splits = (layout.intermediate,) * len(roles)
-            inner_stack = AnalogTileStack(inner, settings, derive_seed(seed, "gate_up"),
-                                          out_splits=splits)
-            down_stack = AnalogTileStack(down, settings, derive_seed(seed, "down"))
-        return _ExpertGroup(inner_stack, down_stack, _inner_bias(canon, chosen), down_bias,
-                            layout.intermediate, gated)
 
     def expert_outputs(
         self, inputs: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor,

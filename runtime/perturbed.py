@@ -33,34 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .analog import AnalogTileStack, DigitalStack
-from .experts import _ExpertGroup, _inner_bias, canonical_experts
+from .experts import canonical_experts, expert_group
 from .grouped import RowGroups
-from .layouts import CanonicalExperts, ExpertLayout
-from .programming import derive_seed
+from .layouts import ExpertLayout
 from .settings import AnalogSettings
-
-
-def _group(canon: CanonicalExperts, chosen: list[int], settings: AnalogSettings | None,
-           seed: int) -> _ExpertGroup:
-    """The gate/up and down stacks of experts ``chosen``, as :class:`SimulatedExperts` builds
-    them (analog with ``settings``, digital without)."""
-    layout = canon.layout
-    roles = ("gate", "up") if layout.has_gate else ("up",)
-    inner = torch.cat([canon.weights[role][chosen] for role in roles], dim=1).contiguous()
-    down = canon.weights["down"][chosen].contiguous()
-    down_bias = canon.biases["down"][chosen].contiguous() if "down" in canon.biases else None
-    inner_stack: nn.Module
-    down_stack: nn.Module
-    if settings is None:
-        inner_stack, down_stack = DigitalStack(inner), DigitalStack(down)
-    else:
-        splits = (layout.intermediate,) * len(roles)
-        inner_stack = AnalogTileStack(inner, settings, derive_seed(seed, "gate_up"),
-                                      out_splits=splits)
-        down_stack = AnalogTileStack(down, settings, derive_seed(seed, "down"))
-    return _ExpertGroup(inner_stack, down_stack, _inner_bias(canon, chosen), down_bias,
-                        layout.intermediate, layout.has_gate)
 
 
 class ExpertDeltas(nn.Module):
@@ -72,9 +48,9 @@ class ExpertDeltas(nn.Module):
         super().__init__()
         canon = canonical_experts(experts, path, layout)
         self.experts = [expert for expert, _ in runs]
-        self.analog = nn.ModuleList(_group(canon, [expert], settings, seed)
+        self.analog = nn.ModuleList(expert_group(canon, [expert], settings, seed)
                                     for expert, seed in runs)
-        self.digital = _group(canon, self.experts, None, 0)
+        self.digital = expert_group(canon, self.experts, None, 0)
         self.activation = canon.activation
         self.post_norm = canon.post_norm
 
