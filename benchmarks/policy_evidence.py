@@ -1,7 +1,8 @@
-"""Evidence for choosing a placement policy: gap recovered on two trained MoEs of different kinds.
+"""Evidence for choosing a placement policy: gap recovered on three trained MoEs of different kinds.
 
-Models: ``demo`` (OLMoE architecture, Python stdlib text) and ``demo-c`` (Mixtral architecture
-with renormalised top-k routing, CPython C headers). Each is calibrated and evaluated on its own
+Models: ``demo`` (OLMoE architecture, Python stdlib text), ``demo-c`` (Mixtral architecture
+with renormalised top-k routing, CPython C headers) and ``demo-ds`` (fine-grained DeepSeek-V2:
+16 experts top-6, a shared expert, a dense first layer; installed packages' METADATA prose). Each is calibrated and evaluated on its own
 kind of text: the ``calib`` / ``eval`` splits of its corpus (:mod:`hetmap.compiler.data.corpus`)
 are written to temporary files and passed as ``calib`` / the evaluation text.
 
@@ -12,7 +13,7 @@ all-analog-to-digital perplexity gap the policy recovers**::
     recovered = (ppl_all_analog - ppl_policy) / (ppl_all_analog - ppl_digital)
 
 per seed (all-analog = ``place{policy=none,dense=analog}``, same seed), then mean +- std over
-seeds, and the mean over both models, budgets and scales per policy. 1 = as good as all
+seeds, and the mean over all models, budgets and scales per policy. 1 = as good as all
 digital, 0 = no better than all analog.
 
 How each piece is computed, once per model (per noise scale where it depends on it):
@@ -220,7 +221,7 @@ def reference_sensitivity(base: Plan, model: torch.nn.Module, windows: list[torc
 
 
 def summarize(models: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per policy: mean recovered share per model and over both; mean Spearman over both."""
+    """Per policy: mean recovered share per model and over all; mean Spearman over all."""
     summary: dict[str, Any] = {}
     for policy in POLICIES:
         entry: dict[str, Any] = {"by_model": {}, "by_setting": {}}
@@ -339,7 +340,7 @@ def markdown(result: dict[str, Any]) -> str:
             + f"; {r['seconds']:.0f} s")
     lines += ["", "| policy | " + " | ".join(
         f"{r['model']} {b:g} c={c}" for r in models for b, c in settings)
-        + " | mean, both models |", "|---" + "|---:" * (len(models) * len(settings) + 1) + "|"]
+        + " | mean, all models |", "|---" + "|---:" * (len(models) * len(settings) + 1) + "|"]
     ranked = result["summary"]["ranking"]
     for policy in ranked:
         cells = []
@@ -357,10 +358,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append("| *dense digital, no expert (reference)* | " + " | ".join(cells) + " | |")
     lines += ["", "Most of the gap is the dense modules' (attention, LM head, routers: digital "
               "under every policy); the experts' own part, `(ppl_dense_digital - ppl_policy) / "
-              "(ppl_dense_digital - ppl_digital)`, mean over both models, budgets and noise "
+              "(ppl_dense_digital - ppl_digital)`, mean over all models, budgets and noise "
               "scales: " + ", ".join(
                   f"{p} {summary[p]['expert_gap_recovered_mean']:.3f}" for p in ranked) + "."]
-    lines += ["", f"Best on average across both models: **{result['summary']['best']}**. "
+    lines += ["", f"Best on average across all models: **{result['summary']['best']}**. "
               + head_to_head(result, ranked[0], ranked[1]), ""]
     sens = models[0]["reference_sensitivity"]
     lines += [
