@@ -54,13 +54,19 @@ def run_interruptible(argv: list[str]) -> int:
     except _Interrupted as exc:
         for s in previous:  # a second signal while cleaning up must not cut the cleanup short
             signal.signal(s, signal.SIG_IGN)
+        if "code" in outcome or "error" in outcome:  # the work had already ended: report that
+            return _finish(outcome)
         if "hetmap.compiler.backends.plan" in sys.modules:  # else nothing was staged yet
             sys.modules["hetmap.compiler.backends.plan"].discard_staging()
         sys.stderr.write("\nerror: interrupted\n")
         sys.stderr.flush()
         os._exit(130 if exc.signum == signal.SIGINT else 143)
-    for s, handler in previous.items():
-        signal.signal(s, handler)
+    for s in previous:  # the work is done and its output in place: a late signal changes nothing
+        signal.signal(s, signal.SIG_IGN)
+    return _finish(outcome)
+
+
+def _finish(outcome: dict[str, Any]) -> int:
     if "error" in outcome:
         raise outcome["error"]
     return int(outcome.get("code", 1))

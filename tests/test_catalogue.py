@@ -261,11 +261,11 @@ def _run_and_signal(argv: list[str], delay: float, signum: int, cwd: Path) -> tu
 
 INTERRUPTS = [
     ("compile-load", ["compile", "demo", "-o", "out"], 1.5),
-    ("compile-calibrate", ["compile", "demo", "-o", "out"], 6.0),
+    ("compile-calibrate", ["compile", "demo", "-o", "out"], 3.5),
     ("export", ["compile", "demo", "--emit", "onnx", "-o", "out"], 16.0),
     ("simulate", ["simulate", "demo", "--eval-tokens", "4096", "--seeds", "3", "-o", "out"], 12.0),
     ("sweep", ["sweep", "olmoe-tiny", "--policies", "random,max-norm", "--budgets", "0.25",
-               "--noise-scales", "1.5", "--seeds", "3", "--eval-tokens", "4096", "-o", "out"], 8.0),
+               "--noise-scales", "1.5", "--seeds", "3", "--eval-tokens", "8192", "-o", "out"], 8.0),
 ]
 
 
@@ -283,7 +283,12 @@ def test_interrupt_at_any_stage_leaves_nothing(stage: str, argv: list[str], dela
     assert code == (130 if signum == signal.SIGINT else 143), err
     assert [line for line in err.splitlines() if line.strip()][-1] == "error: interrupted"
     assert "Traceback" not in err
-    assert leftovers == [], leftovers
+    # nothing half-written: no output at all, or (the signal came after the final rename, while
+    # the summary printed) the whole output; never a hidden staging directory
+    assert leftovers in ([], ["out"]), leftovers
+    if leftovers:
+        written = {p.name for p in (tmp_path / "out").iterdir()}
+        assert {"plan.json"} <= written or {"sweep.csv", "sweep.json"} <= written, written
 
 
 @pytest.mark.slow
