@@ -283,7 +283,7 @@ def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
     PLAN_OR_MODEL is a compiled plan directory (simulation.json is added to it) or a MODEL,
     compiled first with the compile options."""
     from hetmap.compiler.api import compile_model, load_plan
-    from hetmap.compiler.backends.plan import PLAN_FILE, write_json
+    from hetmap.compiler.backends.plan import PLAN_FILE
 
     plan_dir = Path(plan_or_model)
     is_plan = (plan_dir / PLAN_FILE).is_file()
@@ -315,15 +315,24 @@ def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
                            progress=progress)
     data = {**result.to_json(), "digital_param_fraction": plan.summary["digital_param_fraction"]}
     print_simulation(plan.model.name, data)
-    if is_plan:
-        target = plan_dir / "simulation.json"
-        staging = plan_dir / ".simulation.json.tmp"
+    write_result(plan, plan_dir if is_plan else None, out, force, "simulation.json", data)
+
+
+def write_result(plan: Any, plan_dir: Path | None, out: Path | None, force: bool, name: str,
+                 data: dict[str, Any]) -> None:
+    """``name`` (simulation.json, eval.json) into the plan directory it came from (atomically:
+    a hidden file renamed into place), or with the plan into a new ``out`` directory."""
+    from hetmap.compiler.backends.plan import write_json
+
+    if plan_dir is not None:
+        target = plan_dir / name
+        staging = plan_dir / f".{name}.tmp"
         write_json(staging, data)
         staging.replace(target)
         err.print(f"wrote {target}")
     elif out is not None:
-        plan.write(out, force=force, extra=lambda d: write_json(d / "simulation.json", data))
-        err.print(f"wrote {out}/ (plan.json, ir.txt, simulation.json)")
+        plan.write(out, force=force, extra=lambda d: write_json(d / name, data))
+        err.print(f"wrote {out}/ (plan.json, ir.txt, {name})")
 
 
 SIMULATION_KEYS = {"seeds": list, "eval_tokens": int, "eval_source": str, "backend": str,
@@ -407,7 +416,7 @@ def eval_cmd(plan_or_model: str, tasks: str | None, include_path: str | None, li
     import logging
 
     from hetmap.compiler.api import compile_model, load_plan
-    from hetmap.compiler.backends.plan import PLAN_FILE, write_json
+    from hetmap.compiler.backends.plan import PLAN_FILE
 
     for name in ("lm_eval", "huggingface_hub", "datasets"):  # notes and retries: one error line
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -442,15 +451,7 @@ def eval_cmd(plan_or_model: str, tasks: str | None, include_path: str | None, li
                            backend=backend, device=device, progress=progress)
     data = {**result.to_json(), "digital_param_fraction": plan.summary["digital_param_fraction"]}
     print_eval(plan.model.name, data)
-    if is_plan:
-        target = plan_dir / "eval.json"
-        staging = plan_dir / ".eval.json.tmp"
-        write_json(staging, data)
-        staging.replace(target)
-        err.print(f"wrote {target}")
-    elif out is not None:
-        plan.write(out, force=force, extra=lambda d: write_json(d / "eval.json", data))
-        err.print(f"wrote {out}/ (plan.json, ir.txt, eval.json)")
+    write_result(plan, plan_dir if is_plan else None, out, force, "eval.json", data)
 
 
 def plan_tasks(names: list[str] | None, include_path: str | None) -> Any:
