@@ -6,7 +6,8 @@ for the worker. On a signal it removes every staging directory being written (se
 :func:`hetmap.compiler.backends.plan.discard_staging`), prints ``error: interrupted`` and exits
 130 (SIGINT) or 143 (SIGTERM); C++ code that does not return to Python for seconds (the ONNX
 export, a large matrix product) cannot delay it. Finished outputs are never touched: they
-were renamed into place atomically.
+were renamed into place atomically, and a first signal after that (while the summary prints)
+is ignored, so the exit status is the work's.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ def run_interruptible(argv: list[str]) -> int:
             outcome["error"] = exc
 
     def on_signal(signum: int, _frame: Any) -> None:
+        plan = sys.modules.get("hetmap.compiler.backends.plan")
+        if plan is not None and plan.COMMITTED and not outcome.get("late_signal"):
+            # the output is whole and in place, only the summary is left to print: finish it
+            # (a second signal still stops at once)
+            outcome["late_signal"] = True
+            return
         raise _Interrupted(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -58,7 +65,9 @@ def run_interruptible(argv: list[str]) -> int:
             return _finish(outcome)
         if "hetmap.compiler.backends.plan" in sys.modules:  # else nothing was staged yet
             sys.modules["hetmap.compiler.backends.plan"].discard_staging()
-        sys.stderr.write("\nerror: interrupted\n")
+        sweeping = sys.modules.get("hetmap.compiler.evaluation.sweep")
+        kept = sweeping.kept_on_interrupt() if sweeping is not None else []
+        sys.stderr.write("".join(f"\n{line}" for line in kept) + "\nerror: interrupted\n")
         sys.stderr.flush()
         os._exit(130 if exc.signum == signal.SIGINT else 143)
     for s in previous:  # the work is done and its output in place: a late signal changes nothing

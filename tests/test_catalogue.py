@@ -284,7 +284,14 @@ def test_interrupt_at_any_stage_leaves_nothing(stage: str, argv: list[str], dela
     assert [line for line in err.splitlines() if line.strip()][-1] == "error: interrupted"
     assert "Traceback" not in err
     # nothing half-written: no output at all, or (the signal came after the final rename, while
-    # the summary printed) the whole output; never a hidden staging directory
+    # the summary printed) the whole output; never a hidden staging directory. An interrupted
+    # sweep keeps the journal of its finished points (whole JSON lines) for --resume, and says so
+    journal = ".out.sweep-progress.jsonl"
+    if stage == "sweep" and journal in leftovers:
+        leftovers.remove(journal)
+        records = [json.loads(line) for line in (tmp_path / journal).read_text().splitlines()]
+        assert records and all(set(r) == {"key", "ppl"} for r in records), records
+        assert f"{len(records)} finished sweep point(s) kept" in err and "--resume" in err, err
     assert leftovers in ([], ["out"]), leftovers
     if leftovers:
         written = {p.name for p in (tmp_path / "out").iterdir()}

@@ -92,6 +92,8 @@ def node_json(node: Node) -> dict[str, Any]:
 
 #: staging directories being written now; an interrupt handler removes them (see the CLI)
 STAGING: set[Path] = set()
+#: outputs this process has renamed into place; a signal after that is a late one (see the CLI)
+COMMITTED: list[Path] = []
 
 
 def discard_staging() -> None:
@@ -161,6 +163,7 @@ def atomic_directory(out: Path, force: bool) -> Iterator[Path]:
                                       "nothing was written: pass --force to replace it or "
                                       "choose another -o") from exc
                 raise OutputError(f"cannot create {out}: {exc.strerror}") from exc
+        COMMITTED.append(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -92,14 +92,19 @@ class SweepProgress:
 
     Rules: (1) the file lives beside OUT (``.OUT.sweep-progress.jsonl``), outside the staging
     directory an interrupt removes; (2) a record is ``{"key": point_key, "ppl": value}``; a
-    torn last line (the process died mid-write) is ignored; (3) ``--resume`` reuses the
-    records whose key matches a point of the sweep being run; (4) the file is removed once
-    the sweep's outputs are in place.
+    torn last line (the process died mid-write) is ignored; (3) the file is created with the
+    first finished point (an interrupt before that leaves nothing); (4) ``--resume`` reuses
+    the records whose key matches a point of the sweep being run; (5) the file is removed
+    once the sweep's outputs are in place; (6) while a sweep runs, :func:`kept_on_interrupt`
+    names the file and its record count, so that the interrupt handler can say what was kept.
     """
 
     def __init__(self, out: Path) -> None:
         out = Path(out)
         self.path = out.resolve().parent / f".{out.name}.sweep-progress.jsonl"
+        self._handle: Any = None
+        self._keep = False
+        self.recorded = 0
 
     def load(self) -> dict[str, float]:
         done: dict[str, float] = {}
@@ -116,22 +121,37 @@ class SweepProgress:
     def start(self, keep: bool) -> None:
         if not keep:
             self.path.unlink(missing_ok=True)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = self.path.open("a")
+        self.recorded = len(self.load()) if keep else 0
+        _ACTIVE.append(self)
 
     def record(self, key: str, ppl: float) -> None:
+        if self._handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = self.path.open("a")
         self._handle.write(json.dumps({"key": key, "ppl": ppl}) + "\n")
         self._handle.flush()
         os.fsync(self._handle.fileno())
+        self.recorded += 1
 
     def finish(self) -> None:
-        self._handle.close()
+        self.close()
         self.path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        handle = getattr(self, "_handle", None)
-        if handle is not None and not handle.closed:
-            handle.close()
+        if self._handle is not None and not self._handle.closed:
+            self._handle.close()
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+
+
+_ACTIVE: list[SweepProgress] = []
+
+
+def kept_on_interrupt() -> list[str]:
+    """One line per running sweep whose finished points are on disk (for the interrupt
+    handler: what was kept and how to continue)."""
+    return [f"note: {p.recorded} finished sweep point(s) kept in {p.path}; rerun the same "
+            "command with --resume to continue" for p in list(_ACTIVE) if p.recorded]
 
 
 def run_points(points: list[SweepPoint], *, workers: int = 0, ray: str | None = None,
