@@ -254,11 +254,14 @@ def run_sweep(model: str, *, policies: list[str], budgets: list[float], noise_sc
               calib_tokens: int | None = None, eval_file: str | None = None,
               eval_tokens: int = 8192, seq_len: int = 256, workers: int = 0,
               ray: str | None = None, force: bool = False, resume: bool = False,
-              progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict[str, Any]:
+              progress: Callable[[str, int], Callable[[int], None]] | None = None,
+              granularity: str = "expert") -> dict[str, Any]:
     """The trade-off study of :mod:`hetmap.compiler.evaluation.sweep`; writes
     sweep.csv/json/png to ``out``. Each finished point is recorded beside ``out`` as it
     completes; ``resume`` continues an interrupted sweep from those records (same numbers as
-    an uninterrupted run), and without it a sweep that left records is refused."""
+    an uninterrupted run), and without it a sweep that left records is refused. A policy
+    written ``NAME@neuron`` (or ``NAME@expert``) is placed at that granularity, the others at
+    ``granularity``."""
     import copy
 
     from hetmap.compiler.data.textdata import batches, load_tokens
@@ -267,7 +270,7 @@ def run_sweep(model: str, *, policies: list[str], budgets: list[float], noise_sc
 
     registries = load_registries()
     for policy in policies:
-        registries.policies.get(policy)  # unknown names fail before any work
+        registries.policies.get(sweeping.split_policy(policy, granularity)[0])  # fail early
     record = sweeping.SweepProgress(Path(out))
     done = record.load() if resume else {}
     if not resume and record.path.is_file():
@@ -280,7 +283,9 @@ def run_sweep(model: str, *, policies: list[str], budgets: list[float], noise_sc
     for policy in policies:
         for budget in budgets:
             graph = copy.deepcopy(base.graph)
-            specs = parse_pipeline(f"place{{policy={policy},budget={budget}}},tile,allocate{{chips=auto}},cost")
+            name, unit = sweeping.split_policy(policy, granularity)
+            specs = parse_pipeline(f"place{{policy={name},budget={budget},granularity={unit}}},"
+                                   "tile,allocate{chips=auto},cost")
             ctx = CompileContext(model=base.model, target=base.target, registries=registries, seed=seed)
             run = run_pipeline(graph, build_passes(specs, registries.passes), ctx)
             plans.append((policy, budget, Plan(run.graph, base.model, base.target, base.pipeline)))
@@ -322,7 +327,8 @@ def search(model: str | nn.Module | LoadedModel, *, max_loss: float, metric: str
            device: str = "cpu", trust_remote_code: bool = False,
            registries: Registries | None = None,
            progress: Callable[[str, int], Callable[[int], None]] | None = None,
-           on_step: Callable[[SearchStep], None] | None = None) -> SearchResult:
+           on_step: Callable[[SearchStep], None] | None = None,
+           granularity: str = "expert") -> SearchResult:
     """The smallest digital budget whose mapped perplexity (mean + one std over ``seeds``) stays
     within ``max_loss`` (a fraction: 0.01 is 1%) of all-digital; see
     :mod:`hetmap.compiler.evaluation.search`. Calibration and scores are computed once. Returns
@@ -341,7 +347,8 @@ def search(model: str | nn.Module | LoadedModel, *, max_loss: float, metric: str
     return search_budget(base, max_loss=max_loss, policy=policy, budget_scope=budget_scope,
                          seeds=seeds, seed=seed, noise_scale=noise_scale, drift_time=drift_time,
                          eval_file=eval_file, eval_tokens=eval_tokens, device=device, chips=chips,
-                         registries=registries, progress=progress, on_step=on_step)
+                         registries=registries, progress=progress, on_step=on_step,
+                         granularity=granularity)
 
 
 __all__ = ["DEFAULT_PIPELINE", "HetmapError", "Plan", "compile_model", "load_plan", "resolve_target",

@@ -52,6 +52,10 @@ def compile_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--budget", type=float, default=None, help="Fraction of experts per layer on digital. [default: 0.125]"),
         click.option("--budget-scope", type=click.Choice(["layer", "global"]), default=None,
                      help="Rank experts within each layer or across layers. [default: layer]"),
+        click.option("--granularity", type=click.Choice(["expert", "neuron"]), default=None,
+                     help="Unit of placement: whole routed experts, or their intermediate "
+                     "neurons at the same digital parameter count (splits experts). "
+                     "[default: expert]"),
         click.option("--dense", type=click.Choice(["digital", "analog"]), default=None,
                      help="Where dense modules go ('analog' for the all-analog baseline). [default: digital]"),
         click.option("--dense-threshold", type=float, default=None,
@@ -76,7 +80,7 @@ def compile_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def pass_overrides(kw: dict[str, Any]) -> dict[str, Any]:
-    keys = ("policy", "budget", "budget_scope", "dense", "dense_threshold", "calib",
+    keys = ("policy", "budget", "budget_scope", "granularity", "dense", "dense_threshold", "calib",
             "calib_tokens", "chips")
     return {k: kw.get(k) for k in keys if kw.get(k) is not None}
 
@@ -504,10 +508,13 @@ def print_eval(name: str, data: dict[str, Any]) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="First programming seed.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted sweep into OUT: its finished points are not recomputed.")
+@click.option("--granularity", type=click.Choice(["expert", "neuron"]), default="expert",
+              show_default=True, help="Unit of placement of every policy; one written "
+              "NAME@neuron in --policies is placed by neuron whatever this says.")
 def sweep(model: str, out: Path, force: bool, policies: str, budgets: str, noise_scales: str,
           seeds: int, workers: int, ray_address: str | None, eval_file: str | None,
           eval_tokens: int, target: str, calib_tokens: int | None, seed: int,
-          resume: bool) -> None:
+          resume: bool, granularity: str) -> None:
     """Trade-off study: perplexity against digital parameter fraction (sweep.csv/json/png)."""
     from hetmap.compiler.api import run_sweep
 
@@ -519,7 +526,8 @@ def sweep(model: str, out: Path, force: bool, policies: str, budgets: str, noise
                        noise_scales=parse_floats(noise_scales, "--noise-scales"), seeds=seeds,
                        seed=seed, target=target, calib_tokens=calib_tokens, eval_file=eval_file,
                        eval_tokens=eval_tokens, workers=workers, ray=ray_address, out=out,
-                       force=force, resume=resume, progress=progress_factory(err.is_terminal))
+                       force=force, resume=resume, progress=progress_factory(err.is_terminal),
+                       granularity=granularity)
     if result.get("resumed_points"):
         err.print(f"resumed: {result['resumed_points']} point(s) taken from the interrupted run",
                   markup=False)
@@ -541,6 +549,9 @@ def sweep(model: str, out: Path, force: bool, policies: str, budgets: str, noise
 @click.option("--policy", default=None, help="Placement policy (see 'hetmap passes'). [default: expected-impact]")
 @click.option("--budget-scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
               help="Granularity: the budget counts experts per MoE layer or across all layers.")
+@click.option("--granularity", type=click.Choice(["expert", "neuron"]), default="expert",
+              show_default=True, help="Unit of placement: whole experts, or their neurons at "
+              "the same digital parameter count.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Programming seeds per budget; mean + one std must stay within the loss.")
 @click.option("--noise-scale", type=float, default=None, help="Programming-noise scale c. [default: the target's]")
@@ -560,7 +571,7 @@ def sweep(model: str, out: Path, force: bool, policies: str, budgets: str, noise
               help="Write the chosen plan here (plan.json, ir.txt, search.json).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def search_cmd(model: str, max_loss: str, metric: str, policy: str | None, budget_scope: str,
-               seeds: int, noise_scale: float | None, drift_time: float | None,
+               granularity: str, seeds: int, noise_scale: float | None, drift_time: float | None,
                eval_file: str | None, eval_tokens: int, device: str, target: str,
                calib: str | None, calib_tokens: int | None, chips: str | None, seed: int,
                trust_remote_code: bool, out: Path | None, force: bool) -> None:
@@ -590,6 +601,7 @@ def search_cmd(model: str, max_loss: str, metric: str, policy: str | None, budge
         console.print(search_row(len(shown), step))
 
     result = search(model, max_loss=loss, metric=metric, policy=policy, budget_scope=budget_scope,
+                    granularity=granularity,
                     seeds=seeds, seed=seed, noise_scale=noise_scale, drift_time=drift_time,
                     target=target, calib=calib, calib_tokens=calib_tokens, chips=chips,
                     eval_file=eval_file, eval_tokens=eval_tokens, device=device,

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import cast
 
 import torch
@@ -308,14 +308,18 @@ class _ExpertGroup(nn.Module):
 
     inner_bias: torch.Tensor | None
     down_bias: torch.Tensor | None
+    valid: torch.Tensor | None
 
     def __init__(self, inner: nn.Module, down: nn.Module, inner_bias: torch.Tensor | None,
-                 down_bias: torch.Tensor | None, intermediate: int, gated: bool) -> None:
+                 down_bias: torch.Tensor | None, intermediate: int, gated: bool,
+                 valid: torch.Tensor | None = None) -> None:
         super().__init__()
         self.inner = inner
         self.down = down
         self.register_buffer("inner_bias", inner_bias)
         self.register_buffer("down_bias", down_bias)
+        #: [E, intermediate]: which neuron slots hold a neuron (the others are zero padding)
+        self.register_buffer("valid", valid)
         self.intermediate = intermediate
         self.gated = gated
 
@@ -329,6 +333,8 @@ class _ExpertGroup(nn.Module):
             hidden = activation(gate, up)
         else:
             hidden = activation(None, projected)
+        if self.valid is not None:  # padding slots feed nothing to down (its noise included)
+            hidden = hidden * self.valid[rows.row_matrix].to(hidden.dtype)
         outputs = self.down(hidden, rows)
         if self.down_bias is not None:
             outputs = outputs + self.down_bias[rows.row_matrix]
@@ -347,33 +353,88 @@ def _inner_bias(experts: CanonicalExperts, chosen: list[int]) -> torch.Tensor | 
     return torch.cat(parts, dim=1).contiguous()
 
 
+def _neuron_slices(canon: CanonicalExperts, chosen: list[int],
+                   neurons: list[torch.Tensor], with_down_bias: bool
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """Experts ``chosen`` restricted to their listed ``neurons`` (gate/up rows, down columns),
+    each expert's neurons first in their own order, then zero padding to the widest: weights
+    and biases by role (down's bias only ``with_down_bias``), and the ``[E, width]`` mask of
+    slots holding a neuron."""
+    width = max(int(n.numel()) for n in neurons)
+    valid = torch.zeros(len(chosen), width, dtype=torch.bool)
+    weights: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
+    for role, stack in canon.weights.items():
+        shape = (len(chosen), stack.shape[1], width) if role == "down" else \
+            (len(chosen), width, stack.shape[2])
+        weights[role] = stack.new_zeros(shape)
+        if role in canon.biases and (role != "down" or with_down_bias):
+            bias = canon.biases[role]
+            biases[role] = bias[chosen].clone() if role == "down" else \
+                bias.new_zeros(len(chosen), width)
+    for slot, (expert, index) in enumerate(zip(chosen, neurons, strict=True)):
+        count = int(index.numel())
+        valid[slot, :count] = True
+        index = index.to(canon.weights["down"].device)
+        for role, stack in canon.weights.items():
+            if role == "down":
+                weights[role][slot, :, :count] = stack[expert][:, index]
+            else:
+                weights[role][slot, :count] = stack[expert][index]
+                if role in biases:
+                    biases[role][slot, :count] = canon.biases[role][expert][index]
+    return weights, biases, valid
+
+
 def expert_group(canon: CanonicalExperts, chosen: list[int], settings: AnalogSettings | None,
-                 seed: int) -> _ExpertGroup:
+                 seed: int, neurons: list[torch.Tensor] | None = None,
+                 with_down_bias: bool = True) -> _ExpertGroup:
     """The gate/up and down stacks of experts ``chosen``: analog tiles with ``settings``,
-    exact digital products without."""
+    exact digital products without. With ``neurons`` (one index tensor per chosen expert)
+    only those intermediate neurons of each expert, packed first and zero-padded to the
+    widest (:func:`_neuron_slices`); padded slots are masked before down, so each expert
+    computes exactly its neurons' part of its output."""
     layout = canon.layout
     roles = ("gate", "up") if layout.has_gate else ("up",)
-    inner = torch.cat([canon.weights[role][chosen] for role in roles], dim=1).contiguous()
-    down = canon.weights["down"][chosen].contiguous()
-    down_bias = canon.biases["down"][chosen].contiguous() if "down" in canon.biases else None
+    valid = None
+    if neurons is None:
+        weights = {role: canon.weights[role][chosen] for role in (*roles, "down")}
+        down_bias = canon.biases["down"][chosen].contiguous() if "down" in canon.biases else None
+        inner_bias = _inner_bias(canon, chosen)
+        width = layout.intermediate
+    else:
+        weights, biases, valid = _neuron_slices(canon, chosen, neurons, with_down_bias)
+        width = int(valid.shape[1])
+        down_bias = biases.get("down")
+        inner_bias = None
+        if any(role in biases for role in roles):
+            inner_bias = torch.cat([biases.get(role, weights[role].new_zeros(len(chosen), width))
+                                    for role in roles], dim=1)
+        valid = valid.to(canon.weights["down"].device)
+    inner = torch.cat([weights[role] for role in roles], dim=1).contiguous()
+    down = weights["down"].contiguous()
     inner_stack: nn.Module
     down_stack: nn.Module
     if settings is None:
         inner_stack, down_stack = DigitalStack(inner), DigitalStack(down)
     else:
-        splits = (layout.intermediate,) * len(roles)
+        splits = (width,) * len(roles)
         inner_stack = AnalogTileStack(inner, settings, derive_seed(seed, "gate_up"),
                                       out_splits=splits)
         down_stack = AnalogTileStack(down, settings, derive_seed(seed, "down"))
-    return _ExpertGroup(inner_stack, down_stack, _inner_bias(canon, chosen), down_bias,
-                        layout.intermediate, layout.has_gate)
+    return _ExpertGroup(inner_stack, down_stack, inner_bias, down_bias, width, layout.has_gate,
+                        valid)
 
 
 class SimulatedExperts(LayoutExperts):
-    """An experts module with ``analog_experts`` on simulated AIMC tiles, the rest exact."""
+    """An experts module with ``analog_experts`` on simulated AIMC tiles, the rest exact.
 
-    is_analog: torch.Tensor
-    local_index: torch.Tensor
+    ``digital_neurons`` (neuron-granular placement): analog expert -> the intermediate neurons
+    that run digitally. Such a split expert's analog part (its other neurons, packed) is
+    programmed in a stack of split experts whose down matrices span as many input tiles as its
+    own (so the tiles are those of its smaller matrices); its digital part is exact; the two
+    parts' outputs are added before the post-expert norm and the routing weight.
+    """
 
     def __init__(
         self,
@@ -383,35 +444,82 @@ class SimulatedExperts(LayoutExperts):
         seed: int,
         path: str = "experts",
         layout: ExpertLayout | None = None,
+        digital_neurons: Mapping[int, Sequence[int]] | None = None,
     ) -> None:
         super().__init__(experts, analog_experts, path, layout)
         canon = canonical_experts(experts, path, self.layout)
-        analog = list(self.analog_experts)
-        digital = [index for index in range(self.num_experts) if index not in set(analog)]
-        self.analog = expert_group(canon, analog, settings, seed) if analog else None
-        self.digital = expert_group(canon, digital, None, seed) if digital else None
+        analog = set(self.analog_experts)
+        split = self._checked_split(digital_neurons or {}, analog)
+        whole = [index for index in self.analog_experts if index not in split]
+        digital = [index for index in range(self.num_experts) if index not in analog]
         device = canon.weights["down"].device
-        is_analog = torch.zeros(self.num_experts, dtype=torch.bool)
-        is_analog[analog] = True
-        local_index = torch.zeros(self.num_experts, dtype=torch.long)
-        local_index[analog] = torch.arange(len(analog))
-        local_index[digital] = torch.arange(len(digital))
-        self.register_buffer("is_analog", is_analog.to(device), persistent=False)
-        self.register_buffer("local_index", local_index.to(device), persistent=False)
+        self.split = bool(split)
+        self.groups = nn.ModuleList()
+        members: list[torch.Tensor] = []
+
+        def add(group: _ExpertGroup, chosen: list[int]) -> None:
+            member = torch.full((self.num_experts,), -1, dtype=torch.long)
+            member[chosen] = torch.arange(len(chosen))
+            self.groups.append(group)
+            members.append(member)
+
+        # the whole analog and the whole digital experts: as without splits (same seeds)
+        if whole:
+            add(expert_group(canon, whole, settings, seed), whole)
+        if digital:
+            add(expert_group(canon, digital, None, seed), digital)
+        width = self.layout.intermediate
+        by_tiles: dict[int, list[int]] = {}
+        for index, neurons in sorted(split.items()):
+            by_tiles.setdefault(-(-(width - len(neurons)) // settings.rows), []).append(index)
+        for tiles, chosen in sorted(by_tiles.items()):
+            keep = [torch.tensor(sorted(set(range(width)) - set(split[e])), dtype=torch.long)
+                    for e in chosen]
+            add(expert_group(canon, chosen, settings, derive_seed(seed, f"split/{tiles}"),
+                             keep), chosen)
+        if split:
+            chosen = sorted(split)
+            add(expert_group(canon, chosen, None, seed,
+                             [torch.tensor(split[e], dtype=torch.long) for e in chosen],
+                             with_down_bias=False), chosen)
+        self.register_buffer("members", torch.stack(members).to(device), persistent=False)
+
+    def _checked_split(self, digital_neurons: Mapping[int, Sequence[int]], analog: set[int]
+                       ) -> dict[int, list[int]]:
+        width = self.layout.intermediate
+        split: dict[int, list[int]] = {}
+        for expert, neurons in digital_neurons.items():
+            chosen = sorted({int(j) for j in neurons})
+            if not chosen:
+                continue
+            if int(expert) not in analog:
+                raise SimulationError(f"experts module {self.path!r}: expert {expert} has digital "
+                                      "neurons but is not an analog expert")
+            if chosen[0] < 0 or chosen[-1] >= width or len(chosen) == width:
+                raise SimulationError(f"experts module {self.path!r}: digital neurons of expert "
+                                      f"{expert} must be some of 0..{width - 1}, not all")
+            split[int(expert)] = chosen
+        return split
 
     def expert_outputs(
         self, inputs: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor,
         activation: Activation,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for analog, group in ((True, self.analog), (False, self.digital)):
-            if group is None:
-                continue
-            chosen = (self.is_analog[pair_expert] == analog).nonzero().squeeze(1)
+        total: torch.Tensor | None = None
+        for group, member in zip(self.groups, self.members, strict=True):
+            local = member[pair_expert]
+            chosen = (local >= 0).nonzero().squeeze(1)
             if chosen.numel() == 0:
                 continue
-            local, order = torch.sort(self.local_index[pair_expert[chosen]], stable=True)
+            local, order = torch.sort(local[chosen], stable=True)
             chosen = chosen[order]
-            inner = cast(AnalogTileStack | DigitalStack, group.inner)
-            rows = RowGroups.from_sorted(local, inner.num_matrices)
-            yield chosen, group(inputs[pair_row[chosen]], rows, activation)
-
+            rows = RowGroups.from_sorted(local, cast(_ExpertGroup, group).inner.num_matrices)
+            outputs = group(inputs[pair_row[chosen]], rows, activation)
+            if not self.split:  # every pair in exactly one group
+                yield chosen, outputs
+                continue
+            if total is None:
+                total = outputs.new_zeros(pair_row.shape[0], outputs.shape[-1])
+            total.index_add_(0, chosen, outputs.to(total.dtype))
+        if total is not None:  # split experts: both parts added before the norm and weight
+            yield torch.arange(pair_row.shape[0], device=pair_row.device), total

@@ -19,7 +19,7 @@ one seed fixes the whole simulated model and two modules never share noise.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -49,13 +49,16 @@ def build_simulated_model(
     seed: int,
     backend: str = "hetmap",
     layouts: Mapping[str, ExpertLayout] | None = None,
+    digital_neurons: Mapping[str, Mapping[int, Sequence[int]]] | None = None,
 ) -> nn.Module:
     """A copy of ``model`` with the given linears and experts on simulated AIMC tiles.
 
     ``analog_linears``: module paths of ``nn.Linear`` layers. ``analog_experts``: module path of
     an experts module -> the expert indices that run analog. ``layouts``: module path -> its
     :class:`ExpertLayout` where known (e.g. read with the router's size); the others are
-    inferred from the module. Returns the copy in eval mode. Raises :class:`SimulationError`
+    inferred from the module. ``digital_neurons``: experts module path -> analog expert -> its
+    intermediate neurons that run digitally (split experts, :class:`SimulatedExperts`; the
+    ``hetmap`` backend only). Returns the copy in eval mode. Raises :class:`SimulationError`
     for unknown paths, wrong module kinds, unreadable layouts, bad expert indices or an
     unknown backend.
     """
@@ -83,6 +86,14 @@ def build_simulated_model(
             f"module {sorted(overlap)[0]!r} is listed both as a linear and as experts"
         )
 
+    split = {path: dict(value) for path, value in (digital_neurons or {}).items() if value}
+    if split and backend != "hetmap":
+        raise SimulationError(f"the {backend} backend does not simulate split experts "
+                              "(neuron-granular placement); use the hetmap backend")
+    unknown = sorted(set(split) - set(expert_paths))
+    if unknown:
+        raise SimulationError(f"digital neurons given for {unknown[0]!r}, which is not an "
+                              "analog experts module")
     make_linear: Callable[[nn.Linear, AnalogSettings, int], nn.Module]
     make_linear = SimulatedLinear if backend == "hetmap" else ReferenceLinear
     make_experts = SimulatedExperts if backend == "hetmap" else ReferenceExperts
@@ -93,6 +104,11 @@ def build_simulated_model(
         replacements[path] = make_linear(linear, settings, module_seed(seed, path))
     for path in expert_paths:
         indices = [int(index) for index in analog_experts[path]]
+        if path in split:
+            replacements[path] = SimulatedExperts(
+                _float32(modules[path]), indices, settings, module_seed(seed, path), path,
+                expert_layouts[path], split[path])
+            continue
         replacements[path] = make_experts(
             _float32(modules[path]), indices, settings, module_seed(seed, path), path,
             expert_layouts[path]

@@ -23,7 +23,11 @@ Assumptions:
    slowest analog matrix with density > 0), digital matrices share the digital units (their
    expected times add), and the analog and digital parts overlap (the stage takes the longer).
    Pass ``stage`` to split dependent matrices (e.g. an expert's up/gate before its down).
-6. Not costed: non-matrix nodes (embedding lookup, norms, element-wise ops, attention scores
+6. Extra digital additions (``adds`` per matrix and token, e.g. the partial sums of a split
+   expert's analog and digital parts): ``adds x mac_energy_j x density`` (an addition costed
+   as a MAC, conservative) and ``adds / mac_throughput x density`` of digital time, charged
+   only where the matrix runs analog (all-digital execution has no parts to add).
+7. Not costed: non-matrix nodes (embedding lookup, norms, element-wise ops, attention scores
    and softmax), activation traffic, and moving activations between analog and digital units.
 """
 
@@ -117,6 +121,7 @@ class _Matrices:
     tiles: NDArray[np.float64]
     serial_steps: NDArray[np.float64]
     stage_id: NDArray[np.int64]
+    adds: NDArray[np.float64]
 
 
 def estimate_cost(
@@ -131,10 +136,11 @@ def estimate_cost(
     tiles: ArrayLike | None = None,
     serial_steps: ArrayLike | None = None,
     stage: ArrayLike | None = None,
+    adds: ArrayLike | None = None,
 ) -> CostEstimate:
     """Cost per token of ``placement`` and of all-digital execution (see module docstring)."""
     matrices = _matrices(target, kind, out_features, in_features, density, layer, tiles,
-                         serial_steps, stage)
+                         serial_steps, stage, adds)
     analog = np.asarray(placement) == AIMC_TILE
     if analog.shape != matrices.macs.shape:
         raise ValueError(f"placement has shape {analog.shape}, expected {matrices.macs.shape}")
@@ -153,12 +159,13 @@ def estimate_cost(
 def _matrices(target: Target, kind: Sequence[str], out_features: ArrayLike,
               in_features: ArrayLike, density: ArrayLike, layer: ArrayLike,
               tiles: ArrayLike | None, serial_steps: ArrayLike | None,
-              stage: ArrayLike | None) -> _Matrices:
+              stage: ArrayLike | None, adds: ArrayLike | None = None) -> _Matrices:
     kinds = np.asarray(kind, dtype=str)
     shape = kinds.shape
     given: dict[str, ArrayLike | None] = {
         "out_features": out_features, "in_features": in_features, "density": density,
-        "layer": layer, "tiles": tiles, "serial_steps": serial_steps, "stage": stage}
+        "layer": layer, "tiles": tiles, "serial_steps": serial_steps, "stage": stage,
+        "adds": adds}
     arrays: dict[str, NDArray[Any]] = {}
     for name, value in given.items():
         if value is not None:
@@ -183,20 +190,23 @@ def _matrices(target: Target, kind: Sequence[str], out_features: ArrayLike,
     return _Matrices(kind=kinds, macs=macs.astype(np.float64), density=dens,
                      tiles=arrays["tiles"].astype(np.float64),
                      serial_steps=arrays.get("serial_steps", np.ones(shape)).astype(np.float64),
-                     stage_id=stage_id.reshape(-1))
+                     stage_id=stage_id.reshape(-1),
+                     adds=arrays.get("adds", np.zeros(shape)).astype(np.float64))
 
 
 def _report(target: Target, m: _Matrices, analog: NDArray[np.bool_]) -> CostReport:
     aimc, digital = target.aimc, target.digital
     on_digital = ~analog
     weight_bytes = np.where(on_digital, m.macs * digital.weight_bytes, 0.0) * m.density
-    digital_energy = (np.where(on_digital, m.macs, 0.0) * digital.mac_energy_j * m.density
-                      + weight_bytes * digital.mem_energy_per_byte_j)
+    adds = np.where(analog, m.adds, 0.0) * m.density
+    digital_energy = ((np.where(on_digital, m.macs, 0.0) * m.density + adds)
+                      * digital.mac_energy_j + weight_bytes * digital.mem_energy_per_byte_j)
     activations = np.where(analog, m.tiles, 0.0) * m.density
     analog_energy = activations * aimc.mvm_energy_j
     digital_time = np.where(on_digital, np.maximum(m.macs / digital.mac_throughput,
                                                    m.macs * digital.weight_bytes
                                                    / digital.mem_bandwidth), 0.0) * m.density
+    digital_time = digital_time + adds / digital.mac_throughput
     analog_time = np.where(analog & (m.density > 0), m.serial_steps * aimc.mvm_latency_s, 0.0)
     n_stages = int(m.stage_id.max(initial=-1)) + 1
     stage_analog = np.zeros(n_stages)

@@ -164,13 +164,36 @@ def expected_squared_error(weight: torch.Tensor, second_moment: np.ndarray | tor
     return float(variance.sum(dim=0) @ moment)
 
 
+def neuron_expected_error(role: str, weight: torch.Tensor, second_moment: np.ndarray | torch.Tensor,
+                          settings: AnalogSettings, noise_model: Any) -> np.ndarray:
+    """(1) split by intermediate neuron: for a neuron-producing matrix (gate, up: W ``[I, H]``)
+    neuron ``j``'s share is its row, ``sum_i sigma_ji^2 E[x_i^2]``; for ``down`` (``[H, I]``)
+    its column, ``E[h_j^2] sum_i sigma_ij^2``. The shares add up to (1)."""
+    variance = weight_error_variance(weight, settings, noise_model).double()
+    moment = torch.as_tensor(np.asarray(second_moment), dtype=torch.float64)
+    if role == "down":
+        return (variance.sum(dim=0) * moment).numpy()
+    return (variance @ moment).numpy()
+
+
 def expert_expected_impact(density: float, matrices: Mapping[str, torch.Tensor],
                            second_moments: Mapping[str, np.ndarray], settings: AnalogSettings,
-                           noise_model: Any) -> float:
+                           noise_model: Any, neurons: bool = False
+                           ) -> tuple[float, np.ndarray | None]:
     """``density * sum over the expert's matrices of (1)``; ``matrices`` and
-    ``second_moments`` are keyed by matrix role (``gate``, ``up``, ``down``, ...)."""
+    ``second_moments`` are keyed by matrix role (``gate``, ``up``, ``down``, ...). With
+    ``neurons`` (an expert of gate/up/down matrices) also the per-neuron shares
+    (:func:`neuron_expected_error`, times ``density``), which add up to the total."""
+    if not neurons:
+        if density == 0.0:
+            return 0.0, None
+        return density * sum(expected_squared_error(weight, second_moments[role], settings,
+                                                    noise_model)
+                             for role, weight in matrices.items()), None
+    width = int(matrices["down"].shape[1])
     if density == 0.0:
-        return 0.0
-    return density * sum(expected_squared_error(weight, second_moments[role], settings,
-                                                noise_model)
-                         for role, weight in matrices.items())
+        return 0.0, np.zeros(width)
+    shares = sum(neuron_expected_error(role, weight, second_moments[role], settings, noise_model)
+                 for role, weight in matrices.items())
+    per_neuron = density * np.asarray(shares, dtype=np.float64)
+    return float(per_neuron.sum()), per_neuron

@@ -96,6 +96,14 @@ class ExpectedImpact:
                         lambda n: getattr(n.get(ExpertScore), "expected_impact", None),
                         "expected impacts (density, then expert-score)", ctx)
 
+    def neuron_scores(self, graph: Graph, experts: list[Node], ctx: CompileContext
+                      ) -> dict[str, np.ndarray]:
+        """Each neuron's share of its expert's expected impact (``ExpertScore.neuron_impact``)."""
+        values = {n.name: getattr(n.get(ExpertScore), "neuron_impact", None) for n in experts}
+        _require(experts, self.name, lambda n: None if values[n.name] is None else 0.0,
+                 "per-neuron expected impacts (density, then expert-score)", ctx)
+        return values  # type: ignore[return-value]
+
 
 #: The pipeline the ``measured`` policy's error message suggests.
 MEASURED_PIPELINE = "density,expert-score,sensitivity,place,tile,allocate,cost"
@@ -131,6 +139,14 @@ class Random:
         rng = np.random.default_rng([ctx.seed, -1 if layer is None else layer])
         return {n.name: float(v) for n, v in zip(experts, rng.random(len(experts)), strict=True)}
 
+    def neuron_scores(self, graph: Graph, experts: list[Node], ctx: CompileContext
+                      ) -> dict[str, np.ndarray]:
+        layer = experts[0].layer if experts else 0
+        rng = np.random.default_rng([ctx.seed, -2 if layer is None else layer])
+        from hetmap.compiler.ir.annotations import intermediate_width
+
+        return {n.name: rng.random(intermediate_width(n) or 0) for n in experts}
+
 
 class NoExperts:
     name: ClassVar[str] = "none"
@@ -153,6 +169,27 @@ class AllExperts:
 def builtin_policies() -> list[type[Any]]:
     return [MaxNorm, ActivationFrequency, ActivationWeight, RouterNorm, ExpectedImpact, Measured,
             Random, NoExperts, AllExperts]
+
+
+def check_neuron_scores(policy: Any, origin: str, experts: list[Node], scores: Any
+                        ) -> dict[str, np.ndarray]:
+    """Validate a policy's per-neuron scores (one finite vector per expert, of its intermediate
+    width); raise PluginError naming the policy when they are invalid."""
+    from hetmap.common.errors import PluginError
+    from hetmap.compiler.ir.annotations import intermediate_width
+
+    name = getattr(policy, "name", type(policy).__name__)
+    if not isinstance(scores, dict) or set(scores) != {n.name for n in experts}:
+        raise PluginError(f"policy {name} ({origin}) must return one neuron-score vector per "
+                          "expert node name")
+    checked = {}
+    for node in experts:
+        vector = np.asarray(scores[node.name], dtype=np.float64)
+        if vector.shape != (intermediate_width(node),) or not np.all(np.isfinite(vector)):
+            raise PluginError(f"policy {name} ({origin}) gave {node.name} neuron scores of shape "
+                              f"{vector.shape}, expected {intermediate_width(node)} finite values")
+        checked[node.name] = vector
+    return checked
 
 
 def check_scores(policy: Any, origin: str, experts: list[Node], scores: Any) -> dict[str, float]:

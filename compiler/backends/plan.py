@@ -188,10 +188,9 @@ def summarize(graph: Graph) -> dict[str, Any]:
         placement = node.get(Placement)
         if placement is None:
             continue
-        if placement.analog:
-            analog += node.matrix_params
-        else:
-            digital += node.matrix_params
+        on_digital = placement.digital_params(node)
+        digital += on_digital
+        analog += node.matrix_params - on_digital
     for layer, experts in sorted(graph.experts_by_layer().items()):
         moe = graph.moe_layers[layer]
         placed = [n.get(Placement) for n in experts]
@@ -200,10 +199,14 @@ def summarize(graph: Graph) -> dict[str, Any]:
             "experts": len(experts),
             "top_k": moe.top_k,
             "experts_digital": sum(1 for p in placed if p is not None and not p.analog),
-            "expert_params_digital": sum(n.matrix_params for n, p in zip(experts, placed, strict=True)
-                                         if p is not None and not p.analog),
+            "expert_params_digital": sum(p.digital_params(n) for n, p in
+                                         zip(experts, placed, strict=True) if p is not None),
             "expert_params": sum(n.matrix_params for n in experts),
         }
+        split = [p for p in placed if p is not None and p.split]
+        if split:
+            layers[layer]["experts_split"] = len(split)
+            layers[layer]["neurons_digital"] = sum(len(p.digital_neurons) for p in split)
     experts_all = graph.experts()
     summary: dict[str, Any] = {
         "nodes": len(graph),
@@ -319,7 +322,8 @@ def restore_annotations(graph: Any, data: dict[str, Any], target: Any, passes: A
         if "sensitivity" in entry:
             node.annotate(Sensitivity(entry["sensitivity"]))
         if "placement" in entry:
-            node.annotate(Placement(entry["placement"], entry["reason"]))
+            node.annotate(Placement(entry["placement"], entry["reason"],
+                                    tuple(entry.get("digital_neurons", ()))))
         elif placed:
             raise OutputError(f"{source}: node {node.name!r} has no placement; recompile the plan")
         matrices = entry.get("matrices", [])

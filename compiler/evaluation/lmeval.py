@@ -297,7 +297,6 @@ def evaluate_plan(plan: Plan, tasks: Sequence[str] | TaskSet = PAPER_TASKS, *, s
     """Accuracy of ``plan``'s model on lm-eval ``tasks`` (names, or a :class:`TaskSet` from
     :func:`load_tasks`): all-digital and mapped per seed."""
     from hetmap.compiler.evaluation.simulate import analog_part
-    from hetmap.runtime import build_simulated_model
     from hetmap.runtime.settings import settings_for
 
     if seeds < 1:
@@ -320,9 +319,7 @@ def evaluate_plan(plan: Plan, tasks: Sequence[str] | TaskSet = PAPER_TASKS, *, s
     advance(1)
     mapped: dict[str, dict[str, list[float]]] = {t: {m: [] for m in digital[t]} for t in names}
     for index in range(seeds):
-        simulated = build_simulated_model(model, part.linears, part.experts, settings,
-                                          seed=seed + index, backend=backend,
-                                          layouts=part.layouts).to(device)
+        simulated = part.build(model, settings, seed + index, backend).to(device)
         values, _ = run_tasks(HetmapLM.for_model(plan.model, simulated, **options), loaded, **run)
         for task, metrics in mapped.items():
             for metric, series in metrics.items():

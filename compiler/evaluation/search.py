@@ -203,7 +203,8 @@ def group_sizes(graph: Graph, budget_scope: str) -> list[int]:
 
 
 def map_budget(base: Plan, budget: float, *, policy: str, budget_scope: str,
-               registries: Registries, seed: int = 0, chips: int | str | None = None) -> Plan:
+               registries: Registries, seed: int = 0, chips: int | str | None = None,
+               granularity: str = "expert") -> Plan:
     """``base`` (analysed) placed and mapped at ``budget`` on a copy of its graph."""
     from hetmap.compiler.api import Plan
     from hetmap.compiler.passes.base import CompileContext
@@ -211,7 +212,7 @@ def map_budget(base: Plan, budget: float, *, policy: str, budget_scope: str,
     from hetmap.compiler.passes.pipeline import parse_pipeline
 
     options: dict[str, Any] = {"policy": policy, "budget": budget, "budget_scope": budget_scope,
-                               "chips": chips}
+                               "chips": chips, "granularity": granularity}
     passes = build_passes(parse_pipeline(MAP_PIPELINE), registries.passes, options)
     ctx = CompileContext(model=base.model, target=base.target, registries=registries, seed=seed)
     run = run_pipeline(copy.deepcopy(base.graph), passes, ctx)
@@ -240,13 +241,11 @@ class _Evaluator:
 
     def mapped_ppl(self, plan: Plan, seeds: range, advance: Callable[[int], None]) -> list[float]:
         from hetmap.compiler.evaluation.simulate import analog_part, perplexity
-        from hetmap.runtime import build_simulated_model
 
         part = analog_part(plan.graph, self.model)
         values = []
         for seed in seeds:
-            simulated = build_simulated_model(self.model, part.linears, part.experts,
-                                              self.settings, seed=seed, layouts=part.layouts)
+            simulated = part.build(self.model, self.settings, seed)
             values.append(perplexity(simulated.to(self.device), self.windows, self.device))
             del simulated
             advance(1)
@@ -259,7 +258,8 @@ def search_budget(base: Plan, *, max_loss: float, policy: str, budget_scope: str
                   eval_tokens: int = 8192, seq_len: int = 256, device: str = "cpu",
                   chips: int | str | None = None, registries: Registries | None = None,
                   progress: Progress | None = None,
-                  on_step: Callable[[SearchStep], None] | None = None) -> SearchResult:
+                  on_step: Callable[[SearchStep], None] | None = None,
+                  granularity: str = "expert") -> SearchResult:
     """Bisect the candidate budgets of ``base`` for the smallest within ``max_loss`` (rules 1-4)."""
     from hetmap.compiler.registry import load_registries
     from hetmap.runtime.settings import settings_for
@@ -278,7 +278,8 @@ def search_budget(base: Plan, *, max_loss: float, policy: str, budget_scope: str
         budget = candidates[index]
         try:
             plan = map_budget(base, budget, policy=policy, budget_scope=budget_scope,
-                              registries=registries, seed=seed, chips=chips)
+                              registries=registries, seed=seed, chips=chips,
+                              granularity=granularity)
         except CapacityError:
             step = _step(base.graph, budget, budget_scope, (), evaluator.digital_ppl, max_loss,
                          None, fits=False)
@@ -296,7 +297,7 @@ def search_budget(base: Plan, *, max_loss: float, policy: str, budget_scope: str
     found = bisect_smallest(len(candidates), passes)
     settings_json = {**settings.to_dict(), "seeds": list(range(seed, seed + seeds)),
                      "eval_tokens": evaluator.tokens, "eval_source": eval_file or "corpus:eval",
-                     "device": device}
+                     "device": device, "granularity": granularity}
     return SearchResult(max_loss, evaluator.digital_ppl, policy, budget_scope, candidates,
                         list(steps.values()), steps[found] if found is not None else None,
                         plans[found] if found is not None else None, settings_json)

@@ -48,6 +48,17 @@ class AnalogPart:
     simulated_digital: tuple[str, ...] = ()
     #: experts module path -> its ExpertLayout (hetmap.runtime.layouts)
     layouts: dict[str, Any] = field(default_factory=dict)
+    #: experts module path -> split analog expert -> its digital neurons
+    split: dict[str, dict[int, tuple[int, ...]]] = field(default_factory=dict)
+
+    def build(self, model: nn.Module, settings: Any, seed: int, backend: str = "hetmap"
+              ) -> nn.Module:
+        """``model`` with this part on simulated tiles programmed with ``seed``."""
+        from hetmap.runtime import build_simulated_model
+
+        return build_simulated_model(model, self.linears, self.experts, settings, seed=seed,
+                                     backend=backend, layouts=self.layouts,
+                                     digital_neurons=self.split)
 
 
 def _layouts(graph: Graph, modules: dict[str, nn.Module], paths: set[str]) -> dict[str, Any]:
@@ -63,6 +74,7 @@ def analog_part(graph: Graph, model: nn.Module) -> AnalogPart:
     modules = dict(model.named_modules())
     linears: list[str] = []
     experts: dict[str, list[int]] = {}
+    split: dict[str, dict[int, tuple[int, ...]]] = {}
     kept: list[str] = []
     stacked = {m.experts_module for m in graph.moe_layers.values() if m.layout != "modulelist"}
     for node in graph.matrix_nodes():
@@ -72,14 +84,20 @@ def analog_part(graph: Graph, model: nn.Module) -> AnalogPart:
         if node.kind is NodeKind.EXPERT and node.module in stacked:
             assert node.module is not None and node.expert is not None
             experts.setdefault(node.module, []).append(node.expert)
+            if placement.split:
+                split.setdefault(node.module, {})[node.expert] = placement.digital_neurons
             continue
+        if placement.split:
+            raise SimulationError(f"{node.name} is split by neuron, but its experts are separate "
+                                  "nn.Linear modules, which the simulator does not split yet; "
+                                  "compile it with --granularity expert")
         for matrix in node.matrices:
             if isinstance(modules.get(matrix.key), nn.Linear):
                 linears.append(matrix.key)
             else:
                 kept.append(matrix.key)
     return AnalogPart(tuple(linears), {k: tuple(sorted(v)) for k, v in experts.items()},
-                      tuple(kept), _layouts(graph, modules, set(experts)))
+                      tuple(kept), _layouts(graph, modules, set(experts)), split)
 
 
 def non_finite_cause(model: nn.Module, what: str) -> str:
@@ -145,7 +163,6 @@ def simulate_plan(plan: Plan, *, seeds: int = 1, seed: int = 0, noise_scale: flo
                   progress: Callable[[str, int], Callable[[int], None]] | None = None,
                   digital_ppl: float | None = None) -> SimulationResult:
     """Perplexity of ``plan``'s model all-digital and mapped (``seeds`` programming seeds)."""
-    from hetmap.runtime import build_simulated_model
 
     if seeds < 1:
         raise SimulationError(f"--seeds must be at least 1, got {seeds}")
@@ -167,9 +184,7 @@ def simulate_plan(plan: Plan, *, seeds: int = 1, seed: int = 0, noise_scale: flo
     advance(1)
     mapped: list[float] = []
     for index in range(seeds):
-        simulated = build_simulated_model(model, part.linears, part.experts, settings,
-                                          seed=seed + index, backend=backend,
-                                          layouts=part.layouts).to(device)
+        simulated = part.build(model, settings, seed + index, backend).to(device)
         value = perplexity(simulated, windows, device)
         if not math.isfinite(value):
             raise SimulationError(non_finite_cause(simulated, f"the mapped model (seed {seed + index})"))

@@ -53,6 +53,8 @@ class SweepPoint:
     energy_per_token_j: float | None = None
     latency_per_token_s: float | None = None
     digital_energy_per_token_j: float | None = None
+    #: split experts: (experts module, ((expert, digital neurons), ...)), ...
+    split: tuple[tuple[str, tuple[tuple[int, tuple[int, ...]], ...]], ...] = ()
 
 
 _WORKER_STATE: dict[str, Any] = {}  # one model per worker process (see rule 2)
@@ -76,8 +78,22 @@ def evaluate_point(point: SweepPoint) -> float:
         _WORKER_STATE.update(key=key, model=model, windows=batches(tokens, point.seq_len, 8))
     settings = AnalogSettings.from_dict(dict(point.settings))
     simulated = build_simulated_model(_WORKER_STATE["model"], point.linears, dict(point.experts),
-                                      settings, seed=point.seed)
+                                      settings, seed=point.seed,
+                                      digital_neurons={path: dict(v) for path, v in point.split})
     return perplexity(simulated, _WORKER_STATE["windows"])
+
+
+GRANULARITIES = ("expert", "neuron")
+
+
+def split_policy(label: str, default: str = "expert") -> tuple[str, str]:
+    """``NAME@GRANULARITY`` -> (name, granularity); a plain name takes ``default``."""
+    name, _, unit = label.partition("@")
+    unit = unit or default
+    if unit not in GRANULARITIES:
+        raise SimulationError(f"policy {label!r}: granularity must be one of "
+                              f"{', '.join(GRANULARITIES)}, e.g. expected-impact@neuron")
+    return name, unit
 
 
 def point_key(point: SweepPoint) -> str:
@@ -324,10 +340,12 @@ def sweep_points(model: str, plans: Iterable[tuple[str, float, Any]], noise_scal
         cost = {"energy_per_token_j": summary.get("energy_per_token_j"),
                 "latency_per_token_s": summary.get("latency_per_token_s"),
                 "digital_energy_per_token_j": summary.get("digital_energy_per_token_j")}
+        split = tuple((path, tuple(sorted(v.items()))) for path, v in sorted(part.split.items()))
         for scale in noise_scales:
             settings = tuple(sorted(settings_for(scale).to_dict().items()))
             for index in range(seeds):
                 points.append(SweepPoint(model, policy, budget, scale, seed + index, fraction,
                                          part.linears, tuple(sorted(part.experts.items())),
-                                         settings, eval_file, eval_tokens, seq_len, **cost))
+                                         settings, eval_file, eval_tokens, seq_len, **cost,
+                                         split=split))
     return points

@@ -85,7 +85,7 @@ class InputMoments:
         return {"input_rms": round(float(np.sqrt(first.mean())), 6)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ExpertScore:
     """Per-expert scores: the paper's maximum-neuron-norm product, the router-row norm and the
     expected output-error impact under the target's programming noise (see
@@ -94,11 +94,20 @@ class ExpertScore:
     max_norm: float | None = None
     router_norm: float | None = None
     expected_impact: float | None = None
+    #: per intermediate neuron, the part of ``expected_impact`` its weights cause (rows of
+    #: gate/up, column of down; they add up to ``expected_impact``). Not written to plan.json.
+    neuron_impact: np.ndarray | None = None
 
     def check(self, node: Node) -> None:
         for value in (self.max_norm, self.router_norm, self.expected_impact):
             if value is not None and not value >= 0.0:
                 raise VerificationError(f"{node.name}: negative or NaN score {value}")
+        if self.neuron_impact is not None:
+            width = intermediate_width(node)
+            if self.neuron_impact.shape != (width,) or not bool(np.all(self.neuron_impact >= 0)):
+                raise VerificationError(f"{node.name}: neuron impacts of shape "
+                                        f"{self.neuron_impact.shape} (negative or NaN?) for "
+                                        f"{width} neurons")
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -144,12 +153,47 @@ class Sensitivity:
         return f"sensitivity={self.loss_increase:.4g}"
 
 
+#: roles of the matrices that produce an expert's intermediate neurons (rows of W [out, in])
+NEURON_PRODUCERS = ("gate", "up")
+#: the role that consumes them (columns of W [out, in])
+NEURON_CONSUMER = "down"
+
+
+def intermediate_width(node: Node) -> int | None:
+    """The number of intermediate neurons of a splittable expert (matrices gate/up ``[I, H]``
+    and down ``[H, I]``, down present), or None when its matrices are not of that form."""
+    roles = {m.role: m for m in node.matrices}
+    down = roles.get(NEURON_CONSUMER)
+    if down is None or set(roles) - {*NEURON_PRODUCERS, NEURON_CONSUMER} or len(roles) < 2:
+        return None
+    width = down.in_features
+    if any(roles[r].out_features != width for r in NEURON_PRODUCERS if r in roles):
+        return None
+    return width
+
+
+def analog_shape(role: str, shape: tuple[int, int], digital: int) -> tuple[int, int]:
+    """The shape of the analog part of a matrix of a split expert with ``digital`` of its
+    intermediate neurons digital: gate/up lose rows, down loses columns."""
+    out_features, in_features = shape
+    if role == NEURON_CONSUMER:
+        return out_features, in_features - digital
+    return out_features - digital, in_features
+
+
 @dataclass(frozen=True)
 class Placement:
-    """Where a node runs and why."""
+    """Where a node runs and why.
+
+    ``digital_neurons`` (neuron-granular placement, experts only): the intermediate neurons of
+    an analog expert that run digitally -- rows of its gate/up, columns of its down. Its
+    analog part is the smaller matrices without them (tiled on their own); the two parts'
+    outputs are added digitally. Empty for a whole-expert placement.
+    """
 
     target: TargetName
     reason: str
+    digital_neurons: tuple[int, ...] = ()
 
     def check(self, node: Node) -> None:
         if self.target not in (DIGITAL, AIMC):
@@ -158,15 +202,46 @@ class Placement:
             raise VerificationError(f"{node.name}: placement without a reason")
         if self.target == AIMC and not node.matrices:
             raise VerificationError(f"{node.name}: placed on {AIMC} but has no matrices")
+        if self.digital_neurons:
+            width = intermediate_width(node)
+            if self.target != AIMC or width is None:
+                raise VerificationError(f"{node.name}: digital neurons on a node that is not a "
+                                        "splittable analog expert")
+            neurons = self.digital_neurons
+            if list(neurons) != sorted(set(neurons)) or neurons[0] < 0 or neurons[-1] >= width:
+                raise VerificationError(f"{node.name}: digital neurons must be distinct, sorted "
+                                        f"and in 0..{width - 1}")
+            if len(neurons) == width:
+                raise VerificationError(f"{node.name}: every neuron digital: place it digital")
 
     @property
     def analog(self) -> bool:
         return self.target == AIMC
 
+    @property
+    def split(self) -> bool:
+        return bool(self.digital_neurons)
+
+    def digital_params(self, node: Node) -> int:
+        """Parameters of ``node`` that this placement puts on digital: all for a digital
+        node, the digital neurons' rows of gate/up (with their biases) and columns of down
+        for a split expert, none otherwise."""
+        if not self.analog:
+            return node.matrix_params
+        per_neuron = sum(m.out_features if m.role == NEURON_CONSUMER
+                         else m.in_features + (1 if m.bias is not None else 0)
+                         for m in node.matrices)
+        return len(self.digital_neurons) * per_neuron
+
     def to_json(self) -> dict[str, Any]:
-        return {"placement": self.target, "reason": self.reason}
+        out: dict[str, Any] = {"placement": self.target, "reason": self.reason}
+        if self.digital_neurons:
+            out["digital_neurons"] = list(self.digital_neurons)
+        return out
 
     def brief(self) -> str:
+        if self.digital_neurons:
+            return f"@{self.target}+{len(self.digital_neurons)}-digital-neurons"
         return f"@{self.target}"
 
 

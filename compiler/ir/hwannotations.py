@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from hetmap.common.errors import VerificationError
 from hetmap.common.grid import TileGrid
 from hetmap.compiler.algorithms.cost import CostEstimate
+from hetmap.compiler.ir.annotations import Placement, analog_shape
 from hetmap.compiler.ir.graph import Node
 
 
@@ -25,8 +26,11 @@ class Tiling:
         if len(self.grids) != len(node.matrices):
             raise VerificationError(f"{node.name}: {len(self.grids)} tile grids for "
                                     f"{len(node.matrices)} matrices")
+        placement = node.get(Placement)
+        digital = len(placement.digital_neurons) if placement is not None else 0
         for grid, matrix in zip(self.grids, node.matrices, strict=True):
-            if (grid.out_features, grid.in_features) != matrix.shape:
+            if (grid.out_features, grid.in_features) != analog_shape(matrix.role, matrix.shape,
+                                                                     digital):
                 raise VerificationError(f"{node.name}: tile grid {grid.out_features}x"
                                         f"{grid.in_features} does not cover {matrix.role} {matrix.shape}")
 

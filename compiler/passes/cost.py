@@ -5,7 +5,10 @@ Requires: :class:`Placement`, :class:`Density`, :class:`Tiling`, :class:`Allocat
 :class:`CostSummary` on the graph. An analog node without tiles is an error, never priced at
 zero. The model and its assumptions
 are in :mod:`hetmap.compiler.algorithms.cost`; expert up/gate and down matrices are costed as
-dependent stages.
+dependent stages. A split expert (neuron-granular placement) is costed as its analog part
+(the tiles of its smaller matrices) plus its digital part (the digital neurons' rows of
+gate/up and columns of down) plus one digital addition per output of down (the two parts'
+partial sums).
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ import numpy as np
 
 from hetmap.common.errors import PassError
 from hetmap.compiler.algorithms.cost import estimate_cost
-from hetmap.compiler.ir.annotations import Density, Placement
+from hetmap.compiler.ir.annotations import (
+    AIMC,
+    DIGITAL,
+    NEURON_CONSUMER,
+    Density,
+    Placement,
+    analog_shape,
+)
 from hetmap.compiler.ir.graph import Graph
 from hetmap.compiler.ir.hwannotations import (
     AllocationSummary,
@@ -37,7 +47,7 @@ class CostPass:
 
     def run(self, graph: Graph, ctx: CompileContext) -> PassResult:
         kinds, outs, ins, density, placement, layer, tiles, stage = [], [], [], [], [], [], [], []
-        steps = []
+        steps, adds = [], []
         for node in graph.matrix_nodes():
             where = node.get(Placement)
             if where is None:
@@ -51,23 +61,34 @@ class CostPass:
                                 "tile/allocate changed the placement: run tile,allocate again")
             if d is None:
                 raise PassError(f"node {node.name} has no density; run density before cost")
+            split = len(where.digital_neurons)
             for m_index, matrix in enumerate(node.matrices):
-                kinds.append(node.kind.value)
-                outs.append(matrix.out_features)
-                ins.append(matrix.in_features)
-                density.append(d.value)
-                placement.append(where.target)
-                layer.append(-1 if node.layer is None else node.layer)
-                tiles.append(tiling.grids[m_index].count if tiling is not None else 0)
-                stage.append(1 if matrix.role in ("down", "o_proj") else 0)
-                steps.append(arrays.steps(m_index) if where.analog and arrays is not None else 1)
+                parts = [(where.target, analog_shape(matrix.role, matrix.shape, split))]
+                if split:  # the digital neurons' part, and the digital sum of the two parts
+                    full_out, full_in = matrix.shape
+                    parts.append((DIGITAL, (full_out, split) if matrix.role == NEURON_CONSUMER
+                                  else (split, full_in)))
+                for part, (out_features, in_features) in parts:
+                    analog = part == AIMC
+                    kinds.append(node.kind.value)
+                    outs.append(out_features)
+                    ins.append(in_features)
+                    density.append(d.value)
+                    placement.append(part)
+                    layer.append(-1 if node.layer is None else node.layer)
+                    tiles.append(tiling.grids[m_index].count if analog and tiling is not None
+                                 else 0)
+                    stage.append(1 if matrix.role in ("down", "o_proj") else 0)
+                    steps.append(arrays.steps(m_index) if analog and arrays is not None else 1)
+                    adds.append(out_features if split and analog and matrix.role ==
+                                NEURON_CONSUMER else 0)
         if not kinds:
             raise PassError("no placed matrix nodes to cost; run place before cost")
         estimate = estimate_cost(ctx.target, kind=kinds, out_features=np.asarray(outs),
                                  in_features=np.asarray(ins), density=np.asarray(density),
                                  placement=placement, layer=np.asarray(layer),
                                  tiles=np.asarray(tiles), serial_steps=np.asarray(steps),
-                                 stage=np.asarray(stage))
+                                 stage=np.asarray(stage), adds=np.asarray(adds))
         graph.annotate(CostSummary(estimate))
         return PassResult(graph, True, [f"energy {estimate.energy_ratio:.2f}x, latency "
                                         f"{estimate.latency_ratio:.2f}x all-digital"])

@@ -21,7 +21,10 @@ Rules:
    target's settings (model, ``prog_noise_scale``, tile size) after the runtime's per-tile
    abs-max scaling and device-pair conversion (see :mod:`hetmap.compiler.algorithms.expert_score`). Computed
    only when every expert of a layer has a calibration density and input moments (``density``
-   ran first); a note says when it was not.
+   ran first); a note says when it was not. For an expert of gate/up/down matrices the
+   figure is also kept split by intermediate neuron (``neuron_impact``: row j of gate/up and
+   column j of down, whose input second moment is neuron j's activation), the score of
+   neuron-granular placement (``place{granularity=neuron}``).
 4. A model without weights gets no scores (a note says so); policies needing them refuse.
 """
 
@@ -35,7 +38,12 @@ import torch
 from hetmap.common.errors import MissingDataError
 from hetmap.compiler.algorithms.expert_score import expert_expected_impact
 from hetmap.compiler.data.weights import WeightStore
-from hetmap.compiler.ir.annotations import Density, ExpertScore, InputMoments
+from hetmap.compiler.ir.annotations import (
+    Density,
+    ExpertScore,
+    InputMoments,
+    intermediate_width,
+)
 from hetmap.compiler.ir.graph import Graph, Matrix, Node
 from hetmap.compiler.passes.base import CompileContext, PassResult
 
@@ -116,14 +124,15 @@ class ExpertScorePass:
             for node in experts:
                 weights = {m.role: load_matrix(store, node, m) for m in node.matrices}
                 impact_inputs = inputs[node.name] if layer not in without_impact else None
-                impact = None
+                impact, per_neuron = None, None
                 if impact_inputs is not None and noise is not None:
                     density, moments = impact_inputs
-                    impact = expert_expected_impact(density, weights, moments.second_moments,
-                                                    *noise)
+                    impact, per_neuron = expert_expected_impact(
+                        density, weights, moments.second_moments, *noise,
+                        neurons=intermediate_width(node) is not None)
                 node.annotate(ExpertScore(
                     max_norm=_max_norm(node, weights), router_norm=float(router_rows[node.expert]),
-                    expected_impact=impact))
+                    expected_impact=impact, neuron_impact=per_neuron))
                 advance(1)
         notes = []
         if without_impact:

@@ -14,6 +14,13 @@ Rules, in order:
    across all layers (``global``) the top ``round(budget * count)`` go digital, ties broken by
    expert index; the rest go to ``aimc-tile``. The reason gives the rank and the budget.
    Policies ``none`` and ``all`` put no / every expert on digital.
+4. ``granularity=neuron``: the unit is one intermediate neuron of a routed expert (row j of
+   gate/up, column j of down). Each group (layer or all layers) gets the digital parameters
+   the per-expert budget would give it, ``round(budget * experts) * I`` neurons; the policy's
+   ``neuron_scores`` rank the group's neurons (ties by layer, expert, neuron) and the top ones
+   go digital. An expert with every neuron digital is placed digital, one with none analog,
+   the others analog with ``digital_neurons`` (a split expert). Layers whose experts are not
+   gate/up/down experts of one width keep whole-expert placement (a note says which).
 """
 
 from __future__ import annotations
@@ -22,8 +29,11 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from hetmap.compiler.algorithms.place import check_scores
-from hetmap.compiler.ir.annotations import AIMC, DIGITAL, Density, Placement
+import numpy as np
+
+from hetmap.common.errors import PassError
+from hetmap.compiler.algorithms.place import check_neuron_scores, check_scores
+from hetmap.compiler.ir.annotations import AIMC, DIGITAL, Density, Placement, intermediate_width
 from hetmap.compiler.ir.graph import Graph, Node, NodeKind
 from hetmap.compiler.passes.base import CompileContext, PassResult
 from hetmap.targets import aimc_supports
@@ -49,6 +59,8 @@ class PlacePass:
     budget_scope: Literal["layer", "global"] = "layer"
     dense: Literal["digital", "analog"] = "digital"
     dense_threshold: float = 0.5
+    #: the unit of placement: whole routed experts, or their intermediate neurons
+    granularity: Literal["expert", "neuron"] = "expert"
 
     def validate(self) -> str | None:
         if not 0.0 <= self.budget <= 1.0:
@@ -69,10 +81,72 @@ class PlacePass:
         scores: dict[str, float] = {}
         for experts in layers.values():
             scores.update(check_scores(policy, origin, experts, policy.scores(graph, experts, ctx)))
-        groups = list(layers.values()) if self.budget_scope == "layer" else [graph.experts()]
+        fixed = getattr(policy, "fixed", None)
+        notes: list[str] = []
+        if self.granularity == "neuron" and fixed is None:
+            whole = [layer for layer, experts in layers.items()
+                     if len({intermediate_width(n) for n in experts} - {None}) != 1
+                     or any(intermediate_width(n) is None for n in experts)]
+            if whole:
+                notes.append(f"layers {whole}: experts not of gate/up/down form, placed whole")
+            split_layers = {k: v for k, v in layers.items() if k not in whole}
+            neuron_scores = self._neuron_scores(policy, origin, graph, split_layers, ctx)
+            groups = (list(split_layers.values()) if self.budget_scope == "layer"
+                      else [[n for v in split_layers.values() for n in v]])
+            for experts in groups:
+                if experts:
+                    self._place_neurons(experts, neuron_scores, ctx)
+            layers = {k: v for k, v in layers.items() if k in whole}
+        groups = (list(layers.values()) if self.budget_scope == "layer"
+                  else [[n for v in layers.values() for n in v]])
         for experts in groups:
-            self._place_experts(experts, scores, getattr(policy, "fixed", None), ctx)
-        return PassResult(graph, True)
+            if experts:
+                self._place_experts(experts, scores, fixed, ctx)
+        return PassResult(graph, True, notes)
+
+    def _neuron_scores(self, policy: object, origin: str, graph: Graph,
+                       layers: dict[int, list[Node]], ctx: CompileContext) -> dict[str, np.ndarray]:
+        method = getattr(policy, "neuron_scores", None)
+        if method is None:
+            raise PassError(f"policy {self.policy} ranks whole experts only; with "
+                            "granularity=neuron use one with neuron scores: "
+                            "expected-impact, random")
+        scores: dict[str, np.ndarray] = {}
+        for experts in layers.values():
+            scores.update(check_neuron_scores(policy, origin, experts,
+                                              method(graph, experts, ctx)))
+        return scores
+
+    def _place_neurons(self, experts: list[Node], scores: dict[str, np.ndarray],
+                       ctx: CompileContext) -> None:
+        width = intermediate_width(experts[0])
+        assert width is not None
+        keep = budget_count(self.budget, len(experts)) * width
+        stacked = np.stack([scores[n.name] for n in experts])  # [experts, neurons]
+        # rank by score, ties by (layer, expert, neuron): a stable sort of the flat order
+        order = sorted(range(len(experts)), key=lambda i: (experts[i].layer or 0,
+                                                           experts[i].expert or 0))
+        flat = stacked[order].reshape(-1)
+        ranked = np.argsort(-flat, kind="stable")[:keep]
+        chosen = np.zeros_like(flat, dtype=bool)
+        chosen[ranked] = True
+        chosen = chosen.reshape(len(experts), width)
+        where = f"in layer {experts[0].layer}" if self.budget_scope == "layer" else "across layers"
+        text = (f"{self.policy} neurons, top {keep} of {flat.size} {where} "
+                f"(budget {self.budget:.1%} of experts' parameters)")
+        for row, index in enumerate(order):
+            node = experts[index]
+            digital = np.flatnonzero(chosen[row])
+            ok, why = aimc_supports(ctx.target, node.kind.value, node.matrices[0].shape, True)
+            if not ok:
+                node.annotate(Placement(DIGITAL, f"aimc-tile cannot run it: {why}"))
+            elif digital.size == width:
+                node.annotate(Placement(DIGITAL, f"{text}: every neuron inside"))
+            elif digital.size == 0:
+                node.annotate(Placement(AIMC, f"{text}: no neuron inside"))
+            else:
+                node.annotate(Placement(AIMC, f"{text}: {digital.size} of {width} neurons inside",
+                                        tuple(int(j) for j in digital)))
 
     def _place_fixed(self, node: Node, ctx: CompileContext) -> Placement:
         if not node.matrices:

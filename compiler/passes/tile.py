@@ -5,7 +5,9 @@ Requires: :class:`Placement`; reads the target's crossbar ``rows`` x ``cols``. P
 
 Rules: (1) W ``[out, in]`` becomes ``ceil(in / rows) x ceil(out / cols)`` tiles; rows index
 input features, columns output features; the last tiles of each side are partial. (2) Digital
-nodes get no tiling (a stale one is removed).
+nodes get no tiling (a stale one is removed). (3) A split expert (neuron-granular placement)
+tiles only its analog part: gate/up without their digital rows, down without its digital
+columns (:func:`~hetmap.compiler.ir.annotations.analog_shape`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from hetmap.common.grid import TileGrid
-from hetmap.compiler.ir.annotations import Placement
+from hetmap.compiler.ir.annotations import Placement, analog_shape
 from hetmap.compiler.ir.graph import Graph
 from hetmap.compiler.ir.hwannotations import Tiling
 from hetmap.compiler.passes.base import CompileContext, PassResult
@@ -35,7 +37,8 @@ class TilePass:
             if placement is None or not placement.analog:
                 node.annotations.pop(Tiling, None)
                 continue
-            tiling = Tiling(tuple(TileGrid(m.out_features, m.in_features, rows, cols)
+            digital = len(placement.digital_neurons)
+            tiling = Tiling(tuple(TileGrid(*analog_shape(m.role, m.shape, digital), rows, cols)
                                   for m in node.matrices))
             node.annotate(tiling)
             tiles += tiling.count
