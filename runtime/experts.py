@@ -447,6 +447,7 @@ class SimulatedExperts(LayoutExperts):
         digital_neurons: Mapping[int, Sequence[int]] | None = None,
     ) -> None:
         super().__init__(experts, analog_experts, path, layout)
+        self.members: torch.Tensor  # [groups, E]: each expert's index in a group, or -1
         canon = canonical_experts(experts, path, self.layout)
         analog = set(self.analog_experts)
         split = self._checked_split(digital_neurons or {}, analog)
@@ -513,7 +514,8 @@ class SimulatedExperts(LayoutExperts):
                 continue
             local, order = torch.sort(local[chosen], stable=True)
             chosen = chosen[order]
-            rows = RowGroups.from_sorted(local, cast(_ExpertGroup, group).inner.num_matrices)
+            inner = cast(AnalogTileStack | DigitalStack, cast(_ExpertGroup, group).inner)
+            rows = RowGroups.from_sorted(local, inner.num_matrices)
             outputs = group(inputs[pair_row[chosen]], rows, activation)
             if not self.split:  # every pair in exactly one group
                 yield chosen, outputs

@@ -24,6 +24,13 @@ Rules:
    from ``ort`` to ``dispatch`` and why, the largest difference from PyTorch on the example
    input, and the graph's FLOPs and bytes (:mod:`~hetmap.compiler.backends.onnx_flops`) for
    one sequence of :data:`COST_SEQUENCE` tokens; :func:`summary_line` is its one-line form.
+8. A split expert (neuron-granular placement) exports as two parts
+   (:class:`~hetmap.compiler.backends.onnx_experts.SplitExpertMLP`) whose outputs are added:
+   its analog neurons' matrices (tagged as the matrix, ``hetmap.part`` = ``analog-neurons``,
+   their tiles those of the smaller matrices) and its digital neurons' (initializers
+   ``<store>.<e>.digital.<role>.weight``, ``hetmap.placement`` = ``digital``, ``hetmap.part``
+   = ``digital-neurons``); ``hetmap.neurons`` lists each part's neurons (indices into the
+   expert's intermediate dimension). Only stacked experts stores are split (else EmitError).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hetmap.common.errors import EmitError, MissingDataError
-from hetmap.compiler.ir.annotations import Placement
+from hetmap.compiler.ir.annotations import DIGITAL, NEURON_CONSUMER, Placement
 from hetmap.compiler.ir.graph import Node, NodeKind
 from hetmap.compiler.ir.hwannotations import ArrayAssignment, Tiling
 
@@ -88,7 +95,38 @@ def matrix_tags(plan: Plan) -> dict[str, dict[str, str]]:
                 entry["hetmap.layer"] = str(node.layer)
                 entry["hetmap.expert"] = str(node.expert)
             tags[matrix.key] = entry
+            if placement.split:  # rule 8
+                digital = set(placement.digital_neurons)
+                width = matrix.in_features if matrix.role == NEURON_CONSUMER else matrix.out_features
+                entry["hetmap.part"] = "analog-neurons"
+                entry["hetmap.neurons"] = json.dumps([j for j in range(width) if j not in digital])
+                tags[digital_key(matrix.key)] = {
+                    **{k: v for k, v in entry.items() if k != "hetmap.tiles"},
+                    "hetmap.placement": DIGITAL, "hetmap.part": "digital-neurons",
+                    "hetmap.neurons": json.dumps(sorted(digital))}
     return tags
+
+
+def digital_key(key: str) -> str:
+    """The matrix key of the digital part of a split expert's matrix ``<store>.<e>.<role>``."""
+    prefix, _, role = key.rpartition(".")
+    return f"{prefix}.digital.{role}"
+
+
+def split_experts(plan: Plan) -> dict[str, dict[int, tuple[int, ...]]]:
+    """Experts store path -> split expert -> its digital neurons (rule 8)."""
+    stacked = {m.experts_module for m in plan.graph.moe_layers.values() if m.layout != "modulelist"}
+    split: dict[str, dict[int, tuple[int, ...]]] = {}
+    for node in plan.graph.experts():
+        placement = node.get(Placement)
+        if placement is None or not placement.split:
+            continue
+        if node.module not in stacked or node.expert is None:
+            raise EmitError(f"{node.name} is split by neuron, but its experts are separate "
+                            "nn.Linear modules, which the ONNX back end does not split yet; "
+                            "compile it with --granularity expert")
+        split.setdefault(node.module, {})[node.expert] = placement.digital_neurons
+    return split
 
 
 class _Allocated:
@@ -130,7 +168,8 @@ def emit_onnx(plan: Plan, out_dir: Path, *, tiles: bool = False, moe: str | None
     report = export_onnx(model, path, matrix_tags=matrix_tags(plan), model_props=props,
                          tile_ranges=tile_ranges(plan) if tiles else None,
                          example_input=plan.model.example_input,
-                         moe_form=moe or DEFAULT_MOE_FORM, external_data=external_data)
+                         moe_form=moe or DEFAULT_MOE_FORM, external_data=external_data,
+                         split_experts=split_experts(plan))
     if report.untagged_nodes:
         first = report.untagged_nodes[0]
         raise EmitError(f"{len(report.untagged_nodes)} weight-consuming ONNX node(s) have no IR "

@@ -25,12 +25,17 @@ Rules:
    ``e``'s input, and return expert ``e``'s output in the same rows.
 5. The graph is static and exact; compute scales with the number of experts, memory with the
    weights only (no per-token gathers of expert weights).
+6. A split expert (``split``: expert -> its digital neurons) is a :class:`SplitExpertMLP`:
+   ``<e>.gate/up/down`` hold its analog neurons in their original order (gate/up rows, down
+   columns; the down bias stays here), ``<e>.digital.gate/up/down`` its digital neurons, and
+   the two parts' outputs are added. The activation acts neuron by neuron, so the sum is the
+   expert's output.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +76,19 @@ class ExpertMLP(nn.Module):
         return self.down(self.activation(gate, self.up(hidden)))
 
 
+class SplitExpertMLP(ExpertMLP):
+    """A split expert (neuron-granular placement): its own ``gate``/``up``/``down`` hold the
+    analog neurons (rows of gate/up, columns of down), ``digital`` the digital neurons; the
+    output is the sum of the two parts (rule 6)."""
+
+    def __init__(self, analog: ExpertMLP, digital: ExpertMLP) -> None:
+        super().__init__(analog.gate, analog.up, analog.down, analog.activation)
+        self.digital = digital
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden) + self.digital(hidden)
+
+
 def routing_matrix(
     top_k_index: torch.Tensor, top_k_weights: torch.Tensor, slots: int
 ) -> torch.Tensor:
@@ -109,9 +127,11 @@ class StaticExperts(nn.Module):
 
     form = "static"
 
-    def __init__(self, store: nn.Module, layout: ExpertLayout) -> None:
+    def __init__(self, store: nn.Module, layout: ExpertLayout,
+                 split: Mapping[int, Sequence[int]] | None = None) -> None:
         super().__init__()
         experts = canonical(store, layout)
+        split = split or {}
         self.call = layout.call
         self.hidden = layout.hidden
         self.num_experts = layout.num_experts
@@ -119,7 +139,7 @@ class StaticExperts(nn.Module):
         self.zero_to_zero = layout.has_gate and not layout.biases and not layout.post_norm
         self.signature = inspect.signature(store.forward)
         for index in range(layout.num_experts):
-            self.add_module(str(index), _expert(experts, index))
+            self.add_module(str(index), _expert(experts, index, split.get(index)))
         if experts.post_norm is not None:
             self.post_expert_norm = experts.post_norm
 
@@ -179,12 +199,33 @@ def _in_signature_order(signature: inspect.Signature, args: tuple, kwargs: dict)
     return values
 
 
-def _expert(experts: CanonicalExperts, index: int) -> ExpertMLP:
-    linears = {
-        role: ExpertLinear(weights[index], experts.biases[role][index]
-                           if role in experts.biases else None)
-        for role, weights in experts.weights.items()
-    }
+def _expert(experts: CanonicalExperts, index: int,
+            digital: Sequence[int] | None = None) -> ExpertMLP:
+    if not digital:
+        return _expert_part(experts, index, None, True)
+    chosen = set(int(j) for j in digital)
+    width = experts.layout.intermediate
+    analog = torch.tensor([j for j in range(width) if j not in chosen], dtype=torch.long)
+    return SplitExpertMLP(_expert_part(experts, index, analog, True),
+                          _expert_part(experts, index, torch.tensor(sorted(chosen)), False))
+
+
+def _expert_part(experts: CanonicalExperts, index: int, neurons: torch.Tensor | None,
+                 down_bias: bool) -> ExpertMLP:
+    """Expert ``index`` restricted to ``neurons`` (all when None): gate/up rows and biases,
+    down columns (rule 6)."""
+    linears = {}
+    for role, weights in experts.weights.items():
+        weight = weights[index]
+        bias = experts.biases[role][index] if role in experts.biases else None
+        if neurons is not None:
+            if role == "down":
+                weight = weight[:, neurons]
+                bias = bias if down_bias else None
+            else:
+                weight = weight[neurons]
+                bias = None if bias is None else bias[neurons]
+        linears[role] = ExpertLinear(weight, bias)
     return ExpertMLP(linears.get("gate"), linears["up"], linears["down"], experts.activation)
 
 

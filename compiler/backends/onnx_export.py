@@ -58,7 +58,7 @@ import inspect
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +136,7 @@ def export_onnx(
     verify: bool = True,
     moe_form: str = "static",
     external_data: bool = False,
+    split_experts: Mapping[str, Mapping[int, Sequence[int]]] | None = None,
 ) -> ExportReport:
     """Write ``model`` as ONNX to ``path`` with placement tags (module docstring, rules 1-8)."""
     path = Path(path)
@@ -146,7 +147,7 @@ def export_onnx(
     tiles = {key: [tuple(t) for t in ranges] for key, ranges in (tile_ranges or {}).items()}
     exportable = _LogitsModule(model)
     reference = PyTorchReference(model, exportable, input_ids, VERIFY_TOLERANCE)
-    with prepared_for_export(model, reference.run, tiles, moe_form) as prepared:
+    with prepared_for_export(model, reference.run, tiles, moe_form, split_experts) as prepared:
         onnx_model = _run_exporter(exportable, input_ids, type(model).__name__)
         strip_prefix(onnx_model, f"{_WRAPPED}.")
         _optimize(onnx_model, prepared.parameter_names)

@@ -13,8 +13,10 @@ Rules, in the order they are applied:
    ``gate_up_proj``/``up_proj``/``down_proj`` stacks, or flat 2-D stacks such as DBRX's) has
    its layout read by :func:`hetmap.runtime.layouts.read_layout`, its width being the last
    dimension of its recorded input, and is swapped for :class:`StaticExperts` (MoE form
-   ``static``) or :class:`DispatchExperts` (``dispatch``, ``ort``), whose output on the
-   recorded call must match the original's. A store with 3-D stacks that cannot be
+   ``static``) or :class:`DispatchExperts` (``dispatch``, ``ort``), with the experts listed
+   in ``split_experts`` split by neuron (that module's rule 6), whose output on the
+   recorded call must match the original's. Split experts of any other store are an
+   EmitError; a block with split experts stays in the dispatch form under ``ort``. A store with 3-D stacks that cannot be
    read or exported is an EmitError, as is any other 3-D ``*proj`` parameter left afterwards;
    flat stacks that read as no layout stay. Stores inside a swapped store are not visited.
 4. Every ModuleList/ModuleDict experts container with its own ``forward`` that was called
@@ -108,6 +110,7 @@ def prepared_for_export(
     run_forward: Callable[[], object],
     tile_ranges: Mapping[str, Sequence[TileRange]],
     moe_form: str = "static",
+    split_experts: Mapping[str, Mapping[int, Sequence[int]]] | None = None,
 ) -> Iterator[PreparedModel]:
     """Yield ``model`` rewritten for export (rules 1-6); undo everything on exit (rule 7)."""
     with ExitStack() as undo:
@@ -126,8 +129,14 @@ def prepared_for_export(
                 if layout is not None:
                     stores[path] = layout
         sparse = moe_form != "static"
+        split = dict(split_experts or {})
+        unknown = sorted(set(split) - set(stores))
+        if unknown:
+            raise EmitError(f"{unknown[0]!r} has experts split by neuron, but is not an experts "
+                            "store the ONNX back end splits (stacked gate/up/down); compile it "
+                            "with --granularity expert")
         for path, layout in stores.items():
-            _swap_experts_store(swap, path, layout, calls.get(path), sparse)
+            _swap_experts_store(swap, path, layout, calls.get(path), sparse, split.get(path))
         swapped = list(stores)
         for path in containers:
             if _try_dense_dispatch(swap, path, calls.get(path), sparse):
@@ -137,7 +146,8 @@ def prepared_for_export(
         fallbacks: list[tuple[str, str]] = []
         if moe_form == "ort":
             for path, layout in stores.items():
-                reason = _try_ort_block(swap, path, layout, calls)
+                reason = ("some of its experts are split by neuron, which the operator cannot "
+                          "express" if path in split else _try_ort_block(swap, path, layout, calls))
                 if reason is None:
                     ort_stores[path] = layout.num_experts
                 else:
@@ -253,9 +263,10 @@ def _input_width(call: _RecordedCall | None) -> int | None:
 
 
 def _swap_experts_store(swap: _Swapper, path: str, layout: ExpertLayout,
-                        call: _RecordedCall | None, sparse: bool) -> None:
+                        call: _RecordedCall | None, sparse: bool,
+                        split: Mapping[int, Sequence[int]] | None = None) -> None:
     store = swap.get(path)
-    static = (DispatchExperts if sparse else StaticExperts)(store, layout)
+    static = (DispatchExperts if sparse else StaticExperts)(store, layout, split)
     if call is not None and not _reproduces(static, call):
         raise EmitError(
             f"experts module {path!r} ({type(store).__name__}, layout {layout.name}) does not "

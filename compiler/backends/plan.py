@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hetmap.common.errors import HetmapError, OutputError
-from hetmap.compiler.ir.annotations import Placement
+from hetmap.compiler.ir.annotations import Placement, analog_shape
 from hetmap.compiler.ir.graph import Graph, Node
 from hetmap.compiler.ir.hwannotations import AllocationSummary, ArrayLayout, CostSummary
 
@@ -85,6 +85,11 @@ def node_json(node: Node) -> dict[str, Any]:
         if matrix_json is not None:
             for index, matrix in enumerate(matrices):
                 matrix.update(matrix_json(index))
+    placement = node.get(Placement)
+    if placement is not None and placement.split:  # the analog part's matrices
+        for matrix, m in zip(matrices, node.matrices, strict=True):
+            matrix["analog_shape"] = list(analog_shape(m.role, m.shape,
+                                                       len(placement.digital_neurons)))
     if matrices:
         entry["matrices"] = matrices
     return entry
@@ -328,7 +333,9 @@ def restore_annotations(graph: Any, data: dict[str, Any], target: Any, passes: A
             raise OutputError(f"{source}: node {node.name!r} has no placement; recompile the plan")
         matrices = entry.get("matrices", [])
         if any("tile_grid" in m for m in matrices):
-            grids = tuple(TileGrid(m["shape"][0], m["shape"][1], rows, cols) for m in matrices)
+            split = len(entry.get("digital_neurons", ()))
+            grids = tuple(TileGrid(*analog_shape(m["role"], tuple(m["shape"]), split), rows, cols)
+                          for m in matrices)
             for grid, matrix in zip(grids, matrices, strict=True):
                 if matrix.get("tile_grid") != [grid.n_row_tiles, grid.n_col_tiles]:
                     raise OutputError(f"{source}: node {node.name!r} {matrix['role']} has tile grid "

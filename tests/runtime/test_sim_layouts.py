@@ -13,6 +13,7 @@ and the aihwkit reference backend against the hetmap tiles on the same layouts (
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torch import nn
 from transformers.models.muse_spark import modeling_muse_spark
 from transformers.models.step3p7 import modeling_step3p7
 
+from hetmap.common.errors import SimulationError
 from hetmap.compiler.frontend.moe import find_moe_blocks
 from hetmap.compiler.frontend.zoo import ZOO, shrink
 from hetmap.runtime import AnalogSettings, ReferenceExperts, SimulatedExperts, build_simulated_model
@@ -233,3 +235,87 @@ def test_aihwkit_reference_matches_hetmap_tiles(family: str) -> None:
         outputs, reference = ours(*arguments), theirs(*arguments)
     assert outputs.shape == reference.shape
     assert ((outputs - reference).norm() / reference.norm()).item() < 1e-5
+
+
+# --- split experts (neuron-granular placement) ---------------------------------------------
+
+#: analog expert -> its digital neurons (those below each case's intermediate width)
+SPLIT = {1: (0, 5, 17, 63), 4: tuple(range(0, 64, 2)), 6: (31,)}
+
+
+@pytest.mark.parametrize("family", sorted(LAYOUTS))
+def test_ideal_split_experts_reproduce_the_experts_module(family: str) -> None:
+    """Ideal tiles: analog part + exact digital part = the expert, on every layout (biases,
+    custom gating, post-expert norm, identity experts, dense-input calls included)."""
+    found = case(family)
+    width = experts_layout(found.experts, found.experts_path).intermediate
+    split = {e: tuple(j for j in neurons if j < width) for e, neurons in SPLIT.items()}
+    simulated = SimulatedExperts(found.experts, ANALOG, IDEAL, seed=0, path=found.experts_path,
+                                 digital_neurons=split)
+    arguments = _inputs(found, seed=5)
+    with torch.no_grad():
+        reference, outputs = found.experts(*arguments), simulated(*arguments)
+    assert outputs.shape == reference.shape and outputs.dtype == reference.dtype
+    assert _relative(outputs, reference) < 1e-5
+
+
+def test_split_analog_part_is_the_compacted_expert_on_tiles() -> None:
+    """The analog part of experts split on neurons D computes exactly what the same experts
+    without D (a smaller store) compute on tiles programmed with the same seed: the packing
+    adds nothing (same tiles, scales, noise draws)."""
+    from hetmap.runtime.experts import canonical_experts, expert_group
+    from hetmap.runtime.grouped import RowGroups
+    from hetmap.runtime.layouts import activation_of
+
+    found = case("olmoe")
+    store = found.experts
+    width = experts_layout(store, "e").intermediate
+    keep = torch.tensor([j for j in range(width) if j not in (3, 9, width - 1)])
+    compact = copy.deepcopy(store)
+    gate, up = store.gate_up_proj.detach().split(width, dim=1)
+    compact.gate_up_proj = nn.Parameter(torch.cat([gate[:, keep], up[:, keep]], dim=1))
+    compact.down_proj = nn.Parameter(store.down_proj.detach()[:, :, keep])
+    settings = AnalogSettings(rows=16, cols=16, noise_scale=2.0, out_noise=0.05)
+    chosen = [1, 4, 6]
+    split = expert_group(canonical_experts(store, "e"), chosen, settings, 7,
+                         neurons=[keep] * len(chosen))
+    whole = expert_group(canonical_experts(compact, "e"), chosen, settings, 7)
+    inputs = torch.randn(9, 64, generator=torch.Generator().manual_seed(0))
+    rows = RowGroups.from_sorted(torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2]), 3)
+    activation = activation_of(store, experts_layout(store, "e"))
+    with torch.no_grad():
+        torch.testing.assert_close(split(inputs, rows, activation),
+                                   whole(inputs, rows, activation), rtol=0, atol=0)
+
+
+def test_split_digital_neurons_are_exact_under_noise() -> None:
+    """With noise, an expert whose every neuron but one is digital is far closer to the exact
+    expert than the same expert fully analog (fixed seeds, 5 programmings)."""
+    found = case("olmoe")
+    arguments = _inputs(found, seed=6)
+    analog_rows, _ = _changed_rows(found, arguments)
+    errors = {}
+    with torch.no_grad():
+        reference = found.experts(*arguments)
+        width = experts_layout(found.experts, found.experts_path).intermediate
+        for name, split in (("analog", {}), ("split", {e: tuple(range(1, width)) for e in ANALOG})):
+            total = 0.0
+            for seed in range(5):
+                simulated = SimulatedExperts(found.experts, ANALOG, NOISY, seed=seed,
+                                             path=found.experts_path, digital_neurons=split)
+                total += float((simulated(*arguments) - reference)[analog_rows].square().mean())
+            errors[name] = total / 5
+    assert errors["split"] < 0.1 * errors["analog"], errors
+
+
+def test_split_experts_are_refused_when_inconsistent() -> None:
+    found = case("olmoe")
+    width = experts_layout(found.experts, found.experts_path).intermediate
+    for split, says in (({0: (1,)}, "not an analog expert"), ({1: tuple(range(width))}, "not all"),
+                        ({1: (width,)}, f"some of 0..{width - 1}")):
+        with pytest.raises(SimulationError, match=says):
+            SimulatedExperts(found.experts, ANALOG, IDEAL, seed=0, path=found.experts_path,
+                             digital_neurons=split)
+    with pytest.raises(SimulationError, match="does not simulate split experts"):
+        build_simulated_model(found.model, [], {found.experts_path: ANALOG}, IDEAL, seed=0,
+                              backend="aihwkit", digital_neurons={found.experts_path: {1: (0,)}})
