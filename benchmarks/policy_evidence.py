@@ -6,7 +6,9 @@ with renormalised top-k routing, CPython C headers) and ``demo-ds`` (fine-graine
 kind of text: the ``calib`` / ``eval`` splits of its corpus (:mod:`hetmap.compiler.data.corpus`)
 are written to temporary files and passed as ``calib`` / the evaluation text.
 
-For every policy in :data:`POLICIES`, budgets 0.125 and 0.25 and programming-noise scales
+For every policy in :data:`POLICIES` (``NAME@neuron``: neuron-granular placement at the same
+digital parameter count, see ``place{granularity=neuron}``), budgets 0.125 and 0.25 and
+programming-noise scales
 c = 1.5 and 2.5, over ``--seeds`` programming seeds, the benchmark reports the **share of the
 all-analog-to-digital perplexity gap the policy recovers**::
 
@@ -61,6 +63,7 @@ from hetmap.compiler.api import Plan, compile_model
 from hetmap.compiler.data import corpus
 from hetmap.compiler.data.textdata import batches, load_tokens
 from hetmap.compiler.evaluation.simulate import analog_part, perplexity, settings_for
+from hetmap.compiler.evaluation.sweep import split_policy
 from hetmap.compiler.passes.base import CompileContext
 from hetmap.compiler.passes.manager import build_passes, run_pipeline
 from hetmap.compiler.passes.pipeline import parse_pipeline
@@ -70,7 +73,9 @@ from hetmap.runtime import build_simulated_model
 #: model name -> the corpus it was trained on (its calibration and evaluation text)
 MODELS = {"demo": "stdlib", "demo-c": "c-headers", "demo-ds": "package-docs"}
 POLICIES = ["max-norm", "activation-frequency", "activation-weight", "router-norm", "random",
-            "expected-impact", "measured"]
+            "expected-impact", "measured", "expected-impact@neuron", "random@neuron"]
+#: the policies that rank whole experts (their scores are correlated with the sensitivity)
+EXPERT_POLICIES = [p for p in POLICIES if "@" not in p]
 BUDGETS = [0.125, 0.25]
 NOISE = [1.5, 2.5]
 SENSITIVITY_PASS_SEED = 1000
@@ -89,8 +94,7 @@ def mapped_ppl(model: torch.nn.Module, base: Plan, graph: Any, windows: list[tor
                scale: float, seed: int) -> float:
     part = analog_part(graph, model)
     settings = settings_for(base.target, noise_scale=scale)
-    return perplexity(build_simulated_model(model, part.linears, part.experts, settings, seed=seed),
-                      windows)
+    return perplexity(part.build(model, settings, seed), windows)
 
 
 def write_split_text(directory: Path, corpus_name: str, split: str, max_bytes: int) -> Path:
@@ -116,7 +120,8 @@ def evaluate_model(name: str, args: argparse.Namespace, registries: Any,
     calib_file = write_split_text(workdir, corpus_name, "calib", args.calib_tokens * 2)
     eval_file = write_split_text(workdir, corpus_name, "eval", args.eval_tokens)
     base = compile_model(name, pipeline="density,expert-score", registries=registries,
-                         calib=str(calib_file), calib_tokens=args.calib_tokens)
+                         calib=str(calib_file), calib_tokens=args.calib_tokens,
+                         granularity="neuron")
     model = base.model.runnable()
     windows = batches(load_tokens(base.model, eval_file, "eval", args.eval_tokens), 256, 8)
     eval_tokens = int(sum(w.numel() for w in windows))
@@ -150,8 +155,9 @@ def evaluate_model(name: str, args: argparse.Namespace, registries: Any,
             f"{statistics.fmean(dense_recovered):+.3f}")
         for budget in BUDGETS:
             for policy in POLICIES:
-                place = f"place{{policy={policy},budget={budget}}}"
-                if policy == "random":
+                policy_name, granularity = split_policy(policy)
+                place = f"place{{policy={policy_name},budget={budget},granularity={granularity}}}"
+                if policy_name == "random":
                     ppls = [mapped_ppl(model, base, run_passes(graph, base, registries, place,
                                                                seed=s), windows, scale, s)
                             for s in seeds]
@@ -175,7 +181,7 @@ def evaluate_model(name: str, args: argparse.Namespace, registries: Any,
     log(f"[{name}] reference sensitivity measured")
     score_graph = graphs[args.sensitivity_scale] if args.sensitivity_scale in graphs else graphs[NOISE[-1]]
     correlations = {}
-    for policy in POLICIES:
+    for policy in EXPERT_POLICIES:
         scores = policy_scores(score_graph, base, registries, policy)
         per_layer = {}
         for layer, entries in reference["by_layer"].items():
@@ -241,7 +247,7 @@ def summarize(models: list[dict[str, Any]]) -> dict[str, Any]:
             c["expert_gap_recovered_mean"] for r in models for c in r["configs"].values()
             if c.get("policy") == policy)
         rhos = [r["spearman"][policy]["mean_per_layer"] for r in models
-                if r["spearman"][policy]["mean_per_layer"] is not None]
+                if policy in r["spearman"] and r["spearman"][policy]["mean_per_layer"] is not None]
         entry["spearman_mean_per_layer"] = statistics.fmean(rhos) if rhos else None
         summary[policy] = entry
     ranked = sorted(POLICIES, key=lambda p: -summary[p]["recovered_mean"])
@@ -363,6 +369,11 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{p} {summary[p]['expert_gap_recovered_mean']:.3f}" for p in ranked) + "."]
     lines += ["", f"Best on average across all models: **{result['summary']['best']}**. "
               + head_to_head(result, ranked[0], ranked[1]), ""]
+    if "expected-impact@neuron" in summary and "expected-impact" in summary:
+        lines += ["Neuron-granular against whole-expert placement (expected-impact, same digital "
+                  "parameters): " + head_to_head(result, "expected-impact@neuron",
+                                                 "expected-impact").replace(
+                      "Against the runner-up expected-impact: ", ""), ""]
     sens = models[0]["reference_sensitivity"]
     lines += [
         "Spearman rank correlation of each policy's score with the measured per-expert "
@@ -373,7 +384,7 @@ def markdown(result: dict[str, Any]) -> str:
         "`random` one seeded draw:", "",
         "| score | " + " | ".join(f"{r['model']}" for r in models) + " | mean |",
         "|---" + "|---" * len(models) + "|---:|"]
-    for policy in ranked:
+    for policy in [p for p in ranked if p in EXPERT_POLICIES]:
         cells = []
         for r in models:
             corr = r["spearman"][policy]

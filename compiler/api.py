@@ -277,8 +277,10 @@ def run_sweep(model: str, *, policies: list[str], budgets: list[float], noise_sc
         raise OutputError(f"an interrupted sweep into {out} left {len(record.load())} finished "
                           f"point(s) in {record.path}: pass --resume to continue it, or delete "
                           "that file to start over")
+    units = {sweeping.split_policy(policy, granularity)[1] for policy in policies}
     base = compile_model(model, target=target, pipeline="density,expert-score",
-                         registries=registries, progress=progress, calib_tokens=calib_tokens)
+                         registries=registries, progress=progress, calib_tokens=calib_tokens,
+                         granularity="neuron" if "neuron" in units else "expert")
     plans = []
     for policy in policies:
         for budget in budgets:
@@ -343,7 +345,8 @@ def search(model: str | nn.Module | LoadedModel, *, max_loss: float, metric: str
     analysis = POLICY_PIPELINES.get(policy, DEFAULT_PIPELINE).split(",place")[0]
     base = compile_model(model, target=target, pipeline=analysis, seed=seed,
                          trust_remote_code=trust_remote_code, registries=registries,
-                         progress=progress, calib=calib, calib_tokens=calib_tokens)
+                         progress=progress, calib=calib, calib_tokens=calib_tokens,
+                         granularity=granularity)
     return search_budget(base, max_loss=max_loss, policy=policy, budget_scope=budget_scope,
                          seeds=seeds, seed=seed, noise_scale=noise_scale, drift_time=drift_time,
                          eval_file=eval_file, eval_tokens=eval_tokens, device=device, chips=chips,

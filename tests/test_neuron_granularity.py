@@ -10,9 +10,9 @@ from functools import cache
 
 import numpy as np
 import pytest
+import torch
 
 from hetmap.common.errors import PassError, VerificationError
-from hetmap.compiler.algorithms.expert_score import weight_error_variance
 from hetmap.compiler.api import Plan, compile_model, load_plan
 from hetmap.compiler.cli import main
 from hetmap.compiler.ir.annotations import (
@@ -21,7 +21,6 @@ from hetmap.compiler.ir.annotations import (
     InputMoments,
     Placement,
     analog_shape,
-    intermediate_width,
 )
 from hetmap.compiler.ir.hwannotations import Tiling
 from hetmap.compiler.passes.place import budget_count
@@ -35,30 +34,70 @@ def plan(granularity: str, budget: float = 0.25, policy: str = "expected-impact"
                          calib_tokens=CALIB)
 
 
-def test_neuron_impacts_split_the_expert_impact_by_row_and_column() -> None:
-    """Per-neuron shares add up to the expert's expected impact, and each share is row j of
-    gate/up and column j of down of (1) computed from the variance directly."""
+def _expert_inputs(compiled: Plan, index: int) -> tuple:
     from hetmap.runtime.programming import make_noise_model
     from hetmap.runtime.settings import settings_for
 
-    compiled = plan("neuron")
-    node = compiled.graph.experts()[5]
-    score, density = node.get(ExpertScore), node.get(Density)
-    assert score is not None and score.neuron_impact is not None and density is not None
-    width = intermediate_width(node)
-    assert width == 128 and score.neuron_impact.shape == (width,)
-    assert score.neuron_impact.sum() == pytest.approx(score.expected_impact, rel=1e-9)
+    node = compiled.graph.experts()[index]
+    settings = settings_for(compiled.target)
+    weights = {m.role: compiled.model.weights().load(m.weight) for m in node.matrices}
     moments = node.get(InputMoments)
     assert moments is not None
-    settings = settings_for(compiled.target)
-    noise = make_noise_model(settings)
-    weights = {m.role: compiled.model.weights().load(m.weight) for m in node.matrices}
-    expected = np.zeros(width)
-    for role, weight in weights.items():
-        variance = weight_error_variance(weight, settings, noise).double().numpy()
-        moment = np.asarray(moments.second_moments[role])
-        expected += variance.sum(0) * moment if role == "down" else variance @ moment
-    np.testing.assert_allclose(score.neuron_impact, density.value * expected, rtol=1e-6)
+    return node, weights, dict(moments.second_moments), settings, make_noise_model(settings)
+
+
+def test_marginal_impacts_add_up_and_match_the_analog_part_by_hand() -> None:
+    """(3): the falls add up to the expert's expected error (1); the first chunk's fall is
+    (1) of the full expert minus (1) of its analog part without that chunk, computed by hand
+    from the compacted matrices; the order is by the range each neuron sets."""
+    from hetmap.compiler.algorithms.expert_score import (
+        NEURON_STEPS,
+        expected_squared_error,
+        neuron_marginal_impact,
+    )
+
+    node, weights, moments, settings, noise = _expert_inputs(plan("neuron"), 5)
+    gains, order = neuron_marginal_impact(weights, moments, settings, noise)
+    full = sum(expected_squared_error(w, moments[r], settings, noise) for r, w in weights.items())
+    assert gains.sum() == pytest.approx(full, rel=1e-9)
+    chunk = 128 // NEURON_STEPS
+    keep = torch.as_tensor(np.sort(order[chunk:]))
+    rest = (expected_squared_error(weights["gate"][keep], moments["gate"], settings, noise)
+            + expected_squared_error(weights["up"][keep], moments["up"], settings, noise)
+            + expected_squared_error(weights["down"][:, keep], moments["down"][keep.numpy()],
+                                     settings, noise))
+    np.testing.assert_allclose(gains[order[:chunk]], (full - rest) / chunk, rtol=1e-9)
+    spread = np.max([(weights[r].abs().amax(dim=1 if r != "down" else 0)
+                      / weights[r].abs().max()).numpy() for r in weights], axis=0)
+    assert np.all(np.diff(spread[order]) <= 0)
+    # the range effect: removing the top-range chunk cuts more than its own rows and column
+    own = sum(expected_squared_error(weights[r][order[:chunk]] if r != "down" else
+                                     weights[r][:, order[:chunk]],
+                                     moments[r] if r != "down" else moments[r][order[:chunk]],
+                                     settings, noise) for r in weights)
+    assert full - rest > own
+
+
+def test_neuron_scores_rank_a_prefix_of_the_range_order() -> None:
+    """Each split expert's digital neurons are the first ones of its range order."""
+    from hetmap.compiler.algorithms.expert_score import neuron_marginal_impact, prefix_scores
+
+    compiled = plan("neuron")
+    for index, node in enumerate(compiled.graph.experts()):
+        placement = node.get(Placement)
+        assert placement is not None
+        if not placement.split:
+            continue
+        _node, weights, moments, settings, noise = _expert_inputs(compiled, index)
+        gains, order = neuron_marginal_impact(weights, moments, settings, noise)
+        digital = placement.digital_neurons
+        assert sorted(order[: len(digital)].tolist()) == list(digital)
+        scores = prefix_scores(gains, order)
+        assert np.all(np.diff(scores[order]) <= 0)
+        score = node.get(ExpertScore)
+        density = node.get(Density)
+        assert score is not None and density is not None and score.neuron_impact is not None
+        np.testing.assert_allclose(score.neuron_impact, density.value * scores, rtol=1e-9)
 
 
 @pytest.mark.parametrize("budget", [0.125, 0.25, 0.5])
@@ -243,3 +282,24 @@ def test_onnx_of_split_experts_is_exact_and_tags_both_parts(form: str, tmp_path)
             expected = runnable(ids).logits.numpy()
         (actual,) = session.run(None, {session.get_inputs()[0].name: ids.numpy()})
         assert np.abs(actual - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+def test_sweep_places_policies_by_neuron_when_asked(tmp_path) -> None:
+    """``NAME@neuron`` in a sweep: the same digital fraction as the whole-expert policy, its
+    own perplexity; a bad granularity is one line before any work."""
+    from hetmap.common.errors import SimulationError
+    from hetmap.compiler.api import run_sweep
+
+    result = run_sweep("demo", policies=["expected-impact", "expected-impact@neuron"],
+                       budgets=[0.25], noise_scales=[1.5], seeds=1, eval_tokens=512,
+                       calib_tokens=512, out=tmp_path / "sweep")
+    rows = {row["policy"]: row for row in result["summary"]}
+    assert set(rows) == {"expected-impact", "expected-impact@neuron"}
+    assert rows["expected-impact@neuron"]["digital_fraction"] == pytest.approx(
+        rows["expected-impact"]["digital_fraction"], rel=1e-12)
+    assert rows["expected-impact@neuron"]["ppl_mean"] != rows["expected-impact"]["ppl_mean"]
+    assert "expected-impact@neuron" in (tmp_path / "sweep" / "sweep.csv").read_text()
+    with pytest.raises(SimulationError, match="granularity must be one of"):
+        run_sweep("demo", policies=["random@row"], budgets=[0.25], noise_scales=[1.5], seeds=1,
+                  out=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

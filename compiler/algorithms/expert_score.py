@@ -28,6 +28,11 @@ below makes nonzero only for correlated inputs.
 4. ``sigma_ij^2 = (M+ + M- - 2 m+ m-) * (tile abs-max / (g_max - g_min))^2`` (the two devices
    are independent; ``- 2 m+ m-`` is the product of their biases).
 
+(3) Neuron-granular placement ranks an expert's intermediate neurons by how much (1) of the
+expert's analog part falls when each goes digital (:func:`neuron_marginal_impact`), which
+includes the range effect: the tile's abs-max, and so every remaining weight's error, falls
+when the neurons holding the largest weights leave it.
+
 Noise models or converters without this closed form (ReRAM models, n-pair converters) get
 ``sigma_ij^2`` estimated from ``FALLBACK_SAMPLES`` programmings by the runtime itself. Drift
 and read noise are not included: the figure is the programming-noise error right after
@@ -176,24 +181,92 @@ def neuron_expected_error(role: str, weight: torch.Tensor, second_moment: np.nda
     return (variance @ moment).numpy()
 
 
+#: closed-form evaluations per expert for its neurons' marginal impacts (3)
+NEURON_STEPS = 16
+
+
+def _analog_part_error(matrices: Mapping[str, torch.Tensor], second_moments: Mapping[str, np.ndarray],
+                       keep: torch.Tensor, settings: AnalogSettings, noise_model: Any) -> float:
+    """(1) summed over the analog part of a split expert that keeps neurons ``keep``: gate/up
+    without the other rows, down without the other columns (tiled, scaled and programmed on
+    their own, as the runtime maps them)."""
+    if keep.numel() == 0:
+        return 0.0
+    total = 0.0
+    for role, weight in matrices.items():
+        if role == "down":
+            moment = np.asarray(second_moments[role])[keep.numpy()]
+            total += expected_squared_error(weight[:, keep], moment, settings, noise_model)
+        else:
+            total += expected_squared_error(weight[keep], second_moments[role], settings,
+                                            noise_model)
+    return total
+
+
+def neuron_marginal_impact(matrices: Mapping[str, torch.Tensor],
+                           second_moments: Mapping[str, np.ndarray], settings: AnalogSettings,
+                           noise_model: Any, steps: int = NEURON_STEPS
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """(3): how much (1) of an expert's analog part falls when each neuron goes digital.
+
+    A neuron's own rows and column carry its share of (1), but moving it off the tiles also
+    shrinks the abs-max of the tiles it leaves when it held their largest weights, and with it
+    the programming error of every weight that stays (the error is relative to the tile's
+    range). So the neurons are ordered by the range they set (the largest ``|w|`` of their
+    gate/up rows and down column, relative to that matrix's largest), and (1) of the analog
+    part is evaluated after removing the first ``k`` of them, for ``steps`` values of ``k``
+    from 0 to all; each neuron gets its chunk's fall divided by the chunk's size. Returns the
+    figures, which add up to the expert's (1) (the last evaluation, nothing left analog, is
+    0), and the order. Placement ranks by :func:`prefix_scores` of them: the falls were
+    measured for prefixes of the order, so the digital neurons of an expert must be one."""
+    down = matrices["down"]
+    width = int(down.shape[1])
+    spread = torch.zeros(width, dtype=torch.float64)
+    for role, weight in matrices.items():
+        magnitude = weight.detach().abs().double()
+        per = magnitude.amax(dim=0) if role == "down" else magnitude.amax(dim=1)
+        spread = torch.maximum(spread, per / max(float(magnitude.max()), 1e-30))
+    order = torch.argsort(-spread, stable=True)
+    chunk = -(-width // max(1, steps))
+    gains = np.zeros(width)
+    previous = _analog_part_error(matrices, second_moments, order.sort().values, settings,
+                                  noise_model)
+    for start in range(0, width, chunk):
+        removed = order[start : start + chunk]
+        current = _analog_part_error(matrices, second_moments,
+                                     order[start + chunk :].sort().values, settings, noise_model)
+        gains[removed.numpy()] = (previous - current) / removed.numel()
+        previous = current
+    return gains, order.numpy()
+
+
+def prefix_scores(gains: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Scores that rank a prefix of ``order`` first: each neuron gets the largest gain from its
+    place in ``order`` on (so never less than a neuron after it), less a tiny amount per place
+    (ties keep the order)."""
+    along = np.maximum(np.maximum.accumulate(gains[order][::-1])[::-1], 0.0)
+    scores = np.empty_like(gains)
+    scores[order] = along * (1.0 - 1e-9 * np.arange(order.size) / max(order.size, 1))
+    return scores
+
+
 def expert_expected_impact(density: float, matrices: Mapping[str, torch.Tensor],
                            second_moments: Mapping[str, np.ndarray], settings: AnalogSettings,
                            noise_model: Any, neurons: bool = False
                            ) -> tuple[float, np.ndarray | None]:
     """``density * sum over the expert's matrices of (1)``; ``matrices`` and
     ``second_moments`` are keyed by matrix role (``gate``, ``up``, ``down``, ...). With
-    ``neurons`` (an expert of gate/up/down matrices) also the per-neuron shares
-    (:func:`neuron_expected_error`, times ``density``), which add up to the total."""
-    if not neurons:
+    ``neurons`` (an expert of gate/up/down matrices) also its neurons' scores: the
+    :func:`prefix_scores` of their marginal impacts (3), times ``density``."""
+    per_neuron = None
+    if neurons:
         if density == 0.0:
-            return 0.0, None
-        return density * sum(expected_squared_error(weight, second_moments[role], settings,
-                                                    noise_model)
-                             for role, weight in matrices.items()), None
-    width = int(matrices["down"].shape[1])
+            per_neuron = np.zeros(int(matrices["down"].shape[1]))
+        else:
+            gains, order = neuron_marginal_impact(matrices, second_moments, settings, noise_model)
+            per_neuron = density * prefix_scores(gains, order)
     if density == 0.0:
-        return 0.0, np.zeros(width)
-    shares = sum(neuron_expected_error(role, weight, second_moments[role], settings, noise_model)
-                 for role, weight in matrices.items())
-    per_neuron = density * np.asarray(shares, dtype=np.float64)
-    return float(per_neuron.sum()), per_neuron
+        return 0.0, per_neuron
+    return density * sum(expected_squared_error(weight, second_moments[role], settings,
+                                                noise_model)
+                         for role, weight in matrices.items()), per_neuron

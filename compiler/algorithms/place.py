@@ -98,10 +98,12 @@ class ExpectedImpact:
 
     def neuron_scores(self, graph: Graph, experts: list[Node], ctx: CompileContext
                       ) -> dict[str, np.ndarray]:
-        """Each neuron's share of its expert's expected impact (``ExpertScore.neuron_impact``)."""
+        """Each neuron's score (``ExpertScore.neuron_impact``: (3) of
+        :mod:`hetmap.compiler.algorithms.expert_score`)."""
         values = {n.name: getattr(n.get(ExpertScore), "neuron_impact", None) for n in experts}
         _require(experts, self.name, lambda n: None if values[n.name] is None else 0.0,
-                 "per-neuron expected impacts (density, then expert-score)", ctx)
+                 "per-neuron expected impacts (density, then "
+                 "expert-score{granularity=neuron})", ctx)
         return values  # type: ignore[return-value]
 
 

@@ -94,8 +94,10 @@ class ExpertScore:
     max_norm: float | None = None
     router_norm: float | None = None
     expected_impact: float | None = None
-    #: per intermediate neuron, the part of ``expected_impact`` its weights cause (rows of
-    #: gate/up, column of down; they add up to ``expected_impact``). Not written to plan.json.
+    #: per intermediate neuron, the score of neuron-granular placement: how much
+    #: ``expected_impact`` falls when it goes digital (its rows of gate/up and column of down,
+    #: and the tile range it sets; see (3) in hetmap.compiler.algorithms.expert_score). Not
+    #: written to plan.json.
     neuron_impact: np.ndarray | None = None
 
     def check(self, node: Node) -> None:

@@ -21,17 +21,18 @@ Rules:
    target's settings (model, ``prog_noise_scale``, tile size) after the runtime's per-tile
    abs-max scaling and device-pair conversion (see :mod:`hetmap.compiler.algorithms.expert_score`). Computed
    only when every expert of a layer has a calibration density and input moments (``density``
-   ran first); a note says when it was not. For an expert of gate/up/down matrices the
-   figure is also kept split by intermediate neuron (``neuron_impact``: row j of gate/up and
-   column j of down, whose input second moment is neuron j's activation), the score of
-   neuron-granular placement (``place{granularity=neuron}``).
+   ran first); a note says when it was not. With ``granularity=neuron`` an expert
+   of gate/up/down matrices also gets each intermediate neuron's marginal impact
+   (``neuron_impact``: how much the expected error of its analog part falls when that neuron
+   goes digital, the range effect included; (3) in
+   :mod:`hetmap.compiler.algorithms.expert_score`), the score of ``place{granularity=neuron}``.
 4. A model without weights gets no scores (a note says so); policies needing them refuse.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -103,6 +104,10 @@ class ExpertScorePass:
     requires: ClassVar[tuple[type, ...]] = ()
     provides: ClassVar[tuple[type, ...]] = (ExpertScore,)
 
+    #: ``neuron``: also every neuron's marginal impact (the score of neuron-granular placement;
+    #: ``--granularity neuron`` sets it here and in ``place``)
+    granularity: Literal["expert", "neuron"] = "expert"
+
     def run(self, graph: Graph, ctx: CompileContext) -> PassResult:
         if not graph.moe_layers:
             return PassResult(graph, False)
@@ -129,7 +134,7 @@ class ExpertScorePass:
                     density, moments = impact_inputs
                     impact, per_neuron = expert_expected_impact(
                         density, weights, moments.second_moments, *noise,
-                        neurons=intermediate_width(node) is not None)
+                        neurons=self.granularity == "neuron" and intermediate_width(node) is not None)
                 node.annotate(ExpertScore(
                     max_norm=_max_norm(node, weights), router_norm=float(router_rows[node.expert]),
                     expected_impact=impact, neuron_impact=per_neuron))
