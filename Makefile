@@ -23,12 +23,15 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/hetmap demo
 
+# Two workers (the machines have 2 cores; each worker computes on one thread), then the
+# tests that send signals at chosen moments, alone (another worker's load would move them).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 -m "not serial" tests
+	$(PY) -m pytest -q -m serial tests
 
 # the quick loop while developing: everything but the tests marked slow (CI runs them all)
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
 # the wall-clock assertions (noisy on shared machines, so not in the default run)
 test-timing: $(STAMP)

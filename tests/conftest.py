@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,15 @@ from hetmap.compiler.ir.graph import Graph
 from hetmap.compiler.registry import Registries, load_registries
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``pytest -n N`` (``make test``) each worker computes on one thread: the workers
+    already fill the cores, and more threads per worker would only contend."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

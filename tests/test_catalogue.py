@@ -270,6 +270,7 @@ INTERRUPTS = [
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize(("stage", "argv", "delay"), INTERRUPTS, ids=[i[0] for i in INTERRUPTS])
 def test_interrupt_at_any_stage_leaves_nothing(stage: str, argv: list[str], delay: float,
@@ -299,6 +300,7 @@ def test_interrupt_at_any_stage_leaves_nothing(stage: str, argv: list[str], dela
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_concurrent_runs_into_one_output(tmp_path: Path) -> None:
     argv = [HETMAP, "compile", MODEL, "--emit", "onnx", "-o", "out"]
     procs = [subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL,

@@ -74,3 +74,29 @@ def test_tile_text() -> None:
     expected = expected.replace("density=0.400 @aimc-tile", "density=0.400 @aimc-tile tiles=12")
     assert str(run.graph) == expected
     assert sum(1 for n in run.graph if n.get(Placement) and n.get(Placement).analog) == 2
+
+
+def test_cost_counts_every_call_of_a_looped_module() -> None:
+    """A module called twice (``repeat`` node) costs twice: the mapped and all-digital energy
+    of the repeated attention grow by exactly its own, and its second call adds a stage."""
+    from hetmap.compiler.ir.graph import Node, NodeKind
+    from hetmap.compiler.ir.hwannotations import CostSummary
+    from hetmap.compiler.passes.allocate import AllocatePass
+    from hetmap.compiler.passes.cost import CostPass
+
+    def cost(repeat: bool) -> object:
+        graph = _before()
+        if repeat:
+            graph.add(Node("attn#1", NodeKind.OP, "attn", layer=0, op="repeat"), ["attn"])
+        passes = [PlacePass(policy="activation-frequency", budget=0.5), TilePass(),
+                  AllocatePass(), CostPass()]
+        summary = run_pipeline(graph, passes, _ctx()).graph.get(CostSummary)
+        assert summary is not None
+        return summary.estimate
+
+    once, twice = cost(False), cost(True)
+    for report in ("mapped", "all_digital"):
+        a, b = getattr(once, report), getattr(twice, report)
+        assert b.energy_by_kind["attention"] == 2 * a.energy_by_kind["attention"]
+        assert b.energy_by_kind["expert"] == a.energy_by_kind["expert"]
+        assert b.latency_by_kind["attention"] == 2 * a.latency_by_kind["attention"]

@@ -67,6 +67,7 @@ def test_torn_last_record_is_ignored(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_twenty_random_interrupts_then_the_same_csv(tmp_path: Path) -> None:
     """3 policies x 2 budgets x 3 seeds, SIGINT at 20 random moments, resumed each time."""
     hetmap = str(Path(sys.executable).with_name("hetmap"))

@@ -8,7 +8,8 @@ are in :mod:`hetmap.compiler.algorithms.cost`; expert up/gate and down matrices 
 dependent stages. A split expert (neuron-granular placement) is costed as its analog part
 (the tiles of its smaller matrices) plus its digital part (the digital neurons' rows of
 gate/up and columns of down) plus one digital addition per output of down (the two parts'
-partial sums).
+partial sums). A module called again (a looped layer: ``repeat`` nodes) is costed once per
+call, each call in its own stages after the previous one.
 """
 
 from __future__ import annotations
@@ -38,6 +39,22 @@ from hetmap.compiler.ir.hwannotations import (
 from hetmap.compiler.passes.base import CompileContext, PassResult
 
 
+def _calls(graph: Graph) -> dict[str, int]:
+    """Matrix node -> how many times a token runs it: once, plus once per ``repeat`` node of
+    its module or a module containing it (a module called again, e.g. a looped layer, is
+    lowered once; see hetmap.compiler.frontend.lower rule 6)."""
+    repeated = [n.module for n in graph if n.op == "repeat" and n.module]
+    if not repeated:
+        return {}
+    calls = {}
+    for node in graph.matrix_nodes():
+        module = node.module or ""
+        extra = sum(1 for path in repeated if module == path or module.startswith(f"{path}."))
+        if extra:
+            calls[node.name] = 1 + extra
+    return calls
+
+
 @dataclass(frozen=True)
 class CostPass:
     name: ClassVar[str] = "cost"
@@ -48,6 +65,7 @@ class CostPass:
     def run(self, graph: Graph, ctx: CompileContext) -> PassResult:
         kinds, outs, ins, density, placement, layer, tiles, stage = [], [], [], [], [], [], [], []
         steps, adds = [], []
+        calls = _calls(graph)
         for node in graph.matrix_nodes():
             where = node.get(Placement)
             if where is None:
@@ -68,7 +86,8 @@ class CostPass:
                     full_out, full_in = matrix.shape
                     parts.append((DIGITAL, (full_out, split) if matrix.role == NEURON_CONSUMER
                                   else (split, full_in)))
-                for part, (out_features, in_features) in parts:
+                for rep, (part, (out_features, in_features)) in enumerate(
+                        p for _ in range(calls.get(node.name, 1)) for p in parts):
                     analog = part == AIMC
                     kinds.append(node.kind.value)
                     outs.append(out_features)
@@ -78,7 +97,9 @@ class CostPass:
                     layer.append(-1 if node.layer is None else node.layer)
                     tiles.append(tiling.grids[m_index].count if analog and tiling is not None
                                  else 0)
-                    stage.append(1 if matrix.role in ("down", "o_proj") else 0)
+                    # a further call of the module (a looped layer) runs after the first
+                    stage.append((1 if matrix.role in ("down", "o_proj") else 0)
+                                 + 2 * (rep // len(parts)))
                     steps.append(arrays.steps(m_index) if analog and arrays is not None else 1)
                     adds.append(out_features if split and analog and matrix.role ==
                                 NEURON_CONSUMER else 0)
