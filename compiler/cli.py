@@ -193,7 +193,10 @@ def print_summary(plan: dict[str, Any] | Any) -> None:
                   f"weights: {s.dtype}")
     console.print(f"  parameters   {s.params_total:,}  digital {s.params_digital:,} "
                   f"({s.digital_param_fraction:.2%})  analog {s.params_analog:,}")
-    console.print(f"  experts      {s.experts_digital} of {s.experts_total} digital "
+    split = sum(row.experts_split for row in s.layers)
+    neurons = (f", {split} split ({sum(row.neurons_digital for row in s.layers):,} neurons "
+               "digital)" if split else "")
+    console.print(f"  experts      {s.experts_digital} of {s.experts_total} digital{neurons} "
                   f"in {s.moe_layers} MoE layers")
     if s.allocation is not None:
         a = s.allocation
@@ -207,12 +210,18 @@ def print_summary(plan: dict[str, Any] | Any) -> None:
                       f"latency/token {mapped.latency_s:.3e} s ({lat:.2f}x all-digital)")
     if s.layers:
         table = Table(title=None, show_edge=False, pad_edge=False)
-        for col in ("layer", "experts", "top-k", "digital", "expert params digital"):
+        columns = ["layer", "experts", "top-k", "digital", "expert params digital"]
+        if split:
+            columns[4:4] = ["split", "neurons digital"]
+        for col in columns:
             table.add_column(col, justify="right")
         for row in s.layers:
             share = row.expert_params_digital / row.expert_params if row.expert_params else 0
-            table.add_row(str(row.layer), str(row.experts), str(row.top_k),
-                          str(row.experts_digital), f"{share:.1%}")
+            cells = [str(row.layer), str(row.experts), str(row.top_k), str(row.experts_digital),
+                     f"{share:.1%}"]
+            if split:
+                cells[4:4] = [str(row.experts_split), f"{row.neurons_digital:,}"]
+            table.add_row(*cells)
         console.print(table)
     if s.cost is not None and s.cost.estimate.mapped.energy_by_kind:
         by_kind = s.cost.estimate.mapped.energy_by_kind

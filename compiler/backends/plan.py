@@ -378,6 +378,9 @@ class LayerSummary:
     experts_digital: int
     expert_params_digital: int
     expert_params: int
+    #: neuron-granular placement: analog experts with digital neurons, and those neurons
+    experts_split: int = 0
+    neurons_digital: int = 0
 
 
 @dataclass(frozen=True)
@@ -423,7 +426,8 @@ class PlanSummary:
                    digital_param_fraction=s["digital_param_fraction"],
                    experts_total=s["experts_total"], experts_digital=s["experts_digital"],
                    moe_layers=s["moe_layers"],
-                   layers=tuple(LayerSummary(**{k: row[k] for k in LayerSummary.__dataclass_fields__})
+                   layers=tuple(LayerSummary(**{k: row[k] for k in LayerSummary.__dataclass_fields__
+                                                if k in row})
                                 for row in s["layers"]),
                    allocation=allocation, cost=cost,
                    dtype=str(data.get("options", {}).get("dtype", "float32")))
