@@ -303,3 +303,17 @@ def test_sweep_places_policies_by_neuron_when_asked(tmp_path) -> None:
         run_sweep("demo", policies=["random@row"], budgets=[0.25], noise_scales=[1.5], seeds=1,
                   out=tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_modulelist_experts_are_placed_whole_with_a_note() -> None:
+    """Separate nn.Linear experts are not split (the simulator and ONNX split only stacks):
+    neuron granularity places them whole, says so, and the plan simulates."""
+    from conftest import HANDWRITTEN
+
+    compiled = compile_model(f"{HANDWRITTEN}:moe", granularity="neuron", budget=0.25,
+                             calib_tokens=256)
+    assert not any(n.get(Placement).split for n in compiled.graph.experts())  # type: ignore[union-attr]
+    notes = [note for t in compiled.timings for note in getattr(t, "notes", ())]
+    assert any("placed whole" in note for note in notes), compiled.timings
+    result = compiled.simulate(seeds=1, eval_tokens=256, ideal=True)
+    assert result.mapped_ppl[0] == pytest.approx(result.digital_ppl, rel=1e-5)

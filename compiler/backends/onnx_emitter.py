@@ -24,6 +24,12 @@ Rules:
    from ``ort`` to ``dispatch`` and why, the largest difference from PyTorch on the example
    input, and the graph's FLOPs and bytes (:mod:`~hetmap.compiler.backends.onnx_flops`) for
    one sequence of :data:`COST_SEQUENCE` tokens; :func:`summary_line` is its one-line form.
+9. A 2-D parameter the IR has no matrix for but the graph multiplies by (inside a module the
+   IR keeps whole: hyper-connections, Mamba projections, relative-position tables) is tagged
+   with the IR node whose module holds it (the longest module path that is a prefix of the
+   parameter's name), ``hetmap.placement`` = ``digital`` (the simulator runs such products
+   digitally: they are no analog matrix) and ``hetmap.matrix`` = the parameter's name
+   within that module. A parameter no IR node holds stays untagged (rule 4).
 8. A split expert (neuron-granular placement) exports as two parts
    (:class:`~hetmap.compiler.backends.onnx_experts.SplitExpertMLP`) whose outputs are added:
    its analog neurons' matrices (tagged as the matrix, ``hetmap.part`` = ``analog-neurons``,
@@ -107,6 +113,23 @@ def matrix_tags(plan: Plan) -> dict[str, dict[str, str]]:
     return tags
 
 
+def parameter_tags(plan: Plan, model: Any) -> dict[str, dict[str, str]]:
+    """Rule 9: tags for the 2-D parameters no IR matrix names, from the node holding them."""
+    listed = {m.weight.tensor for n in plan.graph.matrix_nodes() for m in n.matrices}
+    owners = sorted(((n.module, n) for n in plan.graph if n.module),
+                    key=lambda item: -len(item[0]))
+    tags: dict[str, dict[str, str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if parameter.dim() < 2 or name in listed:
+            continue
+        owner = next((node for module, node in owners if name.startswith(f"{module}.")), None)
+        if owner is None:
+            continue
+        tags[name] = {"hetmap.node": owner.name, "hetmap.placement": DIGITAL,
+                      "hetmap.matrix": name[len(owner.module or "") + 1:]}
+    return tags
+
+
 def digital_key(key: str) -> str:
     """The matrix key of the digital part of a split expert's matrix ``<store>.<e>.<role>``."""
     prefix, _, role = key.rpartition(".")
@@ -169,7 +192,8 @@ def emit_onnx(plan: Plan, out_dir: Path, *, tiles: bool = False, moe: str | None
                          tile_ranges=tile_ranges(plan) if tiles else None,
                          example_input=plan.model.example_input,
                          moe_form=moe or DEFAULT_MOE_FORM, external_data=external_data,
-                         split_experts=split_experts(plan))
+                         split_experts=split_experts(plan),
+                         parameter_tags=parameter_tags(plan, model))
     if report.untagged_nodes:
         first = report.untagged_nodes[0]
         raise EmitError(f"{len(report.untagged_nodes)} weight-consuming ONNX node(s) have no IR "

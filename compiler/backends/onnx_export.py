@@ -137,6 +137,7 @@ def export_onnx(
     moe_form: str = "static",
     external_data: bool = False,
     split_experts: Mapping[str, Mapping[int, Sequence[int]]] | None = None,
+    parameter_tags: Mapping[str, Mapping[str, str]] | None = None,
 ) -> ExportReport:
     """Write ``model`` as ONNX to ``path`` with placement tags (module docstring, rules 1-8)."""
     path = Path(path)
@@ -152,7 +153,8 @@ def export_onnx(
         strip_prefix(onnx_model, f"{_WRAPPED}.")
         _optimize(onnx_model, prepared.parameter_names)
         tagging = tag_weight_nodes(
-            onnx_model, prepared.weight_sources, prepared.parameter_names, matrix_tags
+            onnx_model, prepared.weight_sources, prepared.parameter_names, matrix_tags,
+            parameter_tags
         )
         nodes_by_key = {**tagging.nodes_by_key,
                         **tag_moe_nodes(onnx_model, prepared.ort_stores, matrix_tags)}

@@ -12,8 +12,12 @@ Rules:
 2. An initializer names its matrix through ``weight_sources`` (parameter name -> matrix key
    and tile). A use whose matrix key is in ``matrix_tags`` gets that dict copied into its
    ``metadata_props``; a tile use also gets ``hetmap.tile`` = JSON ``[r0, r1, c0, c1]``.
-3. Every other weight use is reported as untagged; nothing is guessed.
-4. :func:`keeps_weight_transposes` stops the optimizer from folding ``Transpose(weight)``
+3. A use of a parameter the IR lists no matrix for (a 2-D parameter multiplied inside a module
+   the IR keeps whole, e.g. a hyper-connection or a Mamba projection) gets the tags in
+   ``parameter_tags`` under its parameter name, if any (the caller derives them from the
+   node that owns the module, see the onnx emitter's rule 9).
+4. Every other weight use is reported as untagged; nothing is guessed.
+5. :func:`keeps_weight_transposes` stops the optimizer from folding ``Transpose(weight)``
    into an anonymous constant, so each weight keeps its parameter name in the graph.
 """
 
@@ -70,14 +74,22 @@ def tag_weight_nodes(
     weight_sources: Mapping[str, WeightSource],
     parameters: Collection[str],
     matrix_tags: Mapping[str, Mapping[str, str]],
+    parameter_tags: Mapping[str, Mapping[str, str]] | None = None,
 ) -> TaggingResult:
-    """Rules 2 and 3."""
+    """Rules 2 to 4."""
+    parameter_tags = parameter_tags or {}
     nodes_by_key: dict[str, list[str]] = {}
     untagged: list[UntaggedNode] = []
     tile_nodes = 0
     for use in weight_uses(model.graph, parameters):
         source = weight_sources.get(use.initializer)
         node_name = use.node.name or ""
+        if (source is None or source.key not in matrix_tags) and use.initializer in matrix_tags:
+            source = WeightSource(use.initializer)  # a matrix keyed by its parameter's name
+        if (source is None or source.key not in matrix_tags) and use.initializer in parameter_tags:
+            use.node.metadata_props.update(parameter_tags[use.initializer])
+            nodes_by_key.setdefault(use.initializer, []).append(node_name)
+            continue
         if source is None or source.key not in matrix_tags:
             key = None if source is None else source.key
             untagged.append(UntaggedNode(node_name, use.node.op_type, use.initializer, key))

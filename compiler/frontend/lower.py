@@ -18,6 +18,10 @@ Rules (one fx node becomes one IR node, except MoE blocks):
 6. A module called again (a looped layer, shared weights) is lowered at its first call only;
    each further call is an ``op`` node ``<path>#<n>`` (op ``repeat``, module ``<path>``) that
    carries the data flow, so its weights are placed once.
+7. A product by a 2-D parameter that the forward reads directly instead of calling its
+   module (``F.linear(x, self.proj.weight)``, ``x @ self.fn``, as Mamba's ``dt_proj`` and
+   hyper-connections do) becomes a ``linear`` node with that matrix (key: the parameter's
+   name; its first use only): the dense rule places it, and the ONNX emitter tags it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ from hetmap.compiler.frontend.tracer import is_attention, is_dense_mlp, is_norm
 from hetmap.compiler.ir.graph import Graph, Matrix, MoeLayer, Node, NodeKind, WeightRef
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+#: functions and methods that multiply by a matrix operand (rule 7)
+_PRODUCTS = frozenset({"linear", "matmul", "mm", "__matmul__"})
+#: methods that change a tensor's dtype or layout only (looked through by rule 7)
+_CASTS = ("to", "float", "half", "bfloat16", "type", "type_as", "contiguous")
 
 
 def layer_of(path: str) -> int | None:
@@ -59,6 +69,7 @@ class _Lowering:
         self.blocks = blocks
         self.vocab_size = vocab_size
         self.produced: dict[fx.Node, str] = {}  # fx node -> IR node carrying its value
+        self.direct: set[str] = set()  # parameters already lowered by rule 7
 
     def inputs(self, fx_node: fx.Node) -> list[str]:
         names: list[str] = []
@@ -71,6 +82,46 @@ class _Lowering:
 
         fx.node.map_arg((fx_node.args, fx_node.kwargs), visit)
         return names
+
+    def direct_product(self, fx_node: fx.Node, wrapped: bool) -> Matrix | None:
+        """Rule 7: the matrix of a product by a 2-D parameter read directly (``F.linear(x, W)``,
+        ``x @ W``, ``x @ W.t()``, ``W @ x``), in ``[out, in]`` terms; None otherwise."""
+        target = fx_node.target
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
+        if fx_node.op not in ("call_function", "call_method") or name not in _PRODUCTS:
+            return None
+        operands = list(fx_node.args[:2])
+        if name == "linear":
+            candidates = [(operands[1] if len(operands) > 1 else None, False)]
+        else:
+            candidates = [(operands[1] if len(operands) > 1 else None, True),
+                          (operands[0] if operands else None, False)]
+        for operand, right in candidates:
+            transposed = right and name != "linear"
+            while isinstance(operand, fx.Node) and operand.op == "call_method" \
+                    and operand.target in _CASTS + ("t", "transpose") and operand.args:
+                if operand.target in ("t", "transpose"):
+                    if not right:
+                        break
+                    transposed = not transposed
+                operand = operand.args[0]
+            if not isinstance(operand, fx.Node) or operand.op != "get_attr":
+                continue
+            path = str(operand.target)
+            if wrapped:
+                path = path.removeprefix("model.")
+            try:
+                weight = self.model.get_parameter(path)
+            except AttributeError:
+                continue
+            if weight.dim() != 2 or path in self.direct:
+                continue
+            self.direct.add(path)
+            rows, cols = (int(d) for d in weight.shape)
+            out_features, in_features = (cols, rows) if transposed else (rows, cols)
+            return Matrix(role=path.rpartition(".")[2], key=path, out_features=out_features,
+                          in_features=in_features, weight=WeightRef(path, transposed=transposed))
+        return None
 
     def unique(self, name: str) -> str:
         if name not in self.graph:
@@ -165,6 +216,14 @@ def lower(gm: fx.GraphModule, model: nn.Module, blocks: dict[str, MoeBlock], *, 
             module = model.get_submodule(path)
             produced = lowering.module_node(path, module, inputs)
         else:
+            matrix = lowering.direct_product(fx_node, wrapped)
+            if matrix is not None:  # rule 7
+                module_path = matrix.key.rpartition(".")[0]
+                produced = graph.add(Node(lowering.unique(fx_node.name), NodeKind.LINEAR,
+                                          module_path or None, (matrix,),
+                                          layer=layer_of(matrix.key)), inputs).name
+                lowering.produced[fx_node] = produced
+                continue
             target = fx_node.target
             op = target if isinstance(target, str) else getattr(target, "__name__", str(target))
             produced = graph.add(Node(lowering.unique(fx_node.name), NodeKind.OP, op=op), inputs).name

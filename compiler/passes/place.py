@@ -20,7 +20,9 @@ Rules, in order:
    ``neuron_scores`` rank the group's neurons (ties by layer, expert, neuron) and the top ones
    go digital. An expert with every neuron digital is placed digital, one with none analog,
    the others analog with ``digital_neurons`` (a split expert). Layers whose experts are not
-   gate/up/down experts of one width keep whole-expert placement (a note says which).
+   gate/up/down experts of one width stored as stacks (separate nn.Linear experts are not
+   split by the simulator and the ONNX back end) keep whole-expert placement (a note says
+   which).
 """
 
 from __future__ import annotations
@@ -86,9 +88,11 @@ class PlacePass:
         if self.granularity == "neuron" and fixed is None:
             whole = [layer for layer, experts in layers.items()
                      if len({intermediate_width(n) for n in experts} - {None}) != 1
-                     or any(intermediate_width(n) is None for n in experts)]
+                     or any(intermediate_width(n) is None for n in experts)
+                     or graph.moe_layers[layer].layout == "modulelist"]
             if whole:
-                notes.append(f"layers {whole}: experts not of gate/up/down form, placed whole")
+                notes.append(f"layers {whole}: experts not stacked gate/up/down experts "
+                             "(the simulator and ONNX split only those), placed whole")
             split_layers = {k: v for k, v in layers.items() if k not in whole}
             neuron_scores = self._neuron_scores(policy, origin, graph, split_layers, ctx)
             groups = (list(split_layers.values()) if self.budget_scope == "layer"
