@@ -599,6 +599,8 @@ def search_cmd(model: str, max_loss: str, metric: str, policy: str | None, budge
     def on_step(step: SearchStep) -> None:
         if not shown:
             scope = "per layer" if budget_scope == "layer" else "across layers"
+            if granularity == "neuron":
+                scope += ", placed by neuron"
             console.print(f"search {model}: policy {policy or PlacePass.policy}, budget {scope}; "
                           f"all digital perplexity {step.digital_ppl:.4f}")
             console.print(f"  a budget passes when mean + 1 std over {seeds} seed"
