@@ -7,7 +7,7 @@ Rules:
 
 1. A *weight use* is a ``MatMul`` or ``Gemm`` (default domain, any graph level) whose first
    or second operand is an initializer of rank >= 2 holding a model parameter, directly or
-   through one ``Transpose``. Buffers and constants the exporter folded (rotary frequencies,
+   through up to three ``Transpose``/``Reshape`` nodes (views of it). Buffers and constants the exporter folded (rotary frequencies,
    masks) are not weights.
 2. An initializer names its matrix through ``weight_sources`` (parameter name -> matrix key
    and tile). A use whose matrix key is in ``matrix_tags`` gets that dict copied into its
@@ -17,8 +17,9 @@ Rules:
    ``parameter_tags`` under its parameter name, if any (the caller derives them from the
    node that owns the module, see the onnx emitter's rule 9).
 4. Every other weight use is reported as untagged; nothing is guessed.
-5. :func:`keeps_weight_transposes` stops the optimizer from folding ``Transpose(weight)``
-   into an anonymous constant, so each weight keeps its parameter name in the graph.
+5. :func:`keeps_weight_transposes` stops the optimizer from folding ``Transpose(weight)`` or
+   ``Reshape(weight)`` into an anonymous constant, so each weight keeps its parameter name in
+   the graph.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ import onnx_ir as ir
 from hetmap.compiler.backends.onnx_prepare import WeightSource
 
 TILE_TAG = "hetmap.tile"
+#: ops a weight may pass through on its way to a product (views of it), and how many
+_VIEW_OPS = frozenset({"Transpose", "Reshape"})
+_VIEW_DEPTH = 3
 _WEIGHT_OPS = frozenset({"MatMul", "Gemm"})
 
 
@@ -105,8 +109,8 @@ def tag_weight_nodes(
 
 
 def keeps_weight_transposes(node: ir.Node) -> bool | None:
-    """``should_fold`` for the onnxscript optimizer (rule 4): False keeps the node."""
-    is_transpose = node.domain == "" and node.op_type == "Transpose" and bool(node.inputs)
+    """``should_fold`` for the onnxscript optimizer (rule 5): False keeps the node."""
+    is_transpose = node.domain == "" and node.op_type in _VIEW_OPS and bool(node.inputs)
     if is_transpose and _matrix_initializer(node.inputs[0]):
         return False
     return None
@@ -120,15 +124,17 @@ def strip_prefix(model: ir.Model, prefix: str) -> None:
 
 
 def _weight_initializer(value: ir.Value | None) -> str | None:
-    if value is None:
-        return None
-    if _matrix_initializer(value):
-        return value.name
-    producer = value.producer()
-    if producer is not None and producer.domain == "" and producer.op_type == "Transpose":
-        source = producer.inputs[0] if producer.inputs else None
-        if source is not None and _matrix_initializer(source):
-            return source.name
+    """The matrix initializer ``value`` is, directly or through a few Transpose / Reshape
+    nodes (a grouped projection multiplies by a reshaped view of its weight)."""
+    for _ in range(_VIEW_DEPTH + 1):
+        if value is None:
+            return None
+        if _matrix_initializer(value):
+            return value.name
+        producer = value.producer()
+        if producer is None or producer.domain != "" or producer.op_type not in _VIEW_OPS:
+            return None
+        value = producer.inputs[0] if producer.inputs else None
     return None
 
 
