@@ -317,3 +317,11 @@ def test_modulelist_experts_are_placed_whole_with_a_note() -> None:
     assert any("placed whole" in note for note in notes), compiled.timings
     result = compiled.simulate(seeds=1, eval_tokens=256, ideal=True)
     assert result.mapped_ppl[0] == pytest.approx(result.digital_ppl, rel=1e-5)
+
+
+def test_global_scope_ranks_neurons_across_layers() -> None:
+    compiled = compile_model("demo", granularity="neuron", budget=0.25, budget_scope="global",
+                             calib_tokens=CALIB)
+    rows = compiled.summary["layers"]
+    assert sum(r["expert_params_digital"] for r in rows) == budget_count(0.25, 32) * 128 * 3 * 128
+    assert len({r["expert_params_digital"] for r in rows}) > 1  # not split evenly by layer

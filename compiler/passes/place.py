@@ -94,6 +94,11 @@ class PlacePass:
                 notes.append(f"layers {whole}: experts not stacked gate/up/down experts "
                              "(the simulator and ONNX split only those), placed whole")
             split_layers = {k: v for k, v in layers.items() if k not in whole}
+            widths = {intermediate_width(v[0]) for v in split_layers.values()}
+            if self.budget_scope == "global" and len(widths) > 1:
+                raise PassError(f"granularity=neuron with budget_scope=global ranks neurons "
+                                f"across layers, whose experts here differ in width "
+                                f"({sorted(w for w in widths if w)}); use budget_scope=layer")
             neuron_scores = self._neuron_scores(policy, origin, graph, split_layers, ctx)
             groups = (list(split_layers.values()) if self.budget_scope == "layer"
                       else [[n for v in split_layers.values() for n in v]])
