@@ -11,7 +11,8 @@ Per family, each step a fresh subprocess (timeout ``--timeout`` s), ``--jobs`` f
    PyTorch's (the same seeded weights) on inputs of shape (2, 7) and (1, 5) within 1e-4.
 
 Each step records ok / failed (/ skipped), the last stderr line or the failed check, and its
-seconds. Encoder-decoder families are skipped (hetmap maps causal LMs). Writes (merging with
+seconds. Encoder-decoder families run as next-token models (the decoder reads the encoder's
+window: see ``as_next_token_model``). Writes (merging with
 earlier runs, family by family) ``zoo_status.json`` and ``zoo_status.md`` into ``--out``:
 
     .venv/bin/python benchmarks/zoo_status.py [--families jamba,dbrx] [--out benchmarks/results]
@@ -130,9 +131,6 @@ def run_family(family: str, timeout: float) -> dict[str, Any]:
     """All stages of one family, in a fresh temporary directory."""
     entry = {"model_type": ZOO[family].model_type, "kind": ZOO[family].kind,
              "run_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if ZOO[family].kind == "encoder-decoder":
-        skipped = {"status": "skipped", "error": "encoder-decoder (config only)", "seconds": 0.0}
-        return {**entry, "stages": dict.fromkeys(STAGES, skipped)}
     stages: dict[str, Result] = {}
     with tempfile.TemporaryDirectory(prefix=f"zoo-{family}-") as tmp:
         stages["compile"] = _stage(lambda: stage_compile(family, Path(tmp) / "plan", timeout))
@@ -151,16 +149,19 @@ def probe(family: str) -> dict[str, Any]:
     """MoE layers and routed experts of ``tiny:family``, from its modules (not hetmap's IR)."""
     from hetmap.compiler.frontend.loader import load_model
 
-    per_layer: dict[int, int] = {}
+    per_layer: dict[tuple[str, int], int] = {}
     for name, module in load_model(f"tiny:{family}").module.named_modules():
-        layer = re.search(r"(?:layers|blocks)\.(\d+)\.", name + ".")  # blocks: DBRX
+        # blocks: DBRX; block: an encoder-decoder's encoder.block / decoder.block
+        layer = re.search(r"^(.*?(?:layers|blocks?))\.(\d+)\.", name + ".")
         experts = getattr(module, "num_experts", None)
         if layer is None or not isinstance(experts, int) or re.search(r"attn|attention", name):
             continue
-        index = int(layer.group(1))
-        per_layer[index] = max(per_layer.get(index, 0), experts)
+        key = (layer.group(1), int(layer.group(2)))
+        per_layer[key] = max(per_layer.get(key, 0), experts)
+    stacks = len({stack for stack, _ in per_layer})
     return {"moe_layers": len(per_layer), "experts": sum(per_layer.values()),
-            "per_layer": ", ".join(f"layer {k}: {v}" for k, v in sorted(per_layer.items()))}
+            "per_layer": ", ".join(f"{stack + ' ' if stacks > 1 else 'layer '}{k}: {v}"
+                                   for (stack, k), v in per_layer.items())}
 
 
 def check_onnx(family: str, path: str) -> dict[str, Any]:
@@ -236,30 +237,30 @@ def _error(stage: Result) -> str:
 def readme_section(results: dict[str, Any]) -> str:
     """The README's family table (markers included), from ``zoo_status.json``'s content."""
     families = results["families"]
-    causal = {n: e for n, e in families.items() if e["kind"] != "encoder-decoder"}
-    simulated = [n for n, e in causal.items()
+    simulated = [n for n, e in families.items()
                  if all(e["stages"][s]["status"] == "ok" for s in ("compile", "simulate"))]
-    exported = [n for n in simulated if causal[n]["stages"]["onnx"]["status"] == "ok"]
+    exported = [n for n in simulated if families[n]["stages"]["onnx"]["status"] == "ok"]
+    pairs = [n for n, e in families.items() if e["kind"] == "encoder-decoder"]
     summary = (f"Last run (transformers {results['transformers']}, "
-               f"`benchmarks/results/zoo_status.json`): of {len(causal)} causal-LM families, "
-               f"{len(simulated)} compile and simulate (`--ideal` equal to digital), "
-               f"{len(exported)} of them also export to ONNX matching PyTorch (the ONNX errors "
-               "are in `benchmarks/results/zoo_status.md`).")
+               f"`benchmarks/results/zoo_status.json`): of {len(families)} MoE families "
+               f"({len(pairs)} of them encoder-decoders), {len(simulated)} compile and simulate "
+               f"(`--ideal` equal to digital), {len(exported)} of them also export to ONNX "
+               "matching PyTorch (the ONNX errors are in `benchmarks/results/zoo_status.md`). "
+               "An encoder-decoder runs as a next-token model: the decoder reads the window the "
+               "encoder read, so its perplexity is a reconstruction measure, compared digital "
+               "against mapped like any other.")
     lines = [README_BEGIN, textwrap.fill(summary, 95), "",
-             "| family | model_type | compile | simulate | ONNX |", "|---|---|---|---|---|"]
-    for name, entry in causal.items():
+             "| family | model_type | kind | compile | simulate | ONNX |",
+             "|---|---|---|---|---|---|"]
+    for name, entry in families.items():
         cells = " | ".join(_README_CELL[entry["stages"][s]["status"]] for s in STAGES)
-        lines.append(f"| {name} | {entry['model_type']} | {cells} |")
-    failed = {n: e["stages"]["compile"] for n, e in causal.items()
+        lines.append(f"| {name} | {entry['model_type']} | {entry['kind']} | {cells} |")
+    failed = {n: e["stages"]["compile"] for n, e in families.items()
               if e["stages"]["compile"]["status"] == "failed"}
     if failed:
         lines += ["", "Not supported, each failing with this one-line error (`UNSUPPORTED` in "
                   "`tests/test_zoo.py`):", "", "| family | error |", "|---|---|"]
         lines += [f"| {name} | {_error(stage)} |" for name, stage in failed.items()]
-    others = [n for n, e in families.items() if e["kind"] == "encoder-decoder"]
-    if others:
-        lines += ["", " and ".join(f"`{n}`" for n in others) + " (encoder-decoders) are not "
-                  "mapped: hetmap maps causal LMs."]
     return "\n".join([*lines, README_END])
 
 

@@ -25,6 +25,7 @@ generator seeded at construction (:mod:`.fused`): the same draws on every device
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -310,8 +311,18 @@ class SimulatedLinear(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.tiles = AnalogTileStack(linear.weight.detach().unsqueeze(0), settings, seed)
+        self.weight_dtype = linear.weight.dtype
         bias = None if linear.bias is None else linear.bias.detach().clone()
         self.register_buffer("bias", bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A data-less stand-in for the replaced matrix (:class:`MatrixStandIn`), for model
+        code that reads ``linear.weight.dtype`` (T5-style casts). The matrix lives on the
+        tiles: any computation with the stand-in raises instead of computing digitally."""
+        empty = torch.empty(self.out_features, self.in_features, dtype=self.weight_dtype,
+                            device="meta")
+        return torch.Tensor._make_subclass(MatrixStandIn, empty)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         leading = inputs.shape[:-1]
@@ -320,3 +331,24 @@ class SimulatedLinear(nn.Module):
         if self.bias is not None:
             outputs = outputs + self.bias
         return outputs
+
+
+class MatrixStandIn(torch.Tensor):
+    """A tensor that answers questions about its shape, dtype and device and refuses every
+    computation (a product with it would otherwise give uninitialised numbers silently)."""
+
+    _READABLE = frozenset({"dtype", "shape", "device", "size", "dim", "ndim", "layout",
+                           "is_floating_point", "requires_grad", "is_meta", "__repr__"})
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        name = getattr(func, "__name__", "")
+        if name == "__get__":  # a property such as .dtype
+            name = getattr(getattr(func, "__self__", None), "__name__", name)
+        if name not in cls._READABLE:
+            raise SimulationError(
+                f"model code computes with the weight of a linear layer hetmap simulates on "
+                f"analog tiles ({name}); only its shape, dtype and device can be read")
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))

@@ -39,12 +39,13 @@ ROOT = Path(__file__).resolve().parents[1]
 UNSUPPORTED = {
     "doge": "keeps single-neuron experts as rows of embeddings",  # product-key experts
     "jetmoe": "splits its 8 experts' matrices over modules",  # two ParallelExperts modules
+    # transformers' NllbMoeExperts one-hots the router's one-hot mask: experts 0 and 1 only
+    "nllb_moe": "does not dispatch tokens the way its router routes them",
 }
 #: families whose model forward fx traces only with trace-time resolution of static control
 #: flow (tracer rule 5)
 TRACED_AT_ROOT = ["gemma4", "inkling2", "inkling2_loop", "qwen3_5_moe", "qwen4_exp"]
-CAUSAL = sorted(name for name, family in ZOO.items() if family.kind != "encoder-decoder")
-SUPPORTED = [name for name in CAUSAL if name not in UNSUPPORTED]
+SUPPORTED = sorted(name for name in ZOO if name not in UNSUPPORTED)
 #: families of distinct layouts (fused, transposed + interleaved + bias + custom gate, dense
 #: input, identity experts) and MLA; tests/backends/test_onnx_layouts.py covers flat stacks,
 #: gate-less experts, Mamba and the sparse-attention indexer
@@ -53,14 +54,15 @@ _EXPERT_COUNT_NAMES = ("n_routed_experts", "num_local_experts", "num_experts", "
 
 
 def routed_experts_in(module: torch.nn.Module, config: object) -> int:
-    """MoE layers x routed experts, from the model itself: decoder layers that hold a module
-    named ``experts`` times the config's routed-expert count."""
+    """MoE layers x routed experts, from the model itself: layers (of every stack: an
+    encoder-decoder has two) that hold a module named ``experts`` times the config's
+    routed-expert count."""
     text = getattr(config, "text_config", None) or config
     sections = [text, getattr(text, "ffn_config", None)]
     count = next(v for s in sections for n in _EXPERT_COUNT_NAMES
                  if s is not None and isinstance(v := getattr(s, n, None), int) and v > 0)
     layers = {m.group(1) for path, _ in module.named_modules()
-              if (m := re.search(r"(?:layers|blocks)\.(\d+)\..*(?<!shared_)experts$", path))
+              if (m := re.search(r"^(.*?(?:layers|blocks?)\.\d+)\..*(?<!shared_)experts$", path))
               and "attn" not in path and "attention" not in path}
     return len(layers) * count
 
@@ -144,5 +146,7 @@ def test_streamed_calibration_reads_parameters_the_graph_reads_directly(tmp_path
 
 
 def test_zoo_covers_every_moe_family() -> None:
-    assert len(CAUSAL) >= 55 and set(UNSUPPORTED) <= set(CAUSAL)
+    assert len(ZOO) >= 57 and set(UNSUPPORTED) <= set(ZOO)
+    assert {"switch_transformers", "nllb_moe"} <= {n for n, f in ZOO.items()
+                                                   if f.kind == "encoder-decoder"}
     assert set(ONNX_IN_CI) <= set(SUPPORTED) and set(TRACED_AT_ROOT) <= set(SUPPORTED)

@@ -49,6 +49,28 @@ def layer_of(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def stack_offsets(model: nn.Module, moe_paths: list[str]) -> dict[str, int]:
+    """Where each stack of layers holding MoE blocks starts in the model's layer numbering.
+
+    A causal LM has one stack (``model.layers``: offset 0, layers keep their index). An
+    encoder-decoder has two (``encoder.block``, ``decoder.block``): the decoder's layers are
+    numbered after the encoder's, so every layer number names one layer.
+    """
+    offsets: dict[str, int] = {}
+    start = 0
+    for path in moe_paths:
+        match = _LAYER.search(path)
+        prefix = path[:match.start()] if match else ""
+        if not match or prefix in offsets:
+            continue
+        offsets[prefix] = start
+        try:
+            start += len(model.get_submodule(prefix))  # type: ignore[arg-type]
+        except (AttributeError, TypeError):
+            start += int(match.group(1)) + 1
+    return offsets
+
+
 def _router_matrix(router: nn.Module, path: str) -> Matrix:
     weight = router.get_parameter("weight")
     bias = getattr(router, "bias", None)
@@ -70,6 +92,15 @@ class _Lowering:
         self.vocab_size = vocab_size
         self.produced: dict[fx.Node, str] = {}  # fx node -> IR node carrying its value
         self.direct: set[str] = set()  # parameters already lowered by rule 7
+        self.offsets = stack_offsets(model, list(blocks))
+
+    def layer_of(self, path: str) -> int | None:
+        """The layer number of ``path``, counted across stacks (:func:`stack_offsets`)."""
+        layer = layer_of(path)
+        if layer is None:
+            return None
+        prefix = next((p for p in self.offsets if path.startswith(p + ".")), None)
+        return layer + self.offsets[prefix] if prefix is not None else layer
 
     def inputs(self, fx_node: fx.Node) -> list[str]:
         names: list[str] = []
@@ -132,7 +163,7 @@ class _Lowering:
         return f"{name}#{i}"
 
     def module_node(self, path: str, module: nn.Module, inputs: list[str]) -> str:
-        layer = layer_of(path)
+        layer = self.layer_of(path)
         name = self.unique(path)
         if name != path:  # rule 6
             return self.graph.add(Node(name, NodeKind.OP, path, layer=layer, op="repeat"),
@@ -163,7 +194,7 @@ class _Lowering:
         return name
 
     def moe_block(self, block: MoeBlock, name: str, inputs: list[str]) -> str:
-        layer = layer_of(block.path)
+        layer = self.layer_of(block.path)
         if layer is None:
             layer = len(self.graph.moe_layers)
         router_module = self.model.get_submodule(block.router)
@@ -221,7 +252,7 @@ def lower(gm: fx.GraphModule, model: nn.Module, blocks: dict[str, MoeBlock], *, 
                 module_path = matrix.key.rpartition(".")[0]
                 produced = graph.add(Node(lowering.unique(fx_node.name), NodeKind.LINEAR,
                                           module_path or None, (matrix,),
-                                          layer=layer_of(matrix.key)), inputs).name
+                                          layer=lowering.layer_of(matrix.key)), inputs).name
                 lowering.produced[fx_node] = produced
                 continue
             target = fx_node.target

@@ -121,10 +121,14 @@ def layout_matrices(layout: ExpertLayout, path: str) -> tuple[tuple[Matrix, ...]
 
 def _list_matrices(experts: nn.Module, path: str, num_experts: int
                    ) -> tuple[tuple[Matrix, ...], ...] | None:
-    if not isinstance(experts, nn.ModuleList | nn.ModuleDict) or len(experts) != num_experts:
+    if not isinstance(experts, nn.ModuleList | nn.ModuleDict):
         return None
     members = list(experts.items()) if isinstance(experts, nn.ModuleDict) else \
         [(str(i), m) for i, m in enumerate(experts)]
+    # members without weights (NLLB-MoE's token dropout beside its experts) are not experts
+    members = [(name, m) for name, m in members if any(True for _ in m.parameters())]
+    if len(members) != num_experts:
+        return None
     table = tuple(linear_matrices(member, _join(path, name)) for name, member in members)
     if not all(table) or len({tuple(m.shape for m in mats) for mats in table}) != 1:
         return None

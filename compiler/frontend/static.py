@@ -17,7 +17,11 @@ Such a condition or iteration is resolved once, at trace time. Rules:
    never depends on sizes; the items stay traced (``shape[i]``, not an example's size).
 4. torch's fake kernel of ``_grouped_mm`` (fused experts) takes bfloat16 only: in the symbolic
    run it computes in bfloat16 and casts back (shapes are all that matter there).
-5. If running the example specialised a size to a constant, nothing is resolved (the example
+5. An MoE block (a leaf the caller names) routes on data, so it cannot run on a symbolic
+   input; it runs once on a concrete input of the example's sizes, and when its output is a
+   tensor of its input's shape, that output stands for it (its input's sizes, its own dtype).
+   Any other output is :class:`NotStatic`.
+6. If running the example specialised a size to a constant, nothing is resolved (the example
    would then prove nothing about other sizes). Whatever is not resolved is
    :class:`NotStatic`, and the caller keeps fx's error and its fallbacks.
 """
@@ -44,7 +48,9 @@ class NotStatic(Exception):
 class StaticValues:
     """Symbolic example values of a graph under construction (rule 1)."""
 
-    def __init__(self, root: nn.Module, graph: fx.Graph, example_inputs: Sequence[Any]) -> None:
+    def __init__(self, root: nn.Module, graph: fx.Graph, example_inputs: Sequence[Any],
+                 routed: frozenset[str] = frozenset()) -> None:
+        self.routed = routed  # module targets of MoE blocks (rule 5)
         self.shape_env = ShapeEnv()
         self.mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
         self.interpreter = fx.Interpreter(root, garbage_collect_values=False, graph=graph)
@@ -70,9 +76,8 @@ class StaticValues:
         for pending in self.graph.nodes:
             if pending not in env:
                 try:
-                    with _maybe_revert_all_patches(), self.mode, _GroupedMmInBf16(), \
-                            torch.no_grad():
-                        env[pending] = self.interpreter.run_node(pending)
+                    with _maybe_revert_all_patches(), torch.no_grad():
+                        env[pending] = self._run(pending)
                 except Exception as exc:  # noqa: BLE001 - the model's own code: any error
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                     raise NotStatic(f"cannot run {pending.name} on a symbolic input: "
@@ -83,6 +88,29 @@ class StaticValues:
         if specialised:
             raise NotStatic(f"running the example fixed input sizes {sorted(map(str, specialised))}")
         return env[node]
+
+    def _run(self, node: fx.Node) -> Any:
+        if node.op == "call_module" and node.target in self.routed:
+            return self._run_routed(node)
+        with self.mode, _GroupedMmInBf16():
+            return self.interpreter.run_node(node)
+
+    def _run_routed(self, node: fx.Node) -> Any:
+        """Rule 5."""
+        args, kwargs = self.interpreter.fetch_args_kwargs_from_env(node)
+        fake = args[0] if args else None
+        if not isinstance(fake, torch.Tensor) or not fake.is_floating_point():
+            raise NotStatic(f"MoE block {node.target} is not called on hidden states first")
+        concrete = torch.randn([_hint(size) for size in fake.shape], dtype=fake.dtype,
+                               generator=torch.Generator().manual_seed(0))
+        # other tensors (masks) as zeros of their example sizes: only shapes matter here
+        args, kwargs = fx.node.map_aggregate((args[1:], kwargs), _zeros_like_example)
+        module = self.interpreter.fetch_attr(str(node.target))
+        output = module(concrete, *args, **kwargs)
+        if not isinstance(output, torch.Tensor) or output.shape != concrete.shape:
+            raise NotStatic(f"MoE block {node.target} returns more than its hidden states")
+        with self.mode:
+            return torch.empty_like(fake, dtype=output.dtype)
 
     def resolve_bool(self, node: fx.Node) -> bool:
         """Rule 2."""
@@ -117,6 +145,17 @@ class _GroupedMmInBf16(TorchDispatchMode):
             dtype = args[0].dtype
             return func(args[0].bfloat16(), args[1].bfloat16(), *args[2:], **kwargs).to(dtype)
         return func(*args, **kwargs)
+
+
+def _zeros_like_example(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    return torch.zeros([_hint(size) for size in value.shape], dtype=value.dtype)
+
+
+def _hint(size: Any) -> int:
+    """The example's value of a (symbolic) size."""
+    return int(size.node.hint) if isinstance(size, torch.SymInt) else int(size)
 
 
 def _free_symbols(tensor: torch.Tensor) -> set[sympy.Symbol]:

@@ -22,6 +22,9 @@ Rules:
    (on ranks or constant sizes: ``if position_ids.ndim == 3``, ``reshape(*input_ids.shape,
    ...)``) is resolved on a symbolic example input (see :mod:`.static`); the graph stays valid
    for every input of the example's ranks. Other control flow there is rule 4's error.
+6. There too, ``torch.finfo`` / ``torch.iinfo`` of a traced dtype (``torch.finfo(x.dtype).min``
+   in T5-style mask code) is resolved on the same example: a tensor's dtype does not depend on
+   input sizes or data.
 """
 
 from __future__ import annotations
@@ -162,6 +165,37 @@ class HetmapTracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _SizedProxy(node, self)
 
+    def trace(self, root: nn.Module | Any, concrete_args: dict[str, Any] | None = None
+              ) -> fx.Graph:
+        """fx's trace, with ``torch.finfo`` / ``torch.iinfo`` taking traced dtypes (rule 6)."""
+        real = torch.finfo, torch.iinfo
+        torch.finfo, torch.iinfo = self._info(real[0]), self._info(real[1])  # type: ignore[misc]
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            torch.finfo, torch.iinfo = real  # type: ignore[misc]
+
+    def _info(self, info: Any) -> Any:
+        def call(dtype: Any = None) -> Any:
+            if isinstance(dtype, fx.Proxy):
+                dtype = self.static_dtype(dtype)
+            return info() if dtype is None else info(dtype)
+
+        return call
+
+    def static_dtype(self, obj: fx.Proxy) -> torch.dtype:
+        """Rule 6: the dtype ``obj`` stands for, from the symbolic example."""
+        values = self._static_values()
+        try:
+            if values is None:
+                raise NotStatic("inside a module that can be kept whole")
+            value = values.value(obj.node)
+        except NotStatic as why:
+            raise fx.proxy.TraceError(f"a traced dtype has no static value ({why})") from None
+        if not isinstance(value, torch.dtype):
+            raise fx.proxy.TraceError(f"{obj.node.name} is a {type(value).__name__}, not a dtype")
+        return value
+
     def _static_values(self) -> StaticValues | None:
         """Rule 5: example values, where the module being traced cannot be kept whole."""
         if self.example_inputs is None:
@@ -172,7 +206,9 @@ class HetmapTracer(fx.Tracer):
         if _can_be_opaque(innermost, self.moe_paths, list(self.opaque)):
             return None
         if self._values is None:
-            self._values = StaticValues(self.root, self.graph, self.example_inputs)
+            prefix = "model." if self._wrapped else ""
+            routed = frozenset(prefix + path for path in self.moe_paths)
+            self._values = StaticValues(self.root, self.graph, self.example_inputs, routed)
         return self._values
 
     def create_arg(self, a: Any) -> Any:

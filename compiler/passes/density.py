@@ -38,6 +38,12 @@ Rules:
    (ModuleList) experts: a pre-hook on every expert linear; when a linear sees every token of
    the batch (dense dispatch) only the rows routed to its expert (by the router hook of
    rule 2) are counted.
+6. Per-expert (ModuleList) experts called on their routed rows only: the rows each expert's
+   first matrix computes on are counted too, and they are its density (they include what the
+   router hook cannot see: capacity limits that drop tokens, as Switch Transformers').
+   Experts that compute on more rows per token than the layer's top-k are an error: the
+   model does not dispatch as its router routes (transformers' NLLB-MoE sends every token
+   to experts 0 and 1 only), and no density can describe it.
 """
 
 from __future__ import annotations
@@ -242,6 +248,39 @@ class _MomentCollector:
         self.sums.add(role, torch.full((inputs.shape[0],), expert), inputs)
 
 
+class _DispatchCheck:
+    """Rule 6: the rows each per-expert module actually computes on."""
+
+    def __init__(self, moe: MoeLayer, experts: list[Node]) -> None:
+        self.moe = moe
+        self.first = {node.expert: node.matrices[0].key for node in experts
+                      if node.expert is not None and node.matrices}
+        self.rows = torch.zeros(moe.num_experts, dtype=torch.float64)
+
+    def attach(self, model: nn.Module) -> list[RemovableHandle]:
+        return [model.get_submodule(key).register_forward_pre_hook(partial(self.hook, expert))
+                for expert, key in self.first.items()]
+
+    def hook(self, expert: int, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            self.rows[expert] += args[0].reshape(-1, args[0].shape[-1]).shape[0]
+
+    def settle(self, counter: _RoutingCounter) -> None:
+        """Replace the router's counts by the rows computed, or refuse the layer."""
+        tokens = counter.tokens
+        if not tokens or len(self.first) != self.moe.num_experts or not self.rows.any() \
+                or bool((self.rows == tokens).all()):
+            return  # not observed, or dense dispatch: every expert sees every token
+        per_token = float(self.rows.sum()) / tokens
+        if per_token > self.moe.top_k + 1e-9:
+            raise PassError(
+                f"MoE layer {self.moe.layer}: its experts ({self.moe.experts_module!r}) compute "
+                f"on {per_token:.2f} rows per token, more than the top-{self.moe.top_k} its router "
+                "chooses: the model does not dispatch tokens the way its router routes them, so "
+                "no routing density describes it")
+        counter.counts = self.rows.clone()
+
+
 def _layout(model: nn.Module, moe: MoeLayer) -> ExpertLayout | None:
     """The storage layout of a stacked experts module (read on shapes: meta models too)."""
     if moe.layout == "modulelist":
@@ -284,7 +323,9 @@ class DensityPass:
                     node.annotate(Density(moe.top_k / moe.num_experts, "uniform-assumption"))
             graph.annotate(Coactivation({}))
             return PassResult(graph, True, ["no weights: expert densities assume uniform routing"])
-        counters, collectors = self._calibrate(graph, ctx)
+        counters, collectors, dispatch = self._calibrate(graph, ctx)
+        for layer, check in dispatch.items():
+            check.settle(counters[layer])
         missing = [f"{layer} ({graph.moe_layers[layer].experts_module})"
                    for layer, counter in counters.items() if counter.tokens == 0]
         if missing:
@@ -321,7 +362,8 @@ class DensityPass:
         return size > memory // 2
 
     def _calibrate(self, graph: Graph, ctx: CompileContext
-                   ) -> tuple[dict[int, _RoutingCounter], dict[int, _MomentCollector]]:
+                   ) -> tuple[dict[int, _RoutingCounter], dict[int, _MomentCollector],
+                              dict[int, _DispatchCheck]]:
         streamed = self._streams(ctx)
         model = ctx.model.module if streamed else ctx.model.runnable()
         tokens = load_tokens(ctx.model, self.calib, "calib", self.calib_tokens)
@@ -331,10 +373,14 @@ class DensityPass:
         collectors = {layer: _MomentCollector(moe, counters[layer], graph.experts(layer),
                                               layouts[layer])
                       for layer, moe in graph.moe_layers.items()} if self.moments else {}
+        dispatch = {layer: _DispatchCheck(moe, graph.experts(layer))
+                    for layer, moe in graph.moe_layers.items() if layouts[layer] is None}
         handles: list[RemovableHandle] = []
         try:
             for collector in collectors.values():
                 handles.extend(collector.attach(model))
+            for check in dispatch.values():
+                handles.extend(check.attach(model))
             for layer, moe in graph.moe_layers.items():
                 counter = counters[layer]
                 layout = layouts[layer]
@@ -359,7 +405,7 @@ class DensityPass:
                 assert ctx.model.checkpoint is not None
                 run_streamed(gm, CheckpointWeights(ctx.model.checkpoint), chunks, wrapped=wrapped,
                              config=ctx.model.config, advance=advance)
-                return counters, collectors
+                return counters, collectors, dispatch
             with torch.no_grad():
                 for chunk in chunks:
                     model(chunk)
@@ -367,4 +413,4 @@ class DensityPass:
         finally:
             for handle in handles:
                 handle.remove()
-        return counters, collectors
+        return counters, collectors, dispatch
