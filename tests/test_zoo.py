@@ -31,7 +31,7 @@ from hetmap.compiler.frontend import load_model
 from hetmap.compiler.frontend.moe import find_moe_blocks
 from hetmap.compiler.frontend.tracer import trace
 from hetmap.compiler.frontend.zoo import ZOO
-from hetmap.compiler.ir.annotations import Density
+from hetmap.compiler.ir.annotations import Density, Placement
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,11 @@ def compiled(family: str) -> Plan:
 def test_family_compiles_and_simulates(family: str) -> None:
     plan = compiled(family)
     result = plan.simulate(ideal=True, seeds=1, eval_tokens=512, seq_len=128, batch=4)
-    assert result.analog_experts > 0
+    analog = [n for n in plan.graph.experts() if n.get(Placement).analog]
+    # stacked experts are simulated as experts; per-expert modules (Switch) as their linears
+    per_module = [n for n in analog if plan.graph.moe_layers[n.layer].layout == "modulelist"]
+    assert result.analog_experts == len(analog) - len(per_module)
+    assert result.analog_linears >= sum(len(n.matrices) for n in per_module) and analog
     assert result.mapped_ppl[0] == pytest.approx(result.digital_ppl, rel=1e-5)
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hetmap.common.errors import EmitError
 from hetmap.runtime.layouts import CanonicalExperts, ExpertLayout, LayoutError, canonical
 
 Activation = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
@@ -158,8 +159,11 @@ class StaticExperts(nn.Module):
         if self.call == "dense-input":
             return self.dispatch_dense_input(
                 hidden_states.reshape(self.num_experts, -1, self.hidden))
-        top_k_index, top_k_weights = values[1], values[2]
-        assert isinstance(top_k_index, torch.Tensor) and isinstance(top_k_weights, torch.Tensor)
+        top_k_index, top_k_weights = (values[1], values[2]) if len(values) >= 3 else (None, None)
+        if not (isinstance(top_k_index, torch.Tensor) and isinstance(top_k_weights, torch.Tensor)):
+            raise EmitError(
+                f"a routed experts store was called with {len(values)} argument(s), not "
+                "(hidden, top_k_index, top_k_weights); it cannot be exported per expert")
         hidden = hidden_states.reshape(-1, self.hidden)
         output = self.dispatch(hidden, top_k_index.reshape(hidden.shape[0], -1),
                                top_k_weights.reshape(hidden.shape[0], -1))

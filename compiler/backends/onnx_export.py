@@ -11,7 +11,9 @@ a matrix of a fused experts module by ``<experts path>.<e>.<gate|up|down>``, in 
 Rules:
 
 1. Exporter: ``torch.export.export`` (non-strict, with Mamba's sequence loop as one scan op:
-   :mod:`~hetmap.compiler.backends.onnx_scan`), the complex-op shims of
+   :mod:`~hetmap.compiler.backends.onnx_scan`, and Mamba-2's chunked scan and MiniMax's
+   lightning attention in forms that keep the sequence length dynamic:
+   :mod:`~hetmap.compiler.backends.onnx_sequence`), the complex-op shims of
    :mod:`~hetmap.compiler.backends.onnx_complex`, then ``torch.onnx.export(dynamo=True,
    optimize=False)`` on that program. hetmap then runs the onnxscript optimizer itself with
    ``Transpose(weight)`` kept unfolded, so every weight initializer keeps its parameter name,
@@ -73,6 +75,7 @@ from hetmap.compiler.backends.onnx_complex import with_real_complex_ops
 from hetmap.compiler.backends.onnx_ort_moe import TRANSLATIONS, tag_moe_nodes
 from hetmap.compiler.backends.onnx_prepare import prepared_for_export
 from hetmap.compiler.backends.onnx_scan import scans_as_ops
+from hetmap.compiler.backends.onnx_sequence import dynamic_sequence_forms
 from hetmap.compiler.backends.onnx_tagging import (
     UntaggedNode,
     keeps_weight_transposes,
@@ -261,7 +264,7 @@ def _run_exporter(module: nn.Module, input_ids: torch.Tensor, model_name: str) -
     dynamic = torch.export.Dim.DYNAMIC
     dims = {"input_ids": {0: dynamic, 1: dynamic}}
     try:
-        with scans_as_ops(module):
+        with scans_as_ops(module), dynamic_sequence_forms(module):
             program = torch.export.export(module, (input_ids,), dynamic_shapes=dims, strict=False)
     except Exception as error:  # torch.export raises many unrelated types for one cause
         raise EmitError(

@@ -16,9 +16,13 @@ Rules, in the order they are applied:
    ``static``) or :class:`DispatchExperts` (``dispatch``, ``ort``), with the experts listed
    in ``split_experts`` split by neuron (that module's rule 6), whose output on the
    recorded call must match the original's. Split experts of any other store are an
-   EmitError; a block with split experts stays in the dispatch form under ``ort``. A store with 3-D stacks that cannot be
-   read or exported is an EmitError, as is any other 3-D ``*proj`` parameter left afterwards;
-   flat stacks that read as no layout stay. Stores inside a swapped store are not visited.
+   EmitError; a block with split experts stays in the dispatch form under ``ort``. A store
+   with 3-D stacks that cannot be read or exported is an EmitError, as is any other 3-D
+   ``*proj`` parameter left afterwards; flat stacks that read as no layout stay. Stores
+   inside a swapped store are not visited. A store read as ``routed`` but called without
+   integer top-k indices as its second input (Inkling's shared experts, called as
+   ``(hidden, gammas)``: every expert on every token) is no routed store: it is exported as
+   written, its stacks multiplied whole.
 4. Every ModuleList/ModuleDict experts container with its own ``forward`` that was called
    as ``(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`` is swapped for
    :class:`DenseDispatchExperts` (``static``) or :class:`SparseDispatchExperts` (the other
@@ -123,10 +127,13 @@ def prepared_for_export(
         blocks = [p.rpartition(".")[0] for p in candidates if "." in p]
         calls = _record_calls(model, candidates + containers + blocks, run_forward)
         stores: dict[str, ExpertLayout] = {}
+        kept: list[str] = []
         for path in candidates:
             if not any(path.startswith(f"{store}.") for store in stores):
                 layout = store_layout(model, path, _input_width(calls.get(path)))
-                if layout is not None:
+                if layout is not None and _called_unrouted(layout, calls.get(path)):
+                    kept.append(path)
+                elif layout is not None:
                     stores[path] = layout
         sparse = moe_form != "static"
         split = dict(split_experts or {})
@@ -141,7 +148,7 @@ def prepared_for_export(
         for path in containers:
             if _try_dense_dispatch(swap, path, calls.get(path), sparse):
                 swapped.append(path)
-        _check_no_fused_left(model)
+        _check_no_fused_left(model, kept)
         ort_stores: dict[str, int] = {}
         fallbacks: list[tuple[str, str]] = []
         if moe_form == "ort":
@@ -244,9 +251,21 @@ def _record_calls(
     return calls
 
 
-def _check_no_fused_left(model: nn.Module) -> None:
-    """Stacked 3-D expert projections that rule 3 does not know must not reach the graph."""
+def _called_unrouted(layout: ExpertLayout, call: _RecordedCall | None) -> bool:
+    """Rule 3: a ``routed`` store whose recorded call has no integer top-k indices second."""
+    if layout.call != "routed" or call is None:
+        return False
+    inputs = call.inputs
+    index = inputs[1] if len(inputs) >= 2 else None
+    return not (isinstance(index, torch.Tensor) and not index.is_floating_point())
+
+
+def _check_no_fused_left(model: nn.Module, kept: Sequence[str] = ()) -> None:
+    """Stacked 3-D expert projections that rule 3 does not know (or keep as written: ``kept``
+    store paths) must not reach the graph."""
     for name, parameter in model.named_parameters():
+        if any(name.startswith(f"{path}.") for path in kept):
+            continue
         if parameter.dim() == 3 and name.rpartition(".")[2].endswith("proj"):
             raise EmitError(
                 f"{name!r} stacks expert matrices in a module the ONNX back end did not "

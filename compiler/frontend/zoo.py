@@ -13,6 +13,11 @@ Each family's config class is built with its own defaults, then shrunk by one ge
    and zero experts are kept (at most 2 each), grouped routing keeps 2 groups;
 4. families with several layer kinds or a dense first layer get 3 layers, others 2.
 
+A family may also adjust the random weights after they are drawn (:meth:`ZooFamily.initialize`,
+deterministic, from :data:`INIT_SEED`): where an initialisation zero-fills matrices (AFMoE's
+routers), every such matrix would be byte-identical, so routing would tie everywhere and the
+ONNX optimizer would merge the copies.
+
 ``ZOO`` maps family (the transformers module name) to :class:`ZooFamily`; ``EXCLUDED`` says why
 the other MoE modules of transformers are not in it. Every ``causal-lm`` and
 ``text-of-multimodal`` config builds with ``AutoModelForCausalLM.from_config`` and runs a
@@ -22,11 +27,13 @@ forward; ``encoder-decoder`` ones are configs only.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 import transformers
+from torch import nn
 
 Kind = Literal["causal-lm", "text-of-multimodal", "encoder-decoder"]
 
@@ -34,6 +41,8 @@ VOCAB = 512
 HIDDEN = 64
 EXPERTS = 8
 TOP_K = 2
+#: seed of the weights a family's ``post_init`` draws (its own generator: global RNG untouched)
+INIT_SEED = 0
 
 #: field name -> tiny value (where the default config has the field, not 0 and not None)
 SIZES: dict[str, int] = {
@@ -101,6 +110,8 @@ class ZooFamily:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     #: layer count; None: 3 with several layer kinds or a dense first layer, else 2
     layers: int | None = None
+    #: adjusts the freshly initialised model in place (same weights on every call); None: none
+    post_init: Callable[[nn.Module, torch.Generator], None] | None = None
 
     def make_config(self) -> transformers.PreTrainedConfig:
         """The tiny config (a fresh object on every call)."""
@@ -109,6 +120,24 @@ class ZooFamily:
         fields = shrink(defaults, self.layers or _layer_count(defaults))
         fields.update(self.overrides)
         return config_class(**fields)
+
+    def initialize(self, model: nn.Module) -> nn.Module:
+        """``model`` (built from :meth:`make_config`) after the family's ``post_init``, which
+        draws from its own generator seeded with :data:`INIT_SEED`."""
+        if self.post_init is not None:
+            with torch.no_grad():
+                self.post_init(model, torch.Generator().manual_seed(INIT_SEED))
+        return model
+
+
+def distinct_routers(model: nn.Module, generator: torch.Generator) -> None:
+    """Draw every all-zero router matrix (a module path ending in ``router.gate``, such as
+    AFMoE's, which its initialisation zero-fills) from ``N(0, initializer_range)``."""
+    std = float(getattr(getattr(model, "config", None), "initializer_range", 0.02))
+    for path, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if path.endswith("router.gate") and weight is not None and not weight.any():
+            weight.copy_(torch.randn(weight.shape, generator=generator) * std)
 
 
 def _kv_heads(defaults: Mapping[str, Any], key: str) -> int | None:
@@ -189,15 +218,16 @@ def shrink(defaults: Mapping[str, Any], layers: int) -> dict[str, Any]:
 
 
 def _family(name: str, model_type: str | None = None, *, layers: int | None = None,
+            post_init: Callable[[nn.Module, torch.Generator], None] | None = None,
             **overrides: Any) -> ZooFamily:
     model_type = model_type or name
     kind: Kind = ("encoder-decoder" if name in ("switch_transformers", "nllb_moe")
                   else "text-of-multimodal" if model_type.endswith("_text") else "causal-lm")
-    return ZooFamily(name, model_type, kind, overrides, layers)
+    return ZooFamily(name, model_type, kind, overrides, layers, post_init)
 
 
 _FAMILIES = [
-    _family("afmoe"),
+    _family("afmoe", post_init=distinct_routers),  # its routers start at zero
     _family("aria", "aria_text"),
     _family("axk1"),
     _family("axk2"),
