@@ -153,7 +153,7 @@ class StaticExperts(nn.Module):
         return [_then(expert, norm) for expert in experts]
 
     def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
-        values = _in_signature_order(self.signature, args, kwargs)
+        values = in_signature_order(self.signature, args, kwargs)
         hidden_states = values[0]
         assert isinstance(hidden_states, torch.Tensor)
         if self.call == "dense-input":
@@ -185,7 +185,7 @@ def _then(first: nn.Module, second: nn.Module) -> Callable[[torch.Tensor], torch
     return lambda hidden: second(first(hidden))
 
 
-def _in_signature_order(signature: inspect.Signature, args: tuple, kwargs: dict) -> list[object]:
+def in_signature_order(signature: inspect.Signature, args: tuple, kwargs: dict) -> list[object]:
     """The call's arguments in the order of the store's own ``forward`` parameters."""
     try:
         bound = signature.bind(*args, **kwargs)

@@ -60,6 +60,7 @@ import inspect
 import os
 import shutil
 import tempfile
+import traceback
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,13 +293,28 @@ def _run_exporter(module: nn.Module, input_ids: torch.Tensor, model_name: str) -
 
 
 def _hint(error: BaseException) -> str:
-    """What usually causes a torch.export failure of this kind."""
+    """What usually causes a torch.export failure of this kind (and where, if in the model)."""
     text = str(error)
     if "specialized it to be a constant" in text or "Constraints violated" in text:
         return ("a Python loop or branch over the batch or sequence size (e.g. a recurrent "
                 "scan written as a for loop) fixed a dimension the graph must keep dynamic")
+    where = _model_frame(error)
+    if "data-dependent" in text and where is not None:
+        return (f"the model's {where} branches in Python on tensor values, which an exported "
+                "graph cannot express")
     return ("a hand-written MoE must dispatch without Python branches on tensor values "
             "(dense torch.where dispatch, or torch.where + index_add_ loops)")
+
+
+def _model_frame(error: BaseException) -> str | None:
+    """``function (file:line)`` of the innermost traceback frame in the model's own code
+    (outside torch and hetmap), or None."""
+    outside = (Path(torch.__file__).parent, Path(__file__).resolve().parents[1])
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        path = Path(frame.filename).resolve()
+        if not any(root in path.parents for root in outside):
+            return f"{frame.name} ({path.name}:{frame.lineno})"
+    return None
 
 
 def _first_line(error: BaseException) -> str:

@@ -44,6 +44,7 @@ Rules, in the order they are applied:
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -58,6 +59,7 @@ from hetmap.compiler.backends.onnx_experts import (
     DenseDispatchExperts,
     ExpertLinear,
     StaticExperts,
+    in_signature_order,
 )
 from hetmap.compiler.backends.onnx_modules import TiledLinear, TileRange, check_tile_ranges
 from hetmap.compiler.backends.onnx_ort_moe import FusedExperts, OrtMoeBlock, router_of
@@ -131,7 +133,8 @@ def prepared_for_export(
         for path in candidates:
             if not any(path.startswith(f"{store}.") for store in stores):
                 layout = store_layout(model, path, _input_width(calls.get(path)))
-                if layout is not None and _called_unrouted(layout, calls.get(path)):
+                if layout is not None and _called_unrouted(model.get_submodule(path), layout,
+                                                             calls.get(path)):
                     kept.append(path)
                 elif layout is not None:
                     stores[path] = layout
@@ -251,11 +254,12 @@ def _record_calls(
     return calls
 
 
-def _called_unrouted(layout: ExpertLayout, call: _RecordedCall | None) -> bool:
-    """Rule 3: a ``routed`` store whose recorded call has no integer top-k indices second."""
+def _called_unrouted(store: nn.Module, layout: ExpertLayout, call: _RecordedCall | None) -> bool:
+    """Rule 3: a ``routed`` store whose recorded call has no integer top-k indices second
+    (in the order of its ``forward``'s parameters)."""
     if layout.call != "routed" or call is None:
         return False
-    inputs = call.inputs
+    inputs = in_signature_order(inspect.signature(store.forward), call.args, call.kwargs)
     index = inputs[1] if len(inputs) >= 2 else None
     return not (isinstance(index, torch.Tensor) and not index.is_floating_point())
 
