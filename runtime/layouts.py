@@ -25,6 +25,11 @@ Rules (:func:`read_layout`; no class names are consulted):
 4. Calling convention, from ``forward``'s signature: ``routed`` -- ``(hidden [T, H],
    top_k_index [T, k], top_k_weights [T, k])``; ``dense-input`` -- ``(hidden [E * T, H])``,
    each expert's block of T rows already scaled by its routing score (Llama 4).
+5. ``sizes`` (JetMoE): the MoE block itself is the store; two children each hold one 3-D
+   ``weight [E, out, in]`` and are called with ``(rows sorted by expert, rows per expert)``:
+   the first maps hidden to ``2I`` (gate and up concatenated, ``chunk(2)``) or to ``I``, the
+   second ``I`` back to hidden. The block routes, gathers, gates and combines itself; only
+   the two stacks are replaced in simulation.
 """
 
 from __future__ import annotations
@@ -157,6 +162,14 @@ def _call_convention(module: nn.Module) -> str:
     return "dense-input" if len(params) == 1 else "routed"
 
 
+def _positional_parameters(module: nn.Module) -> int:
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return -1
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)
+
+
 def _fused(module: nn.Module, router_experts: int, hidden: int) -> ExpertLayout | None:
     params = dict(module.named_parameters(recurse=False))
     down = params.get("down_proj")
@@ -223,13 +236,41 @@ def _flat(module: nn.Module, router_experts: int, hidden: int) -> ExpertLayout |
     return None
 
 
+def sized_pair(module: nn.Module, router_experts: int, hidden: int) -> ExpertLayout | None:
+    """Rule 5."""
+    stacks = []
+    for name, child in module.named_children():
+        params = dict(child.named_parameters())
+        weight = params.get("weight")
+        if len(params) == 1 and weight is not None and weight.dim() == 3 \
+                and int(weight.shape[0]) == router_experts and _positional_parameters(child) == 2:
+            stacks.append((name, tuple(int(d) for d in weight.shape[1:])))
+    if len(stacks) != 2:
+        return None
+    (inner, (inner_out, inner_in)), (outer, (outer_out, outer_in)) = stacks
+    if inner_in != hidden or outer_out != hidden or inner_out not in (outer_in, 2 * outer_in):
+        return None
+    has_gate = inner_out == 2 * outer_in
+    return ExpertLayout(
+        storage="fused", num_experts=router_experts, hidden=hidden, intermediate=outer_in,
+        has_gate=has_gate, transposed=False, interleaved=False, call="sizes",
+        tensors={"gate_up" if has_gate else "up": f"{inner}.weight", "down": f"{outer}.weight"})
+
+
 def read_layout(module: nn.Module, router_experts: int, hidden: int) -> ExpertLayout | None:
     """The layout of ``module`` if it stores ``router_experts`` experts of width ``hidden``.
 
     Returns None when ``module`` is not an experts store of a known kind; raises
     :class:`LayoutError` when it is one but its layout is ambiguous.
     """
-    return _fused(module, router_experts, hidden) or _flat(module, router_experts, hidden)
+    return (_fused(module, router_experts, hidden) or _flat(module, router_experts, hidden)
+            or sized_pair(module, router_experts, hidden))
+
+
+def sized_stacks(layout: ExpertLayout) -> tuple[str, str]:
+    """Rule 5: the child paths of the input and output stacks of a ``sizes`` layout."""
+    inner = layout.tensors["gate_up" if layout.has_gate else "up"]
+    return inner.removesuffix(".weight"), layout.tensors["down"].removesuffix(".weight")
 
 
 @dataclass(frozen=True)
@@ -257,10 +298,11 @@ def _stack(module: nn.Module, layout: ExpertLayout, role: str, bias: bool) -> to
 def activation_of(module: nn.Module, layout: ExpertLayout
                   ) -> Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]:
     """``f(gate_out, up_out) -> hidden``: the module's own gating on canonical outputs."""
-    act_fn = getattr(module, "act_fn", None) or getattr(module, "activation_fn", None)
+    names = ("act_fn", "activation_fn", "activation")
+    act_fn = next((a for n in names if callable(a := getattr(module, n, None))), None)
     if act_fn is None:
         for child in module.children():
-            act_fn = getattr(child, "act_fn", None) or getattr(child, "activation_fn", None)
+            act_fn = next((a for n in names if callable(a := getattr(child, n, None))), None)
             if act_fn is not None:
                 break
     if not layout.has_gate:

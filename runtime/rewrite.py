@@ -8,7 +8,8 @@
    :func:`~.layouts.read_layout` reads: given in ``layouts``, else inferred from the module by
    :func:`experts_layout`) is replaced by one whose listed experts run on simulated AIMC
    tiles and whose other experts stay exact digital (:class:`SimulatedExperts`, or
-   :class:`ReferenceExperts` with ``backend="aihwkit"``);
+   :class:`ReferenceExperts` with ``backend="aihwkit"``); for a block of the ``sizes``
+   layout (JetMoE) its two expert stacks are replaced instead (:mod:`.sized`);
 3. everything else is an exact copy. The original model is not modified; the weights of the
    replaced modules are not copied (the new modules are built from the original's weights).
 
@@ -28,10 +29,11 @@ from hetmap.common.errors import SimulationError
 
 from .analog import SimulatedLinear
 from .experts import SimulatedExperts, experts_layout
-from .layouts import ExpertLayout
+from .layouts import ExpertLayout, sized_stacks
 from .programming import derive_seed
 from .reference import ReferenceExperts, ReferenceLinear
 from .settings import AnalogSettings
+from .sized import SimulatedSizedStack
 
 BACKENDS = ("hetmap", "aihwkit")
 
@@ -104,6 +106,11 @@ def build_simulated_model(
         replacements[path] = make_linear(linear, settings, module_seed(seed, path))
     for path in expert_paths:
         indices = [int(index) for index in analog_experts[path]]
+        if expert_layouts[path].call == "sizes":
+            replacements.update(_sized_replacements(
+                modules, path, expert_layouts[path], indices, settings, seed, backend,
+                path in split))
+            continue
         if path in split:
             replacements[path] = SimulatedExperts(
                 _float32(modules[path]), indices, settings, module_seed(seed, path), path,
@@ -121,6 +128,23 @@ def build_simulated_model(
     for path, replacement in replacements.items():
         _set_submodule(simulated, path, replacement)
     return simulated.eval()
+
+
+def _sized_replacements(modules: Mapping[str, nn.Module], path: str, layout: ExpertLayout,
+                        indices: list[int], settings: AnalogSettings, seed: int, backend: str,
+                        split: bool) -> dict[str, nn.Module]:
+    """Rule 2 for the ``sizes`` layout (JetMoE): the block's two stacks are replaced."""
+    if backend != "hetmap" or split:
+        what = "the aihwkit backend" if backend != "hetmap" else "neuron-granular placement"
+        raise SimulationError(f"{path!r} keeps its experts in two stacks called with rows per "
+                              f"expert (JetMoE), which {what} does not simulate; use the "
+                              "hetmap backend and --granularity expert")
+    inner, outer = sized_stacks(layout)
+    splits = (layout.intermediate, layout.intermediate) if layout.has_gate else None
+    return {f"{path}.{child}": SimulatedSizedStack(
+                _lookup(modules, f"{path}.{child}"), indices, settings,
+                module_seed(seed, f"{path}.{child}"), f"{path}.{child}", out_splits)
+            for child, out_splits in ((inner, splits), (outer, None))}
 
 
 def _float32(module: nn.Module) -> nn.Module:

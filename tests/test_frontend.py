@@ -157,13 +157,10 @@ def test_control_flow_on_a_sequence_length_stays_a_one_line_error() -> None:
 
 
 def test_unmappable_moe_layouts_fail_naming_the_layout() -> None:
-    with pytest.raises(NoMoeError, match=r"splits its 8 experts' matrices over modules "
-                                         r"'input_linear', 'output_linear'.*--allow-dense"):
-        import_model(load_model("tiny:jetmoe"))
     with pytest.raises(NoMoeError, match=r"single-neuron experts as rows of embeddings "
                                          r"'down_embed', 'up_embed'"):
         import_model(load_model("tiny:doge"))
-    graph = import_model(load_model("tiny:jetmoe"), allow_dense=True)
+    graph = import_model(load_model("tiny:doge"), allow_dense=True)
     assert not graph.moe_layers
 
 

@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 #: family -> a fragment of the one-line error it must fail with (the reason it cannot work)
 UNSUPPORTED = {
     "doge": "keeps single-neuron experts as rows of embeddings",  # product-key experts
-    "jetmoe": "splits its 8 experts' matrices over modules",  # two ParallelExperts modules
     # transformers' NllbMoeExperts one-hots the router's one-hot mask: experts 0 and 1 only
     "nllb_moe": "does not dispatch tokens the way its router routes them",
 }

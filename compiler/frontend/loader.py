@@ -250,8 +250,8 @@ def _load_model(spec: str, *, trust_remote_code: bool = False) -> LoadedModel:
             raise ModelLoadError(f"{spec!r} is {why}; tiny families: {known}, ... "
                                  "(see 'hetmap models')")
         config = family.make_config()
-        return LoadedModel(spec=spec, name=spec, source="builtin",
-                           module=_from_config(config, meta=False), config=config)
+        module = family.initialize(_from_config(config, meta=False))
+        return LoadedModel(spec=spec, name=spec, source="builtin", module=module, config=config)
     path = Path(spec)
     if path.is_dir():
         return _load_checkpoint(path, spec, trust_remote_code, "checkpoint")

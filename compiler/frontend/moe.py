@@ -13,7 +13,11 @@ A module is an MoE block when it has (rules, in order):
    child of the block belongs to the router (e.g. AfMoE ``router.gate``, DBRX ``router.layer``);
 3. other parametrised children of the block are small dense linears (e.g. Qwen2-MoE's
    ``shared_expert_gate``), *dense* modules when the block is a whole decoder layer (attention
-   and norms beside router and experts, e.g. Gemma 4), or else shared experts (MLPs).
+   and norms beside router and experts, e.g. Gemma 4), or else shared experts (MLPs);
+4. failing 1-3, the block itself stores its experts in two stacks called with rows sorted by
+   expert (JetMoE; :func:`hetmap.runtime.layouts.read_layout` rule 5) beside a router;
+5. experts inside an attention module (a path segment naming attention: JetMoE's mixture of
+   attention heads) are part of that attention, not an MoE block: they are placed with it.
 
 No class names are consulted. Each expert's matrices are described by :class:`Matrix`
 entries in nn.Linear ``[out, in]`` terms; weights are referenced by state-dict name.
@@ -21,6 +25,7 @@ entries in nn.Linear ``[out, in]`` terms; weights are referenced by state-dict n
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -30,9 +35,10 @@ from torch import nn
 from hetmap.common.errors import TraceError
 from hetmap.compiler.frontend.tracer import is_attention, is_norm
 from hetmap.compiler.ir.graph import Matrix, WeightRef
-from hetmap.runtime.layouts import ExpertLayout, LayoutError, read_layout
+from hetmap.runtime.layouts import ExpertLayout, LayoutError, read_layout, sized_pair
 
 #: nn.Linear child names mapped to the paper's roles (gate, up, down).
+_ATTENTION_SEGMENT = re.compile(r"(?:^|\.)[^.]*(?:attn|attention)[^.]*(?:\.|$)", re.IGNORECASE)
 ROLE_ALIASES = {
     "gate_proj": "gate", "w1": "gate", "wi_0": "gate", "gate": "gate",
     "up_proj": "up", "w3": "up", "v1": "up", "wi_1": "up", "fc1": "up", "wi": "up", "up": "up",
@@ -174,10 +180,28 @@ def _experts_layout(experts: nn.Module, path: str, slots: int, hidden: int
         layout = read_layout(experts, slots, hidden)
     except LayoutError as exc:
         raise TraceError(f"experts module {path!r}: {exc}") from exc
+    if layout is not None and layout.call == "sizes":
+        return None  # a block of its own (rule 4), not the experts child of this module
     if layout is not None:
         return layout.name, layout_matrices(layout, path), layout.identity_experts
     listed = _list_matrices(experts, path, slots)
     return None if listed is None else ("modulelist", listed, 0)
+
+
+def _sized_block(module: nn.Module, path: str, config: object | None) -> MoeBlock | None:
+    """Rule 4."""
+    for router_name, router, slots, hidden in _router_candidates(module, skip=""):
+        layout = sized_pair(module, slots, hidden)
+        if layout is None:
+            continue
+        router_child = dict(module.named_children())[router_name.split(".", 1)[0]]
+        return MoeBlock(
+            path=path, router=_join(path, router_name), experts=path, layout=layout.name,
+            num_experts=slots, hidden=hidden, top_k=_find_top_k([router, module, router_child],
+                                                                config),
+            shared=(), other_linears=(), expert_matrices=layout_matrices(layout, path),
+            identity_experts=0, dense=())
+    return None
 
 
 def detect_moe_block(module: nn.Module, path: str, config: object | None = None) -> MoeBlock | None:
@@ -215,7 +239,7 @@ def detect_moe_block(module: nn.Module, path: str, config: object | None = None)
             num_experts=len(table), hidden=hidden, top_k=_find_top_k(owners, config),
             shared=tuple(shared), other_linears=tuple(others), expert_matrices=table,
             identity_experts=identity, dense=tuple(dense))
-    return None
+    return _sized_block(module, path, config)
 
 
 def _could_hold_experts(module: nn.Module) -> bool:
@@ -265,8 +289,8 @@ def find_moe_blocks(model: nn.Module, config: object | None = None) -> dict[str,
     """All MoE blocks of ``model`` by module path (outermost match wins)."""
     blocks: dict[str, MoeBlock] = {}
     for path, module in model.named_modules():
-        if any(path.startswith(p + ".") for p in blocks):
-            continue
+        if any(path.startswith(p + ".") for p in blocks) or _ATTENTION_SEGMENT.search(path):
+            continue  # rule 5
         block = detect_moe_block(module, path, config)
         if block is not None:
             blocks[path] = block

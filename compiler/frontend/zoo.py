@@ -21,7 +21,8 @@ ONNX optimizer would merge the copies.
 ``ZOO`` maps family (the transformers module name) to :class:`ZooFamily`; ``EXCLUDED`` says why
 the other MoE modules of transformers are not in it. Every ``causal-lm`` and
 ``text-of-multimodal`` config builds with ``AutoModelForCausalLM.from_config`` and runs a
-forward; ``encoder-decoder`` ones are configs only.
+forward; ``encoder-decoder`` ones build with ``AutoModelForSeq2SeqLM`` and run as next-token
+models (:func:`hetmap.compiler.frontend.loader.as_next_token_model`).
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ from hetmap.compiler.data.textdata import batches, load_tokens
 from hetmap.compiler.ir.annotations import Coactivation, Density, InputMoments, Traced
 from hetmap.compiler.ir.graph import DENSE_KINDS, Graph, MoeLayer, Node, NodeKind
 from hetmap.compiler.passes.base import CompileContext, PassResult
-from hetmap.runtime.layouts import CanonicalExperts, ExpertLayout, canonical
+from hetmap.runtime.layouts import CanonicalExperts, ExpertLayout, canonical, sized_stacks
 
 
 class _RoutingCounter:
@@ -193,6 +193,12 @@ class _MomentCollector:
                         if layout is not None else {role: role for role in roles})
 
     def attach(self, model: nn.Module) -> list[RemovableHandle]:
+        if self.layout is not None and self.layout.call == "sizes":
+            inner, outer = sized_stacks(self.layout)
+            block = self.moe.experts_module
+            return [model.get_submodule(f"{block}.{child}").register_forward_pre_hook(
+                        partial(self.sized_hook, stream))
+                    for child, stream in ((inner, "hidden"), (outer, "down"))]
         if self.layout is not None:
             module = model.get_submodule(self.moe.experts_module)
             return [module.register_forward_pre_hook(self.stacked_hook, with_kwargs=True)]
@@ -238,6 +244,16 @@ class _MomentCollector:
         inputs = hidden[rows]
         self.sums.add("hidden", expert, inputs)
         self.sums.add("down", *_down_inputs(canonical(module, self.layout), inputs, expert))
+
+    def sized_hook(self, stream: str, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        """A stack of a ``sizes`` layout: rows sorted by expert, then rows per expert."""
+        if len(args) < 2 or not isinstance(args[0], torch.Tensor):
+            return
+        inputs = args[0].reshape(-1, args[0].shape[-1])
+        sizes = torch.as_tensor(list(args[1]), dtype=torch.long)
+        if int(sizes.sum()) != inputs.shape[0] or sizes.numel() != self.moe.num_experts:
+            return
+        self.sums.add(stream, torch.repeat_interleave(torch.arange(sizes.numel()), sizes), inputs)
 
     def linear_hook(self, expert: int, role: str, _module: nn.Module, args: tuple[Any, ...]
                     ) -> None:
