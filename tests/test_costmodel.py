@@ -47,6 +47,20 @@ def test_digital_matrix_by_hand() -> None:
     assert estimate.mapped.weight_bytes_fetched == macs * d.weight_bytes
 
 
+def test_a_module_kept_whole_is_costed_as_digital_products() -> None:
+    """An ``opaque`` node's matrices (a module fx could not trace, e.g. T5 attention) are
+    computed digitally: they cost like any digital matrix, and cannot go on tiles."""
+    d = TARGET.digital
+    estimate = estimate_cost(TARGET, kind=["opaque"], out_features=[64], in_features=[32],
+                             density=[1.0], placement=[DIGITAL], layer=[0])
+    macs = 64 * 32
+    energy = macs * d.mac_energy_j + macs * d.weight_bytes * d.mem_energy_per_byte_j
+    assert estimate.mapped.energy_j == pytest.approx(energy, rel=1e-12) and energy > 0
+    with pytest.raises(ValueError, match="cannot be placed on aimc-tile"):
+        estimate_cost(TARGET, kind=["opaque"], out_features=[64], in_features=[32],
+                      density=[1.0], placement=[AIMC_TILE], layer=[0])
+
+
 def test_analog_matrix_by_hand() -> None:
     a = TARGET.aimc
     estimate = estimate_cost(TARGET, kind=["expert"], out_features=[1024], in_features=[2048],

@@ -14,7 +14,8 @@ Assumptions:
    packed tile costs a full activation (conservative); adding partial sums is not costed.
 3. Analog latency: tiles on different crossbar sites run in parallel, tiers of one site one
    after another: ``serial_steps x mvm_latency_s`` (serial_steps defaults to 1).
-4. Digital: ``MACs = out x in``; every weight is fetched from memory for every token the
+4. Digital: ``MACs = out x in`` (for every matrix, the matrices of modules kept whole
+   included); every weight is fetched from memory for every token the
    matrix computes on (batch 1, no reuse): energy ``(MACs x mac_energy_j + out x in x
    weight_bytes x mem_energy_per_byte_j) x density``; time from the roofline
    ``max(MACs / mac_throughput, bytes / mem_bandwidth) x density``.
@@ -46,6 +47,9 @@ from hetmap.targets.model import Target
 
 DIGITAL = "digital"
 AIMC_TILE = "aimc-tile"
+#: kinds whose matrices are multiplied (and costed): those a tile can hold, and the matrices
+#: of modules kept whole (``opaque``: computed digitally, never placed on tiles)
+COSTED_KINDS = MATMUL_KINDS | {"opaque"}
 
 
 @dataclass(frozen=True)
@@ -178,7 +182,7 @@ def _matrices(target: Target, kind: Sequence[str], out_features: ArrayLike,
     dens = arrays["density"].astype(np.float64)
     if np.any((dens < 0) | (dens > 1)):
         raise ValueError("density must lie in [0, 1]")
-    macs = np.where(np.isin(kinds, sorted(MATMUL_KINDS)), out_arr * in_arr, 0)
+    macs = np.where(np.isin(kinds, sorted(COSTED_KINDS)), out_arr * in_arr, 0)
     if "tiles" not in arrays:
         rows, cols = target.aimc.rows, target.aimc.cols
         arrays["tiles"] = tiles_per_matrix(np.maximum(out_arr, 1), np.maximum(in_arr, 1),
