@@ -53,27 +53,32 @@ class AnalogTileStack(nn.Module):
 
     def __init__(
         self,
-        weights: torch.Tensor,
+        weights: torch.Tensor | Sequence[torch.Tensor],
         settings: AnalogSettings,
         seed: int,
         out_splits: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if weights.ndim != 3:
+        blocks = [weights] if isinstance(weights, torch.Tensor) else list(weights)
+        if any(b.ndim != 3 or b.shape[::2] != blocks[0].shape[::2] for b in blocks):
             raise SimulationError(
-                f"analog tile stack needs weights [E, out, in], got {tuple(weights.shape)}"
-            )
-        out_features, in_features = weights.shape[1:]
+                "analog tile stack needs weights [E, out, in] (or blocks of them along out), "
+                f"got {[tuple(b.shape) for b in blocks]}")
+        out_features = sum(int(b.shape[1]) for b in blocks)
+        in_features = int(blocks[0].shape[2])
         splits = tuple(out_splits) if out_splits is not None else (out_features,)
         if sum(splits) != out_features:
             raise SimulationError(f"out_splits {splits} do not add up to {out_features} outputs")
+        if len(blocks) > 1 and tuple(int(b.shape[1]) for b in blocks) != splits:
+            raise SimulationError(f"weight blocks of {[int(b.shape[1]) for b in blocks]} outputs "
+                                  f"do not match out_splits {splits}")
         self.settings = settings
         self.grid = TileGrid.build(in_features, splits, settings.rows, settings.cols)
         self.seed = seed
-        tile_weights, out_scales = self._program(weights.detach(), seed)
+        tile_weights, out_scales = self._program([b.detach() for b in blocks], seed)
         self.register_buffer("weight", tile_weights)  # [E, out, in], normalized units
         self.register_buffer("out_scales", out_scales)  # [E, in_tiles, out]
-        column_tile = torch.as_tensor(self.grid.column_tile_index(), device=weights.device)
+        column_tile = torch.as_tensor(self.grid.column_tile_index(), device=tile_weights.device)
         self.register_buffer("column_tile", column_tile, persistent=False)
         # With equal-width column tiles and one scale per tile, step 6 scales [S, tiles]
         # views instead of gathering a [S, out] scale per row.
@@ -86,21 +91,29 @@ class AnalogTileStack(nn.Module):
     def num_matrices(self) -> int:
         return int(self.weight.shape[0])
 
-    def _program(self, weights: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Program every matrix block (e.g. gate, up), a few tiles per noise-model call."""
+    def _program(self, blocks: list[torch.Tensor], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Program every matrix block (e.g. gate, up), a few tiles per noise-model call,
+        straight into one float32 (at least) stack: no concatenated or converted copy of the
+        weights is made. ``blocks``: the whole stack, or one tensor per block."""
         settings = self.settings
+        first = blocks[0]
+        device = first.device
+        work = torch.promote_types(first.dtype, torch.float32)
+        num, in_features = int(first.shape[0]), int(first.shape[2])
+        out_features = self.grid.out_features
+        tile_weights = torch.empty(num, out_features, in_features, dtype=work, device=device)
+        out_scales = torch.empty(num, -(-in_features // settings.rows), out_features,
+                                 dtype=work, device=device)
         noise_model = None if settings.ideal else make_noise_model(settings)
-        programmed, scales = [], []
-        with seeded(seed, weights.device):
-            for start, size in self.grid.out_offsets():
-                block_weights, block_scales = program_in_chunks(
-                    weights[:, start : start + size], settings, noise_model,
-                    _PROGRAM_CHUNK_ELEMENTS.get(weights.device.type, 1 << 24))
-                programmed.append(block_weights)
-                scales.append(block_scales)
-        if len(programmed) == 1:
-            return programmed[0], scales[0]
-        return torch.cat(programmed, dim=1), torch.cat(scales, dim=2)
+        with seeded(seed, device):
+            for index, (start, size) in enumerate(self.grid.out_offsets()):
+                block = blocks[index] if len(blocks) > 1 else first[:, start:start + size]
+                program_in_chunks(
+                    block, settings, noise_model,
+                    _PROGRAM_CHUNK_ELEMENTS.get(device.type, 1 << 24),
+                    out=(tile_weights[:, start:start + size],
+                         out_scales[..., start:start + size]))
+        return tile_weights, out_scales
 
     def _uniform_tile_width(self) -> int:
         """Width of every column tile if all are equal and share one scale, else 0."""

@@ -398,7 +398,9 @@ def expert_group(canon: CanonicalExperts, chosen: list[int], settings: AnalogSet
     roles = ("gate", "up") if layout.has_gate else ("up",)
     valid = None
     if neurons is None:
-        weights = {role: canon.weights[role][chosen] for role in (*roles, "down")}
+        every = chosen == list(range(canon.layout.num_experts))  # views: no copy
+        weights = {role: canon.weights[role] if every else canon.weights[role][chosen]
+                   for role in (*roles, "down")}
         down_bias = canon.biases["down"][chosen].contiguous() if "down" in canon.biases else None
         inner_bias = _inner_bias(canon, chosen)
         width = layout.intermediate
@@ -411,17 +413,16 @@ def expert_group(canon: CanonicalExperts, chosen: list[int], settings: AnalogSet
             inner_bias = torch.cat([biases.get(role, weights[role].new_zeros(len(chosen), width))
                                     for role in roles], dim=1)
         valid = valid.to(canon.weights["down"].device)
-    inner = torch.cat([weights[role] for role in roles], dim=1).contiguous()
-    down = weights["down"].contiguous()
     inner_stack: nn.Module
     down_stack: nn.Module
     if settings is None:
-        inner_stack, down_stack = DigitalStack(inner), DigitalStack(down)
-    else:
+        inner = torch.cat([weights[role] for role in roles], dim=1).contiguous()
+        inner_stack, down_stack = DigitalStack(inner), DigitalStack(weights["down"].contiguous())
+    else:  # programmed from the blocks themselves: no concatenated or float32 copy
         splits = (width,) * len(roles)
-        inner_stack = AnalogTileStack(inner, settings, derive_seed(seed, "gate_up"),
-                                      out_splits=splits)
-        down_stack = AnalogTileStack(down, settings, derive_seed(seed, "down"))
+        inner_stack = AnalogTileStack([weights[role] for role in roles], settings,
+                                      derive_seed(seed, "gate_up"), out_splits=splits)
+        down_stack = AnalogTileStack(weights["down"], settings, derive_seed(seed, "down"))
     return _ExpertGroup(inner_stack, down_stack, inner_bias, down_bias, width, layout.has_gate,
                         valid)
 

@@ -181,17 +181,25 @@ def program_in_chunks(
     settings: AnalogSettings,
     noise_model: BaseNoiseModel | None,
     chunk_elements: int,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`program_matrices` on ``weights [E, out, in]`` a few whole tiles at a time:
     about ``chunk_elements`` weights per call (whole rows of column tiles of one matrix, or
     whole matrices), so that the noise model's temporaries stay in the CPU's cache; the
-    results go straight into the returned tensors. Each chunk holds whole tiles, so every
-    tile is programmed as on its own (rule 2's abs-max argument holds per chunk)."""
+    results go straight into the returned tensors (``out``: given ones, e.g. views of a
+    larger stack). Weights of a reduced dtype are converted chunk by chunk: programming and
+    the results are float32 (at least), and no float32 copy of ``weights`` is made. Each
+    chunk holds whole tiles, so every tile is programmed as on its own (rule 2's abs-max
+    argument holds per chunk)."""
     num, out_features, in_features = weights.shape
     in_tiles = -(-in_features // settings.rows)
     cols, rows = min(settings.cols, out_features), min(settings.rows, in_features)
-    tile_weights = torch.empty_like(weights)
-    out_scales = weights.new_empty(num, in_tiles, out_features)
+    work = torch.promote_types(weights.dtype, torch.float32)
+    if out is None:
+        tile_weights = weights.new_empty(weights.shape, dtype=work)
+        out_scales = weights.new_empty(num, in_tiles, out_features, dtype=work)
+    else:
+        tile_weights, out_scales = out
     in_step = min(in_features, max(1, chunk_elements // max(1, cols * rows)) * rows)
     column_rows = max(1, chunk_elements // max(1, cols * in_step))
     out_step = min(out_features, column_rows * cols)
@@ -204,8 +212,8 @@ def program_in_chunks(
             for low in range(0, in_features, in_step):
                 high = min(in_features, low + in_step)
                 programmed, scales = program_matrices(
-                    weights[first:last, start:stop, low:high], settings.rows, settings.cols,
-                    settings, noise_model)
+                    weights[first:last, start:stop, low:high].to(work), settings.rows,
+                    settings.cols, settings, noise_model)
                 tile_weights[first:last, start:stop, low:high] = programmed
                 out_scales[first:last, low // rows:-(-high // rows), start:stop] = scales
     return tile_weights, out_scales

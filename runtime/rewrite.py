@@ -10,8 +10,10 @@
    tiles and whose other experts stay exact digital (:class:`SimulatedExperts`, or
    :class:`ReferenceExperts` with ``backend="aihwkit"``); for a block of the ``sizes``
    layout (JetMoE) its two expert stacks are replaced instead (:mod:`.sized`);
-3. everything else is an exact copy. The original model is not modified; the weights of the
-   replaced modules are not copied (the new modules are built from the original's weights).
+3. everything else is the original model's own modules, shared: only the modules on a path
+   to a replaced one are shallow clones. The original model is not modified and no weight
+   is copied (the new modules are built from the original's weights); the simulated model
+   costs the memory of its tiles only.
 
 Every replaced module draws its noise from its own seed, derived from ``seed`` and its path, so
 one seed fixes the whole simulated model and two modules never share noise.
@@ -20,6 +22,7 @@ one seed fixes the whole simulated model and two modules never share noise.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -99,9 +102,12 @@ def build_simulated_model(
     make_linear: Callable[[nn.Linear, AnalogSettings, int], nn.Module]
     make_linear = SimulatedLinear if backend == "hetmap" else ReferenceLinear
     make_experts = SimulatedExperts if backend == "hetmap" else ReferenceExperts
+    # the hetmap tiles program reduced-precision weights chunk by chunk into float32 (no
+    # float32 copy of the module); aihwkit's tiles need float32 modules
+    widen = (lambda module: module) if backend == "hetmap" else _float32
     replacements: dict[str, nn.Module] = {}
     for path in linear_paths:
-        linear = _float32(modules[path])
+        linear = widen(modules[path])
         assert isinstance(linear, nn.Linear)
         replacements[path] = make_linear(linear, settings, module_seed(seed, path))
     for path in expert_paths:
@@ -113,21 +119,35 @@ def build_simulated_model(
             continue
         if path in split:
             replacements[path] = SimulatedExperts(
-                _float32(modules[path]), indices, settings, module_seed(seed, path), path,
+                widen(modules[path]), indices, settings, module_seed(seed, path), path,
                 expert_layouts[path], split[path])
             continue
         replacements[path] = make_experts(
-            _float32(modules[path]), indices, settings, module_seed(seed, path), path,
+            widen(modules[path]), indices, settings, module_seed(seed, path), path,
             expert_layouts[path]
         )
 
-    # Deep-copy the rest of the model; the replaced modules are memoized to placeholders so
-    # their weights are never copied.
-    memo: dict[int, object] = {id(modules[path]): nn.Module() for path in replacements}
-    simulated = copy.deepcopy(model, memo)
-    for path, replacement in replacements.items():
-        _set_submodule(simulated, path, replacement)
-    return simulated.eval()
+    return _graft(model, "", replacements).eval()
+
+
+def _graft(module: nn.Module, prefix: str, replacements: Mapping[str, nn.Module]) -> nn.Module:
+    """Rule 3: a shallow clone of ``module`` with ``replacements`` (path -> module) in place.
+
+    Only the modules on a path to a replacement are cloned (their own containers of children,
+    parameters and buffers are new; the tensors are shared); every other submodule is the
+    original object, so the digital model's weights are neither copied nor changed.
+    """
+    clone = copy.copy(module)
+    clone._modules = OrderedDict(module._modules)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    for name, child in module._modules.items():
+        path = f"{prefix}.{name}" if prefix else name
+        if path in replacements:
+            clone._modules[name] = replacements[path]
+        elif child is not None and any(p.startswith(path + ".") for p in replacements):
+            clone._modules[name] = _graft(child, path, replacements)
+    return clone
 
 
 def _sized_replacements(modules: Mapping[str, nn.Module], path: str, layout: ExpertLayout,
@@ -148,7 +168,8 @@ def _sized_replacements(modules: Mapping[str, nn.Module], path: str, layout: Exp
 
 
 def _float32(module: nn.Module) -> nn.Module:
-    """``module`` itself when its floating-point weights are float32, else a float32 copy.
+    """``module`` itself when its floating-point weights are float32, else a float32 copy
+    (for aihwkit's tiles; hetmap's convert chunk by chunk while programming).
 
     The analog tiles program and compute in float32 whatever the model's storage dtype
     (bfloat16 or float16 checkpoints): the DAC/ADC steps, the noise and the scales need it.
@@ -163,9 +184,3 @@ def _lookup(modules: Mapping[str, nn.Module], path: str) -> nn.Module:
     if not path or path not in modules:
         raise SimulationError(f"model has no module at path {path!r}")
     return modules[path]
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, module)

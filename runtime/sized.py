@@ -51,7 +51,8 @@ class SimulatedSizedStack(nn.Module):
         self.register_buffer("slot", slot, persistent=False)  # index in its own stack
         self.register_buffer("is_analog", torch.zeros(experts, dtype=torch.bool).index_fill_(
             0, torch.tensor(chosen, dtype=torch.long), True), persistent=False)
-        self.tiles = AnalogTileStack(weight[chosen].float(), settings, seed, out_splits) \
+        analog_weights = weight if len(chosen) == experts else weight[chosen]
+        self.tiles = AnalogTileStack(analog_weights, settings, seed, out_splits) \
             if chosen else None
         self.register_buffer("digital_weight", weight[digital].clone())
 

@@ -47,9 +47,13 @@ def test_analog_tiles_compute_in_float32_for_a_bfloat16_model() -> None:
     part = analog_part(plan.graph, model)
     simulated = build_simulated_model(model, part.linears, part.experts,
                                       settings_for(plan.target), seed=0, layouts=part.layouts)
-    analog = [b for name, b in simulated.named_buffers() if name.endswith("tiles.weight")
-              or ".weight" in name and "experts" in name]
+    from hetmap.runtime.analog import AnalogTileStack, DigitalStack
+
+    analog = [m.weight for m in simulated.modules() if isinstance(m, AnalogTileStack)]
     assert analog and all(b.dtype == torch.float32 for b in analog)
+    # digital experts inside a simulated experts module compute as the digital model does
+    digital = [m.weight for m in simulated.modules() if isinstance(m, DigitalStack)]
+    assert digital and all(b.dtype == torch.bfloat16 for b in digital)
     tokens = torch.randint(0, 256, (1, 16))
     logits = simulated(tokens).logits
     assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())

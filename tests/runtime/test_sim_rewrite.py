@@ -53,10 +53,17 @@ def test_replaces_exactly_the_listed_modules(tiny_olmoe, attention_linears) -> N
     assert modules["model.layers.1.mlp.experts"].analog_experts == (1, 3)
     assert type(modules["model.layers.0.mlp.experts"]).__name__ == "OlmoeExperts"
     assert isinstance(modules["model.layers.0.self_attn.k_proj"], nn.Linear)
-    # the original is untouched and shares no tensor with the copy
+    # the original is untouched; every module off the replaced paths is shared, not copied
     assert all(isinstance(dict(model.named_modules())[path], nn.Linear) for path in linears)
-    original = {tensor.data_ptr() for tensor in model.parameters()}
-    assert not original & {tensor.data_ptr() for tensor in simulated.parameters()}
+    replaced = linears | set(experts)
+    on_path = {p for r in replaced for p in [r.rsplit(".", i)[0] for i in range(r.count(".") + 1)]}
+    kept = {path: module for path, module in model.named_modules()
+            if path and path not in on_path and not any(path.startswith(r + ".") for r in replaced)}
+    shared = dict(simulated.named_modules())
+    assert kept and all(shared[path] is module for path, module in kept.items())
+    replaced_tensors = {t.data_ptr() for r in replaced for t in model.get_submodule(r).parameters()}
+    assert not replaced_tensors & {t.data_ptr() for t in simulated.parameters()}
+    assert model.get_submodule("model.layers.1.mlp") is not shared["model.layers.1.mlp"]
 
 
 def test_aihwkit_backend_matches_hetmap_on_the_whole_model(
