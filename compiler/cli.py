@@ -759,6 +759,8 @@ def quiet_third_party() -> None:
     import logging
     import warnings
 
+    import torch  # noqa: F401 - importing torch resets its loggers' levels: set them after
+
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|onnx)")

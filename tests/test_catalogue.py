@@ -259,6 +259,17 @@ def _run_and_signal(argv: list[str], delay: float, signum: int, cwd: Path) -> tu
     return proc.returncode, err
 
 
+@pytest.mark.slow
+def test_export_prints_only_hetmap_lines(tmp_path: Path) -> None:
+    """Third-party notes (torch.onnx's registration warnings, which importing torch would turn
+    back on) stay off stderr: what is left is hetmap's own summary."""
+    proc = subprocess.run([HETMAP, "compile", "tiny:olmoe", "--emit", "onnx", "-o", "out"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert [line.split(":")[0].split(" ")[0] for line in lines] == ["onnx", "wrote"], lines
+
+
 INTERRUPTS = [
     ("compile-load", ["compile", "demo", "-o", "out"], 1.5),
     ("compile-calibrate", ["compile", "demo", "-o", "out"], 3.5),

@@ -23,6 +23,12 @@ Rules, in the order they are applied:
    integer top-k indices as its second input (Inkling's shared experts, called as
    ``(hidden, gammas)``: every expert on every token) is no routed store: it is exported as
    written, its stacks multiplied whole.
+3b. An MoE block that stores its experts in two stacks called with rows per expert (the
+   ``sizes`` layout, JetMoE; not inside an attention module) gets each expert's matrices as
+   modules ``<block>.<e>.<role>`` (the IR's matrix keys) and its two stacks swapped for
+   :class:`SizedStackExport`, which runs each expert's rows through them; the block's output
+   on the recorded call must not change. The block dispatches by itself, so every MoE form
+   exports it so (under ``ort`` with a note in ``fallbacks``).
 4. Every ModuleList/ModuleDict experts container with its own ``forward`` that was called
    as ``(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`` is swapped for
    :class:`DenseDispatchExperts` (``static``) or :class:`SparseDispatchExperts` (the other
@@ -65,7 +71,8 @@ from hetmap.compiler.backends.onnx_modules import TiledLinear, TileRange, check_
 from hetmap.compiler.backends.onnx_ort_moe import FusedExperts, OrtMoeBlock, router_of
 from hetmap.compiler.backends.onnx_ort_moe import misfit as ort_misfit
 from hetmap.compiler.backends.onnx_stores import may_store_experts, store_layout
-from hetmap.runtime.layouts import ExpertLayout
+from hetmap.compiler.frontend.moe import in_attention
+from hetmap.runtime.layouts import ExpertLayout, canonical, sized_pair, sized_stacks
 
 _HOOK_ATTRIBUTES = (
     "_forward_hooks",
@@ -127,7 +134,8 @@ def prepared_for_export(
         candidates = [p for p, m in model.named_modules() if p and may_store_experts(m)]
         containers = [p for p, m in model.named_modules() if _is_experts_container(m)]
         blocks = [p.rpartition(".")[0] for p in candidates if "." in p]
-        calls = _record_calls(model, candidates + containers + blocks, run_forward)
+        sized = [p for p, m in model.named_modules() if _sized_layout(p, m) is not None]
+        calls = _record_calls(model, candidates + containers + blocks + sized, run_forward)
         stores: dict[str, ExpertLayout] = {}
         kept: list[str] = []
         for path in candidates:
@@ -139,6 +147,7 @@ def prepared_for_export(
                 elif layout is not None:
                     stores[path] = layout
         sparse = moe_form != "static"
+        fallbacks: list[tuple[str, str]] = []
         split = dict(split_experts or {})
         unknown = sorted(set(split) - set(stores))
         if unknown:
@@ -148,12 +157,19 @@ def prepared_for_export(
         for path, layout in stores.items():
             _swap_experts_store(swap, path, layout, calls.get(path), sparse, split.get(path))
         swapped = list(stores)
+        for path, module in model.named_modules():
+            layout = _sized_layout(path, module)
+            if layout is not None:
+                _swap_sized_block(swap, path, layout, calls.get(path))
+                swapped.append(path)
+                if moe_form == "ort":
+                    fallbacks.append((path, "its experts are two stacks called with rows per "
+                                            "expert (JetMoE): exported in its own dispatch form"))
         for path in containers:
             if _try_dense_dispatch(swap, path, calls.get(path), sparse):
                 swapped.append(path)
         _check_no_fused_left(model, kept)
         ort_stores: dict[str, int] = {}
-        fallbacks: list[tuple[str, str]] = []
         if moe_form == "ort":
             for path, layout in stores.items():
                 reason = ("some of its experts are split by neuron, which the operator cannot "
@@ -182,7 +198,7 @@ class _Swapper:
 
     def __init__(self, root: nn.Module) -> None:
         self.root = root
-        self.replaced: list[tuple[nn.Module, str, nn.Module]] = []
+        self.replaced: list[tuple[nn.Module, str, nn.Module | None]] = []
 
     def get(self, path: str) -> nn.Module:
         return self.root.get_submodule(path)
@@ -193,10 +209,22 @@ class _Swapper:
         self.replaced.append((parent, name, parent.get_submodule(name)))
         parent._modules[name] = module
 
+    def add(self, path: str, module: nn.Module) -> None:
+        """A new child at ``path`` (removed again by :meth:`restore`)."""
+        parent_path, _, name = path.rpartition(".")
+        parent = self.root.get_submodule(parent_path)
+        if name in parent._modules:
+            raise EmitError(f"cannot add module {path!r}: the name is taken")
+        self.replaced.append((parent, name, None))
+        parent._modules[name] = module
+
     def restore(self) -> None:
         while self.replaced:
             parent, name, original = self.replaced.pop()
-            parent._modules[name] = original
+            if original is None:
+                del parent._modules[name]
+            else:
+                parent._modules[name] = original
 
 
 @contextmanager
@@ -299,6 +327,58 @@ def _swap_experts_store(swap: _Swapper, path: str, layout: ExpertLayout,
     swap.put(path, static)
 
 
+def _sized_layout(path: str, module: nn.Module) -> ExpertLayout | None:
+    """Rule 3b: the ``sizes`` layout of an MoE block that stores its experts in two stacks
+    (JetMoE), outside attention modules (their mixture of attention heads stays as written)."""
+    stacks = [w for c in module.children()
+              if isinstance(w := getattr(c, "weight", None), torch.Tensor) and w.dim() == 3]
+    if len(stacks) != 2 or in_attention(path):
+        return None
+    return sized_pair(module, int(stacks[0].shape[0]), int(stacks[0].shape[2]))
+
+
+def _swap_sized_block(swap: _Swapper, path: str, layout: ExpertLayout,
+                      call: _RecordedCall | None) -> None:
+    """Rule 3b: each expert's matrices become modules ``<block>.<e>.<role>`` (the IR's keys),
+    and the block's two stacks compute with them on each expert's rows."""
+    block = swap.get(path)
+    weights: dict[str, torch.Tensor] = canonical(block, layout).weights
+    inner_roles = ("gate", "up") if layout.has_gate else ("up",)
+    experts = []
+    for e in range(layout.num_experts):
+        expert = nn.Module()
+        for role in (*inner_roles, "down"):
+            expert.add_module(role, ExpertLinear(weights[role][e]))
+        swap.add(f"{path}.{e}", expert)
+        experts.append(expert)
+    inner, outer = sized_stacks(layout)
+    swap.put(f"{path}.{inner}", SizedStackExport(experts, inner_roles))
+    swap.put(f"{path}.{outer}", SizedStackExport(experts, ("down",)))
+    if call is not None and not _reproduces(block, call):
+        raise EmitError(f"MoE block {path!r} ({type(block).__name__}) does not compute what its "
+                        "two expert stacks imply; its per-expert form would change the outputs")
+
+
+class SizedStackExport(nn.Module):
+    """A stack of a ``sizes`` layout for export: each expert's rows through its own matrices
+    (``roles`` concatenated along the output, as the stack stores them)."""
+
+    experts: list[nn.Module]
+
+    def __init__(self, experts: Sequence[nn.Module], roles: tuple[str, ...]) -> None:
+        super().__init__()
+        # the experts are registered on the block (their IR keys); not again here
+        object.__setattr__(self, "experts", list(experts))
+        self.roles = roles
+
+    def forward(self, inputs: torch.Tensor, expert_size: Sequence[int]) -> torch.Tensor:
+        parts = inputs.split(list(expert_size), dim=0)
+        outputs = [torch.cat([getattr(expert, role)(part) for role in self.roles], dim=-1)
+                   if len(self.roles) > 1 else getattr(expert, self.roles[0])(part)
+                   for expert, part in zip(self.experts, parts, strict=True)]
+        return torch.cat(outputs, dim=0)
+
+
 def _try_ort_block(swap: _Swapper, store_path: str, layout: ExpertLayout,
                    calls: Mapping[str, _RecordedCall]) -> str | None:
     """Rule 5: swap the store's block for an OrtMoeBlock; the reason it does not fit, or None."""
@@ -309,7 +389,8 @@ def _try_ort_block(swap: _Swapper, store_path: str, layout: ExpertLayout,
     store = swap.get(store_path)
     if isinstance(store, DispatchExperts):  # read the original store, not its stand-in
         store = next(original for parent, name, original in reversed(swap.replaced)
-                     if parent is swap.get(block_path) and name == experts_name)
+                     if parent is swap.get(block_path) and name == experts_name
+                     and original is not None)
     reason = ort_misfit(store, layout)
     if reason is not None:
         return reason

@@ -285,11 +285,16 @@ def unmappable_moe(model: nn.Module) -> str | None:
     return None
 
 
+def in_attention(path: str) -> bool:
+    """Rule 5: whether ``path`` lies inside an attention module (a segment naming attention)."""
+    return bool(_ATTENTION_SEGMENT.search(path))
+
+
 def find_moe_blocks(model: nn.Module, config: object | None = None) -> dict[str, MoeBlock]:
     """All MoE blocks of ``model`` by module path (outermost match wins)."""
     blocks: dict[str, MoeBlock] = {}
     for path, module in model.named_modules():
-        if any(path.startswith(p + ".") for p in blocks) or _ATTENTION_SEGMENT.search(path):
+        if any(path.startswith(p + ".") for p in blocks) or in_attention(path):
             continue  # rule 5
         block = detect_moe_block(module, path, config)
         if block is not None:

@@ -29,6 +29,7 @@ FAMILIES = {
     "minimax": "lightning attention in its parallel form",
     "nemotron_h": "Mamba-2 chunked scan cropped unconditionally",
     "granitemoehybrid": "Mamba-2 chunked scan cropped unconditionally",
+    "jetmoe": "two expert stacks called with rows per expert: per-expert matrices on the block",
 }
 
 
