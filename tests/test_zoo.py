@@ -136,10 +136,14 @@ def test_root_forward_with_static_control_flow_traces_exactly(family: str) -> No
 
 
 @pytest.mark.slow
-def test_streamed_calibration_reads_parameters_the_graph_reads_directly(tmp_path) -> None:
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "gemma4"])
+def test_streamed_calibration_reads_parameters_the_graph_reads_directly(family: str,
+                                                                       tmp_path) -> None:
     """Qwen3.5-MoE's linear attention is traced through, so the graph reads its parameters
-    (``dt_bias``) itself: streamed from the checkpoint, the densities equal the loaded run's."""
-    load_model("tiny:qwen3_5_moe").module.save_pretrained(tmp_path)
+    (``dt_bias``) itself; Gemma 4's scaled embedding reads a buffer in no checkpoint file
+    (``embed_scale``), and its forward is traced from the checkpoint without weights (static
+    rule 7). Streamed from the checkpoint, the densities equal the loaded run's."""
+    load_model(f"tiny:{family}").module.save_pretrained(tmp_path)
     densities = {}
     for stream in ("off", "on"):
         plan = compile_model(str(tmp_path), pipeline=f"density{{calib_tokens=256,seq_len=64,"

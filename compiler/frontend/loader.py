@@ -146,9 +146,14 @@ def _load_checkpoint(path: Path, spec: str, trust_remote_code: bool, source: str
     try:
         config = transformers.AutoConfig.from_pretrained(
             path, local_files_only=True, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
+        from accelerate import init_empty_weights
+
+        # parameters on the meta device; buffers real (non-persistent ones such as Gemma 4's
+        # embed_scale are in no checkpoint file, only in the model's own init)
+        with init_empty_weights(include_buffers=False):
             model = transformers.AutoModelForCausalLM.from_config(
                 config, trust_remote_code=trust_remote_code, attn_implementation=ATTENTION)
+        model.tie_weights()  # the context made each parameter anew: tied ones again one tensor
     except ValueError as exc:
         hint = "" if trust_remote_code else " (if it ships its own modeling code, add --trust-remote-code)"
         raise ModelLoadError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}{hint}") from exc

@@ -21,6 +21,12 @@ Such a condition or iteration is resolved once, at trace time. Rules:
    input; it runs once on a concrete input of the example's sizes, and when its output is a
    tensor of its input's shape, that output stands for it (its input's sizes, its own dtype).
    Any other output is :class:`NotStatic`.
+7. A model whose weights are not loaded (a checkpoint traced on the meta device) runs with
+   fake CPU stand-ins of its meta parameters and buffers (no memory; swapped back after each
+   run), so that they meet the example input and the CPU tensors the model's code creates.
+   Its MoE blocks (rule 5) cannot run on concrete data: they run on meta inputs, and if
+   that fails (data-dependent dispatch), their output is taken to have their input's shape
+   and dtype, as an MoE block's hidden states do.
 6. If running the example specialised a size to a constant, nothing is resolved (the example
    would then prove nothing about other sizes). Whatever is not resolved is
    :class:`NotStatic`, and the caller keeps fx's error and its fallbacks.
@@ -35,7 +41,7 @@ import sympy
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -76,7 +82,8 @@ class StaticValues:
         for pending in self.graph.nodes:
             if pending not in env:
                 try:
-                    with _maybe_revert_all_patches(), torch.no_grad():
+                    with _maybe_revert_all_patches(), torch.no_grad(), \
+                            _fake_weights(self.interpreter.module, self.mode):
                         env[pending] = self._run(pending)
                 except Exception as exc:  # noqa: BLE001 - the model's own code: any error
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -106,11 +113,28 @@ class StaticValues:
         # other tensors (masks) as zeros of their example sizes: only shapes matter here
         args, kwargs = fx.node.map_aggregate((args[1:], kwargs), _zeros_like_example)
         module = self.interpreter.fetch_attr(str(node.target))
+        if any(p.is_meta or isinstance(p, FakeTensor) for p in module.parameters()):
+            return self._run_unloaded(module, fake, args, kwargs)  # rule 7
         output = module(concrete, *args, **kwargs)
         if not isinstance(output, torch.Tensor) or output.shape != concrete.shape:
             raise NotStatic(f"MoE block {node.target} returns more than its hidden states")
         with self.mode:
             return torch.empty_like(fake, dtype=output.dtype)
+
+    def _run_unloaded(self, module: nn.Module, fake: torch.Tensor, args: Any, kwargs: Any
+                      ) -> torch.Tensor:
+        """Rule 7: an MoE block without weights, on meta inputs; else its input's shape."""
+        meta = fx.node.map_aggregate((args, kwargs), lambda v: v.to("meta")
+                                     if isinstance(v, torch.Tensor) else v)
+        try:
+            with _real_weights(module):
+                output = module(torch.empty([_hint(s) for s in fake.shape], dtype=fake.dtype,
+                                            device="meta"), *meta[0], **meta[1])
+            dtype = output.dtype if isinstance(output, torch.Tensor) else fake.dtype
+        except Exception:  # noqa: BLE001 - data-dependent dispatch cannot run on meta
+            dtype = fake.dtype
+        with self.mode:
+            return torch.empty_like(fake, dtype=dtype)
 
     def resolve_bool(self, node: fx.Node) -> bool:
         """Rule 2."""
@@ -145,6 +169,51 @@ class _GroupedMmInBf16(TorchDispatchMode):
             dtype = args[0].dtype
             return func(args[0].bfloat16(), args[1].bfloat16(), *args[2:], **kwargs).to(dtype)
         return func(*args, **kwargs)
+
+
+class _fake_weights:  # noqa: N801 - a context manager used like a function
+    """Rule 7: meta parameters and buffers of ``root`` replaced by fake CPU tensors."""
+
+    def __init__(self, root: nn.Module, mode: FakeTensorMode) -> None:
+        self.root, self.mode = root, mode
+        self.swapped: list[tuple[nn.Module, str, str, torch.Tensor]] = []
+
+    def __enter__(self) -> None:
+        cpu = torch.device("cpu")
+        for module in self.root.modules():
+            for kind in ("_parameters", "_buffers"):
+                table = getattr(module, kind)
+                for name, tensor in list(table.items()):
+                    if tensor is not None and tensor.is_meta and not isinstance(tensor, FakeTensor):
+                        self.swapped.append((module, kind, name, tensor))
+                        table[name] = FakeTensor(self.mode, tensor, cpu)
+
+    def __exit__(self, *exc: object) -> None:
+        for module, kind, name, tensor in reversed(self.swapped):
+            getattr(module, kind)[name] = tensor
+        self.swapped.clear()
+
+
+class _real_weights:  # noqa: N801
+    """Inside :class:`_fake_weights`: ``module``'s own meta tensors back, for a meta run."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.swapped: list[tuple[nn.Module, str, str, torch.Tensor]] = []
+
+    def __enter__(self) -> None:
+        for sub in self.module.modules():
+            for kind in ("_parameters", "_buffers"):
+                table = getattr(sub, kind)
+                for name, tensor in list(table.items()):
+                    if isinstance(tensor, FakeTensor) and tensor.device.type == "cpu":
+                        self.swapped.append((sub, kind, name, tensor))
+                        table[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+
+    def __exit__(self, *exc: object) -> None:
+        for sub, kind, name, tensor in reversed(self.swapped):
+            getattr(sub, kind)[name] = tensor
+        self.swapped.clear()
 
 
 def _zeros_like_example(value: Any) -> Any:

@@ -284,6 +284,8 @@ def trace(model: nn.Module, moe_paths: Iterable[str], example_input: torch.Tenso
     modules, functions = _hf_autowrap(model) if hf else ((), ())
     if example_input is None and hf:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        if device.type == "meta":  # weights not loaded: the symbolic run fakes them on the CPU
+            device = torch.device("cpu")
         example_input = torch.zeros(EXAMPLE_SHAPE, dtype=torch.long, device=device)
     examples = None if example_input is None else (example_input,)
     opaque: list[str] = []
