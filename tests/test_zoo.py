@@ -54,14 +54,18 @@ _EXPERT_COUNT_NAMES = ("n_routed_experts", "num_local_experts", "num_experts", "
 
 def routed_experts_in(module: torch.nn.Module, config: object) -> int:
     """MoE layers x routed experts, from the model itself: layers (of every stack: an
-    encoder-decoder has two) that hold a module named ``experts`` times the config's
+    encoder-decoder has two) that hold, outside attention, a module named ``experts`` or
+    expert stacks of their own (JetMoE's, which carry ``num_experts``), times the config's
     routed-expert count."""
     text = getattr(config, "text_config", None) or config
     sections = [text, getattr(text, "ffn_config", None)]
     count = next(v for s in sections for n in _EXPERT_COUNT_NAMES
                  if s is not None and isinstance(v := getattr(s, n, None), int) and v > 0)
-    layers = {m.group(1) for path, _ in module.named_modules()
-              if (m := re.search(r"^(.*?(?:layers|blocks?)\.\d+)\..*(?<!shared_)experts$", path))
+    layers = {m.group(1) for path, sub in module.named_modules()
+              if (m := re.search(r"^(.*?(?:layers|blocks?)\.\d+)\.", path))
+              and (re.search(r"(?<!shared_)experts$", path)
+                   or isinstance(getattr(sub, "weight", None), torch.Tensor)
+                   and sub.weight.dim() == 3 and isinstance(getattr(sub, "num_experts", None), int))
               and "attn" not in path and "attention" not in path}
     return len(layers) * count
 
