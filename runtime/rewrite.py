@@ -22,6 +22,7 @@ one seed fixes the whole simulated model and two modules never share noise.
 from __future__ import annotations
 
 import copy
+import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -138,6 +139,9 @@ def _graft(module: nn.Module, prefix: str, replacements: Mapping[str, nn.Module]
     original object, so the digital model's weights are neither copied nor changed.
     """
     clone = copy.copy(module)
+    for name, value in vars(module).items():  # methods bound to the instance (e.g. a forward
+        if isinstance(value, types.MethodType) and value.__self__ is module:  # set on it)
+            setattr(clone, name, types.MethodType(value.__func__, clone))
     clone._modules = OrderedDict(module._modules)
     clone._parameters = dict(module._parameters)
     clone._buffers = dict(module._buffers)

@@ -82,3 +82,25 @@ def test_simulated_linear_weight_is_a_data_less_stand_in() -> None:
                     lambda: torch.ones(2, 16) @ weight.T, lambda: weight + 1):
         with pytest.raises(SimulationError, match="only its shape, dtype and device"):
             compute()
+
+
+def test_simulated_encoder_decoder_runs_its_own_analog_layers() -> None:
+    """The simulated model is a shallow clone of the digital one: the forward bound to the
+    digital instance (``as_next_token_model``) must be rebound to the clone, or the mapped
+    model would silently compute digitally."""
+    from hetmap.compiler.evaluation.simulate import analog_part
+    from hetmap.runtime.settings import settings_for
+
+    plan = compile_model(SWITCH, calib_tokens=256)
+    model = plan.model.runnable()
+    part = analog_part(plan.graph, model)
+    assert part.linears  # per-expert modules: their linears go analog
+    simulated = part.build(model, settings_for(plan.target), seed=0)
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        digital = model(ids).logits
+        mapped = simulated(ids).logits
+        again = model(ids).logits
+    assert simulated.forward.__self__ is simulated and model.forward.__self__ is model
+    assert (mapped - digital).abs().max() > 1e-3  # programming noise reached the output
+    torch.testing.assert_close(again, digital, rtol=0, atol=0)  # the digital model untouched
