@@ -139,9 +139,13 @@ def _graft(module: nn.Module, prefix: str, replacements: Mapping[str, nn.Module]
     original object, so the digital model's weights are neither copied nor changed.
     """
     clone = copy.copy(module)
-    for name, value in vars(module).items():  # methods bound to the instance (e.g. a forward
-        if isinstance(value, types.MethodType) and value.__self__ is module:  # set on it)
-            setattr(clone, name, types.MethodType(value.__func__, clone))
+    for name, value in vars(module).items():
+        if isinstance(value, types.MethodType) and value.__self__ is module:
+            # a method bound to the instance (e.g. a forward set on it) runs on the clone
+            object.__setattr__(clone, name, types.MethodType(value.__func__, clone))
+        elif isinstance(value, dict) and "hook" in name:
+            # hooks registered on the clone later must not reach the digital model
+            object.__setattr__(clone, name, type(value)(value))
     clone._modules = OrderedDict(module._modules)
     clone._parameters = dict(module._parameters)
     clone._buffers = dict(module._buffers)

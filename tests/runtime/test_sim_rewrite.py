@@ -137,3 +137,15 @@ def test_unreadable_experts_layout_is_refused(experts: nn.Module, fragment: str)
     model.add_module("experts", experts)
     with pytest.raises(SimulationError, match=f"experts module 'experts'.*{fragment}"):
         build_simulated_model(model, set(), {"experts": [0]}, IDEAL, seed=0)
+
+
+def test_hooks_on_the_simulated_model_do_not_reach_the_digital_one(tiny_olmoe) -> None:
+    model = tiny_olmoe(seed=0)
+    simulated = build_simulated_model(model, set(), {"model.layers.1.mlp.experts": [0]},
+                                      QUANTIZED, seed=0)
+    calls: list[str] = []
+    simulated.register_forward_hook(lambda *_: calls.append("root"))
+    simulated.get_submodule("model.layers.1").register_forward_hook(lambda *_: calls.append("layer"))
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long))
+    assert calls == []
