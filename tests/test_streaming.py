@@ -23,3 +23,27 @@ def test_streamed_calibration_and_scores_equal_in_memory(name: str, tmp_path) ->
         other = streamed.graph.node(node.name)
         assert other.get(Density) == node.get(Density)
         assert other.get(ExpertScore).max_norm == pytest.approx(node.get(ExpertScore).max_norm, rel=1e-6)
+
+
+def test_stored_buffers_come_from_the_checkpoint_not_the_init(tmp_path) -> None:
+    """DeepSeek-V3's routing bias is a persistent buffer: a checkpoint's trained values (not
+    the zeros of its initialisation) decide the routing, streamed or loaded whole."""
+    import torch
+
+    model = load_model("tiny:deepseek_v3").module
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 3)
+    model.save_pretrained(tmp_path)
+    assert load_model(str(tmp_path)).module.get_buffer(
+        "model.layers.1.mlp.gate.e_score_correction_bias").is_meta
+    densities = {}
+    for stream in ("off", "on"):
+        plan = compile_model(str(tmp_path), pipeline=f"density{{calib_tokens=256,seq_len=64,"
+                                                     f"stream={stream}}}")
+        densities[stream] = [n.get(Density).value for n in plan.graph.experts()]
+    plain = compile_model("tiny:deepseek_v3", pipeline="density{calib_tokens=256,seq_len=64}")
+    assert densities["on"] == densities["off"]
+    assert densities["on"] != [n.get(Density).value for n in plain.graph.experts()]

@@ -134,6 +134,16 @@ def as_next_token_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _persistent_buffers_to_meta(model: nn.Module) -> None:
+    """Buffers the checkpoint stores (DeepSeek-V3's ``e_score_correction_bias``) go to the meta
+    device like the parameters, so that every reader takes them from the checkpoint, never
+    from the model's initialisation; non-persistent ones (in no file) keep their init value."""
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                module._buffers[name] = buffer.to("meta")
+
+
 def _load_checkpoint(path: Path, spec: str, trust_remote_code: bool, source: str) -> LoadedModel:
     import transformers
 
@@ -148,12 +158,13 @@ def _load_checkpoint(path: Path, spec: str, trust_remote_code: bool, source: str
             path, local_files_only=True, trust_remote_code=trust_remote_code)
         from accelerate import init_empty_weights
 
-        # parameters on the meta device; buffers real (non-persistent ones such as Gemma 4's
-        # embed_scale are in no checkpoint file, only in the model's own init)
+        # parameters on the meta device; non-persistent buffers real (Gemma 4's embed_scale
+        # is in no checkpoint file, only in the model's own init)
         with init_empty_weights(include_buffers=False):
             model = transformers.AutoModelForCausalLM.from_config(
                 config, trust_remote_code=trust_remote_code, attn_implementation=ATTENTION)
         model.tie_weights()  # the context made each parameter anew: tied ones again one tensor
+        _persistent_buffers_to_meta(model)
     except ValueError as exc:
         hint = "" if trust_remote_code else " (if it ships its own modeling code, add --trust-remote-code)"
         raise ModelLoadError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}{hint}") from exc
