@@ -27,6 +27,13 @@ class _Interrupted(BaseException):
         self.signum = signum
 
 
+def output_committed() -> bool:
+    """Whether the command's output has been renamed into place. A signal may arrive while
+    ``hetmap.compiler.backends.plan`` is still importing (in ``sys.modules``, no
+    ``COMMITTED`` yet): nothing is committed then."""
+    return bool(getattr(sys.modules.get("hetmap.compiler.backends.plan"), "COMMITTED", False))
+
+
 def run_interruptible(argv: list[str]) -> int:
     """:func:`main` in a worker thread, so that the main thread answers SIGINT and SIGTERM at
     once at any stage (C++ code such as the ONNX export or a matrix product does not return
@@ -44,8 +51,7 @@ def run_interruptible(argv: list[str]) -> int:
             outcome["error"] = exc
 
     def on_signal(signum: int, _frame: Any) -> None:
-        plan = sys.modules.get("hetmap.compiler.backends.plan")
-        if plan is not None and plan.COMMITTED and not outcome.get("late_signal"):
+        if output_committed() and not outcome.get("late_signal"):
             # the output is whole and in place, only the summary is left to print: finish it
             # (a second signal still stops at once)
             outcome["late_signal"] = True
@@ -63,10 +69,14 @@ def run_interruptible(argv: list[str]) -> int:
             signal.signal(s, signal.SIG_IGN)
         if "code" in outcome or "error" in outcome:  # the work had already ended: report that
             return _finish(outcome)
-        if "hetmap.compiler.backends.plan" in sys.modules:  # else nothing was staged yet
-            sys.modules["hetmap.compiler.backends.plan"].discard_staging()
-        sweeping = sys.modules.get("hetmap.compiler.evaluation.sweep")
-        kept = sweeping.kept_on_interrupt() if sweeping is not None else []
+        # modules not imported yet, or still importing, have staged nothing
+        discard = getattr(sys.modules.get("hetmap.compiler.backends.plan"), "discard_staging",
+                          None)
+        if discard is not None:
+            discard()
+        kept_on = getattr(sys.modules.get("hetmap.compiler.evaluation.sweep"),
+                          "kept_on_interrupt", None)
+        kept = kept_on() if kept_on is not None else []
         sys.stderr.write("".join(f"\n{line}" for line in kept) + "\nerror: interrupted\n")
         sys.stderr.flush()
         os._exit(130 if exc.signum == signal.SIGINT else 143)

@@ -325,3 +325,19 @@ def test_concurrent_runs_into_one_output(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["out"]
     assert (tmp_path / "out" / "model.onnx").is_file()
     json.loads((tmp_path / "out" / "plan.json").read_text())
+
+
+def test_a_signal_during_the_plan_modules_import_is_an_interrupt(monkeypatch) -> None:
+    """The 20-interrupt sweep once hit this: the signal handler read ``COMMITTED`` of a
+    half-imported module and died with a traceback instead of ``error: interrupted``."""
+    import types
+
+    from hetmap.compiler.launch import output_committed
+
+    name = "hetmap.compiler.backends.plan"
+    monkeypatch.setitem(sys.modules, name, types.ModuleType(name))  # importing: no names yet
+    assert output_committed() is False
+    committed = types.ModuleType(name)
+    committed.COMMITTED = True  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, name, committed)
+    assert output_committed() is True
