@@ -317,7 +317,7 @@ def run_sweep(model: str, *, policies: list[str], budgets: list[float], noise_sc
     extra["resumed_points"] = reused
     with atomic_directory(Path(out), force) as staging:
         sweeping.write_outputs(staging, points, values, summary, extra)
-    record.path.unlink(missing_ok=True)
+    record.finish()
     return {**extra, "summary": summary, "points": values}
 
 

@@ -152,12 +152,12 @@ class SweepProgress:
     def finish(self) -> None:
         self.close()
         self.path.unlink(missing_ok=True)
+        if self in _ACTIVE:  # only now is nothing kept: until the output is in place, an
+            _ACTIVE.remove(self)  # interrupt must still say where the finished points are
 
     def close(self) -> None:
         if self._handle is not None and not self._handle.closed:
             self._handle.close()
-        if self in _ACTIVE:
-            _ACTIVE.remove(self)
 
 
 _ACTIVE: list[SweepProgress] = []
