@@ -287,10 +287,22 @@ def _check_device(_ctx: click.Context, _param: click.Parameter, value: str | Non
               help="Write plan.json, ir.txt and simulation.json here (MODEL form).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @simulation_options
+@click.option("--programming", type=click.Choice(["auto", "resident", "per-batch"]),
+              default="auto", show_default=True,
+              help="When the tiles are programmed: once per seed and kept (resident: float32 "
+              "tiles beside the weights), or at every batch a few experts at a time (per-batch: "
+              "no tile memory, slower on a CPU); auto keeps them when they take at most half "
+              "of the free memory. Same noise either way.")
+@click.option("--stream", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True,
+              help="Run a checkpoint leaf by leaf from its files instead of loading it (auto: "
+              "when its files exceed half of the machine's memory). Every weight is read "
+              "once per batch and seed.")
 @compile_options
 def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
              noise_scale: float | None, drift_time: float | None, ideal: bool,
-             eval_file: str | None, eval_tokens: int, backend: str, device: str, **kw: Any) -> None:
+             eval_file: str | None, eval_tokens: int, backend: str, device: str,
+             programming: str, stream: str, **kw: Any) -> None:
     """Perplexity of the all-digital and the mapped model with analog non-idealities.
 
     PLAN_OR_MODEL is a compiled plan directory (simulation.json is added to it) or a MODEL,
@@ -325,7 +337,7 @@ def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
     result = plan.simulate(seeds=seeds, seed=kw["seed"], noise_scale=noise_scale,
                            drift_time=drift_time, ideal=ideal, eval_file=eval_file,
                            eval_tokens=eval_tokens, backend=backend, device=device,
-                           progress=progress)
+                           progress=progress, programming=programming, stream=stream)
     data = {**result.to_json(), "digital_param_fraction": plan.summary["digital_param_fraction"]}
     print_simulation(plan.model.name, data)
     write_result(plan, plan_dir if is_plan else None, out, force, "simulation.json", data)
@@ -387,6 +399,11 @@ def print_simulation(name: str, data: dict[str, Any]) -> None:
     console.print(f"  mapped           {data['mapped_ppl_mean']:10.4f} +- {data['mapped_ppl_std']:.4f}"
               f"  ({seeds} seed{'s' if seeds != 1 else ''}, "
               f"{data['digital_param_fraction']:.1%} of parameters digital)")
+    if "programming" in data:
+        streamed = (f"; streamed from the checkpoint, every weight read {data['weight_reads']} "
+                    "time(s) per seed") if data.get("streamed") else ""
+        console.print(f"  [dim]tiles programmed {'once per seed' if data['programming'] == 'resident' else 'per batch'}"
+                      f" ({data['programming_reason']}){streamed}[/]", markup=True)
     if data.get("simulated_digital"):
         console.print(f"  [dim]kept digital in simulation (not nn.Linear): "
                   f"{', '.join(data['simulated_digital'][:4])}...[/]")

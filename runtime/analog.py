@@ -24,7 +24,9 @@ generator seeded at construction (:mod:`.fused`): the same draws on every device
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,10 +43,69 @@ from .settings import AnalogSettings
 # Weights programmed per noise-model call: on a CPU few enough tiles that the temporaries
 # stay in the cache; on a GPU enough to keep it busy.
 _PROGRAM_CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
+# Weights of one block programmed together in per-batch programming (settings rule 12): the
+# tile memory such a simulation needs at once (float32: 64 MiB).
+_PER_BATCH_GROUP_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class StackView:
+    """Matrices ``tensor[index]`` of a stored stack ``tensor [E, out, in]`` (all of them
+    without ``index``), read a group at a time when needed: no copy of a subset is kept."""
+
+    tensor: torch.Tensor
+    index: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        num = int(self.tensor.shape[0]) if self.index is None else int(self.index.numel())
+        return (num, int(self.tensor.shape[1]), int(self.tensor.shape[2]))
+
+    def take(self, first: int, last: int) -> torch.Tensor:
+        """Matrices ``first .. last - 1`` of the view (a view of the store without index)."""
+        if self.index is None:
+            return self.tensor[first:last]
+        return self.tensor[self.index[first:last].to(self.tensor.device)]
+
+
+def stack_views(weights: torch.Tensor | StackView | Sequence[torch.Tensor | StackView]
+                ) -> list[StackView]:
+    blocks = [weights] if isinstance(weights, (torch.Tensor, StackView)) else list(weights)
+    return [b if isinstance(b, StackView) else StackView(b.detach()) for b in blocks]
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    """Programmed tiles of some matrices of a stack: what a forward computes with."""
+
+    grid: TileGrid
+    weight: torch.Tensor  # [E, out, in], normalized units
+    out_scales: torch.Tensor  # [E, in_tiles, out]
+    tile_scales: torch.Tensor  # out_scales per column tile where they share one, else out_scales
+    column_tile: torch.Tensor  # [out]: column tile of each output
+    tile_width: int  # width of every column tile if all equal and share one scale, else 0
+
+    @classmethod
+    def of(cls, grid: TileGrid, settings: AnalogSettings, weight: torch.Tensor,
+           out_scales: torch.Tensor) -> _Tiles:
+        column_tile = torch.as_tensor(grid.column_tile_index(), device=weight.device)
+        width = _uniform_tile_width(grid, settings)
+        # With equal-width column tiles and one scale per tile, step 6 scales [S, tiles]
+        # views instead of gathering a [S, out] scale per row.
+        tile_scales = out_scales[..., ::width].contiguous() if width else out_scales
+        return cls(grid, weight, out_scales, tile_scales, column_tile, width)
+
+    @property
+    def num_matrices(self) -> int:
+        return int(self.weight.shape[0])
 
 
 class AnalogTileStack(nn.Module):
-    """``E`` matrices ``[out, in]`` programmed onto crossbar tiles, computed grouped."""
+    """``E`` matrices ``[out, in]`` programmed onto crossbar tiles, computed grouped.
+
+    ``settings.programming == "resident"``: programmed once, here. ``"per-batch"``: the given
+    weights are kept (not copied: they must stay alive and unchanged) and programmed at every
+    forward a group of matrices at a time (:meth:`_forward_per_batch`)."""
 
     weight: torch.Tensor
     out_scales: torch.Tensor
@@ -53,14 +114,14 @@ class AnalogTileStack(nn.Module):
 
     def __init__(
         self,
-        weights: torch.Tensor | Sequence[torch.Tensor],
+        weights: torch.Tensor | StackView | Sequence[torch.Tensor | StackView],
         settings: AnalogSettings,
         seed: int,
         out_splits: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        blocks = [weights] if isinstance(weights, torch.Tensor) else list(weights)
-        if any(b.ndim != 3 or b.shape[::2] != blocks[0].shape[::2] for b in blocks):
+        blocks = stack_views(weights)
+        if any(len(b.shape) != 3 or b.shape[::2] != blocks[0].shape[::2] for b in blocks):
             raise SimulationError(
                 "analog tile stack needs weights [E, out, in] (or blocks of them along out), "
                 f"got {[tuple(b.shape) for b in blocks]}")
@@ -75,31 +136,40 @@ class AnalogTileStack(nn.Module):
         self.settings = settings
         self.grid = TileGrid.build(in_features, splits, settings.rows, settings.cols)
         self.seed = seed
-        tile_weights, out_scales = self._program([b.detach() for b in blocks], seed)
+        self._num = int(blocks[0].shape[0])
+        self._noise: OutputNoise | None = None
+        self.resident = settings.programming == "resident"
+        self._sources: list[StackView] = [] if self.resident else blocks
+        if not self.resident:
+            return
+        tile_weights, out_scales = self._program(blocks, seed)
+        tiles = _Tiles.of(self.grid, settings, tile_weights, out_scales)
         self.register_buffer("weight", tile_weights)  # [E, out, in], normalized units
         self.register_buffer("out_scales", out_scales)  # [E, in_tiles, out]
-        column_tile = torch.as_tensor(self.grid.column_tile_index(), device=tile_weights.device)
-        self.register_buffer("column_tile", column_tile, persistent=False)
-        # With equal-width column tiles and one scale per tile, step 6 scales [S, tiles]
-        # views instead of gathering a [S, out] scale per row.
-        self._tile_width = self._uniform_tile_width()
-        tile_scales = out_scales[..., :: self._tile_width] if self._tile_width else out_scales
-        self.register_buffer("tile_scales", tile_scales.contiguous(), persistent=False)
-        self._noise: OutputNoise | None = None
+        self.register_buffer("column_tile", tiles.column_tile, persistent=False)
+        self.register_buffer("tile_scales", tiles.tile_scales, persistent=False)
+        self._tile_width = tiles.tile_width
 
     @property
     def num_matrices(self) -> int:
-        return int(self.weight.shape[0])
+        return self._num
 
-    def _program(self, blocks: list[torch.Tensor], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _block(self, blocks: list[StackView], index: int, first: int, last: int
+               ) -> torch.Tensor:
+        """Matrices ``first .. last - 1`` of matrix block ``index`` (e.g. gate, up)."""
+        if len(blocks) > 1:
+            return blocks[index].take(first, last)
+        start, size = self.grid.out_offsets()[index]
+        return blocks[0].take(first, last)[:, start:start + size]
+
+    def _program(self, blocks: list[StackView], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Program every matrix block (e.g. gate, up), a few tiles per noise-model call,
         straight into one float32 (at least) stack: no concatenated or converted copy of the
-        weights is made. ``blocks``: the whole stack, or one tensor per block."""
+        weights is made. ``blocks``: the whole stack, or one view per block."""
         settings = self.settings
-        first = blocks[0]
-        device = first.device
-        work = torch.promote_types(first.dtype, torch.float32)
-        num, in_features = int(first.shape[0]), int(first.shape[2])
+        device = blocks[0].tensor.device
+        work = torch.promote_types(blocks[0].tensor.dtype, torch.float32)
+        num, in_features = self._num, self.grid.in_features
         out_features = self.grid.out_features
         tile_weights = torch.empty(num, out_features, in_features, dtype=work, device=device)
         out_scales = torch.empty(num, -(-in_features // settings.rows), out_features,
@@ -107,29 +177,19 @@ class AnalogTileStack(nn.Module):
         noise_model = None if settings.ideal else make_noise_model(settings)
         with seeded(seed, device):
             for index, (start, size) in enumerate(self.grid.out_offsets()):
-                block = blocks[index] if len(blocks) > 1 else first[:, start:start + size]
                 program_in_chunks(
-                    block, settings, noise_model,
-                    _PROGRAM_CHUNK_ELEMENTS.get(device.type, 1 << 24),
+                    self._block(blocks, index, 0, num), settings, noise_model,
+                    _chunk_elements(device),
                     out=(tile_weights[:, start:start + size],
                          out_scales[..., start:start + size]))
         return tile_weights, out_scales
-
-    def _uniform_tile_width(self) -> int:
-        """Width of every column tile if all are equal and share one scale, else 0."""
-        if self.settings.weight_scaling_columnwise or self.settings.ideal:
-            return 0
-        widths = {min(self.grid.cols, size) for size in self.grid.out_splits}
-        width = widths.pop()
-        if widths or any(size % width for size in self.grid.out_splits):
-            return 0
-        return width
 
     def extra_repr(self) -> str:
         grid = self.grid
         return (
             f"matrices={self.num_matrices}, out={grid.out_features}, in={grid.in_features}, "
             f"tiles={self.num_matrices * grid.count} of {grid.rows}x{grid.cols}"
+            + ("" if self.resident else ", programmed per batch")
         )
 
     def forward(self, inputs: torch.Tensor, groups: RowGroups | None = None) -> torch.Tensor:
@@ -143,21 +203,61 @@ class AnalogTileStack(nn.Module):
             if self.num_matrices != 1:
                 raise SimulationError("a stack of several matrices needs the rows' groups")
             groups = RowGroups.single(inputs.shape[0], inputs.device)
+        if not self.resident:
+            return self._forward_per_batch(inputs, groups)
         inputs = inputs.to(self.weight.dtype)
+        tiles = _Tiles(self.grid, self.weight, self.out_scales, self.tile_scales,
+                       self.column_tile, self._tile_width)
+        return self._compute(tiles, inputs, groups)
+
+    def _forward_per_batch(self, inputs: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+        """Rule 12 of the settings: program a group of matrices of one block (e.g. gate),
+        compute its columns for the group's rows, drop it. Block by block, group by group:
+        the order in which resident programming draws its noise (each group holds whole
+        chunks of :func:`program_in_chunks`), so the tiles are the same."""
+        settings, blocks = self.settings, self._sources
+        device = blocks[0].tensor.device
+        work = torch.promote_types(blocks[0].tensor.dtype, torch.float32)
+        inputs = inputs.to(work)
+        output = inputs.new_empty(inputs.shape[0], self.grid.out_features)
+        noise_model = None if settings.ideal else make_noise_model(settings)
+        chunk = _chunk_elements(device)
+        ends = [0, *groups.ends.tolist()]
+        step = _group_size(self.grid, settings, chunk)
+        with seeded(self.seed, device):
+            for index, (start, size) in enumerate(self.grid.out_offsets()):
+                grid = TileGrid.build(self.grid.in_features, (size,), settings.rows,
+                                      settings.cols)
+                for first in range(0, self._num, step):
+                    last = min(self._num, first + step)
+                    low, high = ends[first], ends[last]
+                    if low == high and not (settings.programs_noise or settings.drifts):
+                        continue  # nothing to compute and no noise stream to keep in step
+                    block = self._block(blocks, index, first, last)
+                    weight, scales = program_in_chunks(block, settings, noise_model, chunk)
+                    if low < high:
+                        output[low:high, start:start + size] = self._compute(
+                            _Tiles.of(grid, settings, weight, scales), inputs[low:high],
+                            groups.subset(first, last))
+        return output
+
+    def _compute(self, tiles: _Tiles, inputs: torch.Tensor, groups: RowGroups) -> torch.Tensor:
         total: torch.Tensor | None = None
-        for index, in_slice in enumerate(self.grid.in_slices()):
-            tile_inputs, tile_weight = inputs[:, in_slice], self.weight[..., in_slice]
+        for index, in_slice in enumerate(tiles.grid.in_slices()):
+            tile_inputs = inputs[:, in_slice]
             if self.settings.ideal:
-                partial = grouped_product(tile_inputs.contiguous(), tile_weight, groups)
+                partial = grouped_product(tile_inputs.contiguous(),
+                                          tiles.weight[..., in_slice], groups)
                 total = partial if total is None else total.add_(partial)
                 continue
-            partial, row_factor = self._tile_product(tile_inputs, tile_weight, groups)
-            total = self._accumulate(total, partial, row_factor, index, groups)
+            partial, row_factor = self._tile_product(tiles, tile_inputs, in_slice, groups)
+            total = self._accumulate(tiles, total, partial, row_factor, index, groups)
         assert total is not None
         return total
 
     def _accumulate(
         self,
+        tiles: _Tiles,
         total: torch.Tensor | None,
         partial: torch.Tensor,
         row_factor: torch.Tensor | float,
@@ -165,28 +265,29 @@ class AnalogTileStack(nn.Module):
         groups: RowGroups,
     ) -> torch.Tensor:
         """Step 6: ``total + partial * row_factor * out_scales`` of input tile ``index``."""
-        single = self.num_matrices == 1
-        if self._tile_width:  # one scale per column tile: scale [S, tiles, 1] views
-            scales = self.tile_scales[:, index]
+        single = tiles.num_matrices == 1
+        if tiles.tile_width:  # one scale per column tile: scale [S, tiles, 1] views
+            scales = tiles.tile_scales[:, index]
             factor = (scales if single else scales[groups.row_matrix]) * row_factor
-            shape = (partial.shape[0], self.grid.n_col_tiles, self._tile_width)
+            shape = (partial.shape[0], tiles.grid.n_col_tiles, tiles.tile_width)
             view, factor = partial.view(shape), factor.unsqueeze(-1)
             if total is None:
                 return view.mul_(factor).view_as(partial)
             total.view(shape).addcmul_(view, factor)
             return total
-        scales = self.out_scales[:, index]
+        scales = tiles.out_scales[:, index]
         scales = scales if single else scales[groups.row_matrix]
         if isinstance(row_factor, torch.Tensor) or row_factor != 1.0:
             partial.mul_(row_factor)
         return partial.mul_(scales) if total is None else total.addcmul_(partial, scales)
 
     def _tile_product(
-        self, tile_inputs: torch.Tensor, tile_weight: torch.Tensor, groups: RowGroups
+        self, tiles: _Tiles, tile_inputs: torch.Tensor, in_slice: slice, groups: RowGroups
     ) -> tuple[torch.Tensor, torch.Tensor | float]:
         """Steps 1-5 for one input-tile position, all matrices and column tiles. Returns the
         outputs and the per-row factor that still has to multiply them."""
         settings = self.settings
+        tile_weight = tiles.weight[..., in_slice]
         input_scale: torch.Tensor | float = 1.0
         if settings.noise_management == "abs-max":
             abs_max = tile_inputs.abs().amax(dim=-1, keepdim=True)
@@ -198,12 +299,13 @@ class AnalogTileStack(nn.Module):
         while True:
             scale = input_scale / reduction if reduction != 1.0 else input_scale
             outputs, unit, clipped = self._periphery_product(
-                tile_inputs, tile_weight, groups, scale
+                tiles, tile_inputs, tile_weight, groups, scale
             )
             if clipped is None and result is None:  # the common case: nothing clipped
                 return outputs, unit / scale
             outputs.mul_(unit / scale)  # rounds differ in scale: merge in final units
-            result = outputs if result is None else self._merge(result, outputs, redo, groups)
+            result = outputs if result is None else torch.where(
+                redo[groups.row_matrix][:, tiles.column_tile], outputs, result)  # type: ignore[index]
             if clipped is None:
                 return result, 1.0
             clipped = clipped if redo is None else clipped & redo
@@ -211,18 +313,9 @@ class AnalogTileStack(nn.Module):
                 return result, 1.0
             redo, reduction = clipped, reduction * 2.0
 
-    def _merge(
-        self,
-        result: torch.Tensor,
-        outputs: torch.Tensor,
-        redo: torch.Tensor | None,
-        groups: RowGroups,
-    ) -> torch.Tensor:
-        assert redo is not None
-        return torch.where(redo[groups.row_matrix][:, self.column_tile], outputs, result)
-
     def _periphery_product(
         self,
+        tiles: _Tiles,
         tile_inputs: torch.Tensor,
         tile_weight: torch.Tensor,
         groups: RowGroups,
@@ -264,26 +357,58 @@ class AnalogTileStack(nn.Module):
             bound = settings.out_bound
             if bool((high * unit > bound) | (low * unit < -bound)):
                 if settings.bound_management == "iterative":
-                    clipped = self._clipped_tiles(outputs, groups, bound / unit)
+                    clipped = _clipped_tiles(tiles, outputs, groups, bound / unit)
                 outputs.clamp_(-bound / unit, bound / unit)
         return outputs, unit, clipped
-
-    def _clipped_tiles(
-        self, outputs: torch.Tensor, groups: RowGroups, bound: float
-    ) -> torch.Tensor:
-        """``[E, column tiles]``: whether any row of a matrix clipped in a column tile."""
-        clipped_rows = (outputs.abs() > bound).to(outputs.dtype)  # [S, out]
-        per_column = outputs.new_zeros(self.num_matrices, outputs.shape[1])
-        per_column.index_add_(0, groups.row_matrix, clipped_rows)
-        per_tile = outputs.new_zeros(self.num_matrices, self.grid.n_col_tiles)
-        per_tile.index_add_(1, self.column_tile, per_column)
-        return per_tile > 0
 
     def _output_noise(self, device: torch.device) -> OutputNoise:
         if self._noise is None or self._noise.device != device:
             compiled = self.settings.kernels == "compiled"
             self._noise = OutputNoise(derive_seed(self.seed, "output-noise"), device, compiled)
         return self._noise
+
+
+def _clipped_tiles(tiles: _Tiles, outputs: torch.Tensor, groups: RowGroups, bound: float
+                   ) -> torch.Tensor:
+    """``[E, column tiles]``: whether any row of a matrix clipped in a column tile."""
+    clipped_rows = (outputs.abs() > bound).to(outputs.dtype)  # [S, out]
+    per_column = outputs.new_zeros(tiles.num_matrices, outputs.shape[1])
+    per_column.index_add_(0, groups.row_matrix, clipped_rows)
+    per_tile = outputs.new_zeros(tiles.num_matrices, tiles.grid.n_col_tiles)
+    per_tile.index_add_(1, tiles.column_tile, per_column)
+    return per_tile > 0
+
+
+def _uniform_tile_width(grid: TileGrid, settings: AnalogSettings) -> int:
+    """Width of every column tile if all are equal and share one scale, else 0."""
+    if settings.weight_scaling_columnwise or settings.ideal:
+        return 0
+    widths = {min(grid.cols, size) for size in grid.out_splits}
+    width = widths.pop()
+    if widths or any(size % width for size in grid.out_splits):
+        return 0
+    return width
+
+
+def _chunk_elements(device: torch.device) -> int:
+    return _PROGRAM_CHUNK_ELEMENTS.get(device.type, 1 << 24)
+
+
+def _group_size(grid: TileGrid, settings: AnalogSettings, chunk: int) -> int:
+    """Matrices programmed together per block in per-batch programming: about
+    ``_PER_BATCH_GROUP_ELEMENTS`` weights, a multiple of the matrices one chunk of
+    :func:`program_in_chunks` holds for every block (so that the groups cut the noise stream
+    where resident programming does)."""
+    per_chunk = 1
+    rows = min(settings.rows, grid.in_features)
+    for size in set(grid.out_splits):  # the cut program_in_chunks makes of each block
+        cols = min(settings.cols, size)
+        in_step = min(grid.in_features, max(1, chunk // (cols * rows)) * rows)
+        out_step = min(size, max(1, chunk // (cols * in_step)) * cols)
+        if out_step >= size and in_step >= grid.in_features:
+            per_chunk = math.lcm(per_chunk, max(1, chunk // (size * grid.in_features)))
+    wanted = _PER_BATCH_GROUP_ELEMENTS // (max(grid.out_splits) * grid.in_features)
+    return max(per_chunk, wanted // per_chunk * per_chunk)
 
 
 def _step(res: float, bound: float) -> float:
@@ -295,23 +420,51 @@ def _step(res: float, bound: float) -> float:
 
 
 class DigitalStack(nn.Module):
-    """``E`` matrices ``[out, in]`` computed exactly on rows sorted by matrix. Keeps the
-    given tensor (pass a copy if the original must stay independent)."""
+    """``E`` matrices ``[out, in]`` computed exactly on rows sorted by matrix.
+
+    Given one tensor, keeps it (pass a copy if the original must stay independent). Given
+    views of the model's stores (:class:`StackView`, one per block along ``out``) with
+    ``resident=True``, keeps one contiguous copy of them; with ``resident=False`` keeps the
+    views and reads a group of matrices at a time at every forward (no copy kept)."""
 
     weight: torch.Tensor
 
-    def __init__(self, weights: torch.Tensor) -> None:
+    def __init__(self, weights: torch.Tensor | StackView | Sequence[torch.Tensor | StackView],
+                 resident: bool = True) -> None:
         super().__init__()
-        self.register_buffer("weight", weights.detach())
+        blocks = stack_views(weights)
+        self._num = int(blocks[0].shape[0])
+        self._sources: list[StackView] = [] if resident else blocks
+        if resident:
+            parts = [b.take(0, self._num) for b in blocks]
+            weight = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=1)
+            self.register_buffer("weight", weight.detach())
 
     @property
     def num_matrices(self) -> int:
-        return int(self.weight.shape[0])
+        return self._num
 
     def forward(self, inputs: torch.Tensor, groups: RowGroups | None = None) -> torch.Tensor:
         if groups is None:
             groups = RowGroups.single(inputs.shape[0], inputs.device)
-        return grouped_product(inputs.to(self.weight.dtype), self.weight, groups)
+        if not self._sources:
+            return grouped_product(inputs.to(self.weight.dtype), self.weight, groups)
+        blocks = self._sources
+        dtype = blocks[0].tensor.dtype
+        inputs = inputs.to(dtype)
+        width = sum(int(b.shape[1]) for b in blocks)
+        output = inputs.new_empty(inputs.shape[0], width)
+        ends = [0, *groups.ends.tolist()]
+        step = max(1, _PER_BATCH_GROUP_ELEMENTS // (width * int(blocks[0].shape[2])))
+        for first in range(0, self._num, step):
+            last = min(self._num, first + step)
+            low, high = ends[first], ends[last]
+            if low == high:
+                continue
+            weight = torch.cat([b.take(first, last) for b in blocks], dim=1)
+            output[low:high] = grouped_product(inputs[low:high].contiguous(), weight,
+                                               groups.subset(first, last))
+        return output
 
 
 class SimulatedLinear(nn.Module):

@@ -39,7 +39,7 @@ from torch import nn
 
 from hetmap.common.errors import SimulationError
 
-from .analog import AnalogTileStack, DigitalStack
+from .analog import AnalogTileStack, DigitalStack, StackView
 from .grouped import RowGroups
 from .layouts import (
     CanonicalExperts,
@@ -388,24 +388,28 @@ def _neuron_slices(canon: CanonicalExperts, chosen: list[int],
 
 def expert_group(canon: CanonicalExperts, chosen: list[int], settings: AnalogSettings | None,
                  seed: int, neurons: list[torch.Tensor] | None = None,
-                 with_down_bias: bool = True) -> _ExpertGroup:
+                 with_down_bias: bool = True, resident: bool = True) -> _ExpertGroup:
     """The gate/up and down stacks of experts ``chosen``: analog tiles with ``settings``,
     exact digital products without. With ``neurons`` (one index tensor per chosen expert)
     only those intermediate neurons of each expert, packed first and zero-padded to the
     widest (:func:`_neuron_slices`); padded slots are masked before down, so each expert
-    computes exactly its neurons' part of its output."""
+    computes exactly its neurons' part of its output. ``resident=False`` (per-batch
+    programming, settings rule 12): digital stacks read the model's own stores at every
+    forward instead of keeping a copy."""
     layout = canon.layout
     roles = ("gate", "up") if layout.has_gate else ("up",)
     valid = None
     if neurons is None:
         every = chosen == list(range(canon.layout.num_experts))  # views: no copy
-        weights = {role: canon.weights[role] if every else canon.weights[role][chosen]
-                   for role in (*roles, "down")}
+        index = None if every else torch.tensor(chosen, dtype=torch.long)
+        views = {role: StackView(canon.weights[role].detach(), index)
+                 for role in (*roles, "down")}
         down_bias = canon.biases["down"][chosen].contiguous() if "down" in canon.biases else None
         inner_bias = _inner_bias(canon, chosen)
         width = layout.intermediate
     else:
         weights, biases, valid = _neuron_slices(canon, chosen, neurons, with_down_bias)
+        views = {role: StackView(tensor) for role, tensor in weights.items()}
         width = int(valid.shape[1])
         down_bias = biases.get("down")
         inner_bias = None
@@ -416,13 +420,13 @@ def expert_group(canon: CanonicalExperts, chosen: list[int], settings: AnalogSet
     inner_stack: nn.Module
     down_stack: nn.Module
     if settings is None:
-        inner = torch.cat([weights[role] for role in roles], dim=1).contiguous()
-        inner_stack, down_stack = DigitalStack(inner), DigitalStack(weights["down"].contiguous())
+        inner_stack = DigitalStack([views[role] for role in roles], resident)
+        down_stack = DigitalStack(views["down"], resident)
     else:  # programmed from the blocks themselves: no concatenated or float32 copy
         splits = (width,) * len(roles)
-        inner_stack = AnalogTileStack([weights[role] for role in roles], settings,
+        inner_stack = AnalogTileStack([views[role] for role in roles], settings,
                                       derive_seed(seed, "gate_up"), out_splits=splits)
-        down_stack = AnalogTileStack(weights["down"], settings, derive_seed(seed, "down"))
+        down_stack = AnalogTileStack(views["down"], settings, derive_seed(seed, "down"))
     return _ExpertGroup(inner_stack, down_stack, inner_bias, down_bias, width, layout.has_gate,
                         valid)
 
@@ -468,8 +472,9 @@ class SimulatedExperts(LayoutExperts):
         # the whole analog and the whole digital experts: as without splits (same seeds)
         if whole:
             add(expert_group(canon, whole, settings, seed), whole)
+        resident = settings.programming == "resident"
         if digital:
-            add(expert_group(canon, digital, None, seed), digital)
+            add(expert_group(canon, digital, None, seed, resident=resident), digital)
         width = self.layout.intermediate
         by_tiles: dict[int, list[int]] = {}
         for index, neurons in sorted(split.items()):
@@ -483,7 +488,7 @@ class SimulatedExperts(LayoutExperts):
             chosen = sorted(split)
             add(expert_group(canon, chosen, None, seed,
                              [torch.tensor(split[e], dtype=torch.long) for e in chosen],
-                             with_down_bias=False), chosen)
+                             with_down_bias=False, resident=resident), chosen)
         self.register_buffer("members", torch.stack(members).to(device), persistent=False)
 
     def _checked_split(self, digital_neurons: Mapping[int, Sequence[int]], analog: set[int]

@@ -43,6 +43,15 @@ class RowGroups:
     def num_matrices(self) -> int:
         return int(self.counts.shape[0])
 
+    def subset(self, first: int, last: int) -> RowGroups:
+        """The groups of matrices ``first .. last - 1`` (renumbered from 0) over their rows
+        (the rows ``ends[first - 1] .. ends[last - 1]`` of this grouping)."""
+        low = int(self.ends[first - 1]) if first else 0
+        high = int(self.ends[last - 1]) if last else 0
+        counts = self.counts[first:last]
+        return RowGroups(self.row_matrix[low:high] - first, counts,
+                         (self.ends[first:last] - low).to(torch.int32))
+
     def slots(self) -> torch.Tensor:
         """Position of every row within its matrix's rows."""
         starts = self.ends.to(torch.long) - self.counts

@@ -56,6 +56,7 @@ def build_simulated_model(
     backend: str = "hetmap",
     layouts: Mapping[str, ExpertLayout] | None = None,
     digital_neurons: Mapping[str, Mapping[int, Sequence[int]]] | None = None,
+    prefix: str = "",
 ) -> nn.Module:
     """A copy of ``model`` with the given linears and experts on simulated AIMC tiles.
 
@@ -64,7 +65,9 @@ def build_simulated_model(
     :class:`ExpertLayout` where known (e.g. read with the router's size); the others are
     inferred from the module. ``digital_neurons``: experts module path -> analog expert -> its
     intermediate neurons that run digitally (split experts, :class:`SimulatedExperts`; the
-    ``hetmap`` backend only). Returns the copy in eval mode. Raises :class:`SimulationError`
+    ``hetmap`` backend only). ``prefix``: the path of ``model`` inside a larger model whose
+    seeds it shares (a module simulated on its own, e.g. one leaf of a streamed run); the path
+    ``""`` names ``model`` itself. Returns the copy in eval mode. Raises :class:`SimulationError`
     for unknown paths, wrong module kinds, unreadable layouts, bad expert indices or an
     unknown backend.
     """
@@ -110,25 +113,30 @@ def build_simulated_model(
     for path in linear_paths:
         linear = widen(modules[path])
         assert isinstance(linear, nn.Linear)
-        replacements[path] = make_linear(linear, settings, module_seed(seed, path))
+        replacements[path] = make_linear(linear, settings, module_seed(seed, _join(prefix, path)))
     for path in expert_paths:
         indices = [int(index) for index in analog_experts[path]]
         if expert_layouts[path].call == "sizes":
             replacements.update(_sized_replacements(
                 modules, path, expert_layouts[path], indices, settings, seed, backend,
-                path in split))
+                path in split, prefix))
             continue
         if path in split:
             replacements[path] = SimulatedExperts(
-                widen(modules[path]), indices, settings, module_seed(seed, path), path,
-                expert_layouts[path], split[path])
+                widen(modules[path]), indices, settings, module_seed(seed, _join(prefix, path)),
+                path, expert_layouts[path], split[path])
             continue
         replacements[path] = make_experts(
-            widen(modules[path]), indices, settings, module_seed(seed, path), path,
-            expert_layouts[path]
+            widen(modules[path]), indices, settings, module_seed(seed, _join(prefix, path)),
+            path, expert_layouts[path]
         )
-
+    if "" in replacements:
+        return replacements[""].eval()
     return _graft(model, "", replacements).eval()
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix and path else prefix or path
 
 
 def _graft(module: nn.Module, prefix: str, replacements: Mapping[str, nn.Module]) -> nn.Module:
@@ -160,7 +168,7 @@ def _graft(module: nn.Module, prefix: str, replacements: Mapping[str, nn.Module]
 
 def _sized_replacements(modules: Mapping[str, nn.Module], path: str, layout: ExpertLayout,
                         indices: list[int], settings: AnalogSettings, seed: int, backend: str,
-                        split: bool) -> dict[str, nn.Module]:
+                        split: bool, prefix: str = "") -> dict[str, nn.Module]:
     """Rule 2 for the ``sizes`` layout (JetMoE): the block's two stacks are replaced."""
     if backend != "hetmap" or split:
         what = "the aihwkit backend" if backend != "hetmap" else "neuron-granular placement"
@@ -169,9 +177,10 @@ def _sized_replacements(modules: Mapping[str, nn.Module], path: str, layout: Exp
                               "hetmap backend and --granularity expert")
     inner, outer = sized_stacks(layout)
     splits = (layout.intermediate, layout.intermediate) if layout.has_gate else None
-    return {f"{path}.{child}": SimulatedSizedStack(
-                _lookup(modules, f"{path}.{child}"), indices, settings,
-                module_seed(seed, f"{path}.{child}"), f"{path}.{child}", out_splits)
+    return {_join(path, child): SimulatedSizedStack(
+                _lookup(modules, _join(path, child)), indices, settings,
+                module_seed(seed, _join(prefix, _join(path, child))), _join(path, child),
+                out_splits)
             for child, out_splits in ((inner, splits), (outer, None))}
 
 
@@ -189,6 +198,6 @@ def _float32(module: nn.Module) -> nn.Module:
 
 
 def _lookup(modules: Mapping[str, nn.Module], path: str) -> nn.Module:
-    if not path or path not in modules:
+    if path not in modules:
         raise SimulationError(f"model has no module at path {path!r}")
     return modules[path]

@@ -29,6 +29,13 @@ tile model and the aihwkit reference backend can be configured from the same obj
     ``"eager"`` (PyTorch ops) or ``"compiled"`` (fused by ``torch.compile``: C++ on the CPU,
     Triton on a GPU; the first call compiles, tens of seconds). Same results up to float
     contraction (:mod:`hetmap.runtime.fused`).
+12. ``programming``: when the tiles are programmed, not what they hold: ``"resident"``
+    (once, when the simulated model is built; the programmed tiles stay in memory, float32
+    beside the model's own weights) or ``"per-batch"`` (at every forward, a few experts at a
+    time, from the model's own weights, each group dropped once its rows are computed: the
+    simulated model costs no tile memory, and every forward pays the programming again).
+    Both draw the same programming noise for a seed (same generator stream, same order);
+    output noise is drawn per call and differs between them.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from hetmap.common.noise import NOISE_MODELS
 NOISE_MANAGEMENT = ("abs-max", "none")
 BOUND_MANAGEMENT = ("iterative", "none")
 KERNELS = ("eager", "compiled")
+PROGRAMMING = ("resident", "per-batch")
 
 # aihwkit IOParameters defaults that bound the iterative bound management.
 MAX_BM_FACTOR = 1000.0
@@ -72,6 +80,7 @@ class AnalogSettings:
     read_noise: bool = True
     ideal: bool = False
     kernels: str = "eager"
+    programming: str = "resident"
 
     def __post_init__(self) -> None:
         for name, valid, wanted in _RULES:
@@ -82,6 +91,7 @@ class AnalogSettings:
         _check_choice("noise_management", self.noise_management, NOISE_MANAGEMENT)
         _check_choice("bound_management", self.bound_management, BOUND_MANAGEMENT)
         _check_choice("kernels", self.kernels, KERNELS)
+        _check_choice("programming", self.programming, PROGRAMMING)
         for name in ("weight_scaling_columnwise", "gdc", "read_noise", "ideal"):
             if not isinstance(getattr(self, name), bool):
                 raise SimulationError(
@@ -169,7 +179,7 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 
 def settings_for(target: Any, *, noise_scale: float | None = None, drift_time: float | None = None,
-                 ideal: bool = False) -> AnalogSettings:
+                 ideal: bool = False, programming: str = "resident") -> AnalogSettings:
     """The analog settings a target's AIMC spec describes (duck-typed: any object with the
     ``aimc`` fields of :class:`hetmap.targets.Target`)."""
     aimc = target.aimc
@@ -178,4 +188,4 @@ def settings_for(target: Any, *, noise_scale: float | None = None, drift_time: f
         rows=aimc.rows, cols=aimc.cols, dac_bits=aimc.dac_bits, adc_bits=aimc.adc_bits,
         out_noise=aimc.out_noise, noise_model=aimc.noise.model,
         noise_scale=float(params.get("prog_noise_scale", 1.0) if noise_scale is None else noise_scale),
-        drift_time=drift_time, ideal=ideal)
+        drift_time=drift_time, ideal=ideal, programming=programming)

@@ -20,8 +20,8 @@ from torch import nn
 
 from hetmap.common.errors import SimulationError
 
-from .analog import AnalogTileStack
-from .grouped import RowGroups, grouped_product
+from .analog import AnalogTileStack, DigitalStack, StackView
+from .grouped import RowGroups
 from .settings import AnalogSettings
 
 
@@ -30,7 +30,6 @@ class SimulatedSizedStack(nn.Module):
 
     slot: torch.Tensor
     is_analog: torch.Tensor
-    digital_weight: torch.Tensor
 
     def __init__(self, stack: nn.Module, analog: Sequence[int], settings: AnalogSettings,
                  seed: int, path: str, out_splits: Sequence[int] | None = None) -> None:
@@ -51,10 +50,13 @@ class SimulatedSizedStack(nn.Module):
         self.register_buffer("slot", slot, persistent=False)  # index in its own stack
         self.register_buffer("is_analog", torch.zeros(experts, dtype=torch.bool).index_fill_(
             0, torch.tensor(chosen, dtype=torch.long), True), persistent=False)
-        analog_weights = weight if len(chosen) == experts else weight[chosen]
+        analog_weights = StackView(weight, None if len(chosen) == experts
+                                   else torch.tensor(chosen, dtype=torch.long))
         self.tiles = AnalogTileStack(analog_weights, settings, seed, out_splits) \
             if chosen else None
-        self.register_buffer("digital_weight", weight[digital].clone())
+        self.digital = DigitalStack(StackView(weight, torch.tensor(digital, dtype=torch.long)),
+                                    settings.programming == "resident")
+        self.num_digital = len(digital)
 
     def forward(self, inputs: torch.Tensor, expert_size: Sequence[int] | torch.Tensor
                 ) -> torch.Tensor:
@@ -66,16 +68,16 @@ class SimulatedSizedStack(nn.Module):
                                          sizes)
         output = inputs.new_empty(inputs.shape[0], self.out_features)
         analog = self.is_analog[expert]
-        for wanted, weight in ((True, None), (False, self.digital_weight)):
+        for wanted in (True, False):
             rows = analog if wanted else ~analog
             if not bool(rows.any()):
                 continue
             groups = RowGroups.from_sorted(self.slot[expert[rows]],
                                            int(self.is_analog.sum()) if wanted
-                                           else int(self.digital_weight.shape[0]))
-            if weight is None:
+                                           else self.num_digital)
+            if wanted:
                 assert self.tiles is not None
                 output[rows] = self.tiles(inputs[rows].float(), groups).to(output.dtype)
             else:
-                output[rows] = grouped_product(inputs[rows].contiguous(), weight, groups)
+                output[rows] = self.digital(inputs[rows].contiguous(), groups)
         return output

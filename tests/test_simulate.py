@@ -80,6 +80,31 @@ def test_simulate_errors_are_one_line(tmp_path, capsys) -> None:
     assert code == 2 and "does not exist" in err and "Traceback" not in err
 
 
+def test_simulate_cli_programming_and_stream(tmp_path, capsys) -> None:
+    """--programming per-batch gives the resident figures and says so; --stream on a model
+    that is not a checkpoint runs loaded; a streamed aihwkit run is one line."""
+    from hetmap.compiler.frontend import load_model
+
+    common = ["--seeds", "2", "--eval-tokens", "512", "--calib-tokens", "256"]
+    results = {}
+    for mode in ("resident", "per-batch"):
+        out = tmp_path / mode
+        assert main(["simulate", "olmoe-tiny", "-o", str(out), "--programming", mode,
+                     *common]) == 0
+        assert ("programmed per batch" if mode == "per-batch" else "programmed once per seed") \
+            in capsys.readouterr().out
+        results[mode] = json.loads((out / "simulation.json").read_text())
+        assert results[mode]["programming"] == mode and not results[mode]["streamed"]
+    assert results["per-batch"]["mapped_ppl"] == pytest.approx(results["resident"]["mapped_ppl"],
+                                                               rel=1e-6)
+    load_model("olmoe-tiny").module.save_pretrained(tmp_path / "ckpt")
+    code = main(["simulate", str(tmp_path / "ckpt"), "--stream", "on", "--backend", "aihwkit",
+                 "--pipeline", "density{calib_tokens=256,stream=on},expert-score,place", *common])
+    err = capsys.readouterr().err
+    assert code == 2 and "streamed simulation runs the hetmap backend only" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 SWEEP = ["--policies", "max-norm,random", "--budgets", "0.25", "--noise-scales", "2.5",
          "--seeds", "1", "--eval-tokens", "512", "--calib-tokens", "256"]
 

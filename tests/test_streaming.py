@@ -47,3 +47,25 @@ def test_stored_buffers_come_from_the_checkpoint_not_the_init(tmp_path) -> None:
     plain = compile_model("tiny:deepseek_v3", pipeline="density{calib_tokens=256,seq_len=64}")
     assert densities["on"] == densities["off"]
     assert densities["on"] != [n.get(Density).value for n in plain.graph.experts()]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_streamed_simulation_equals_loaded(name: str, tmp_path) -> None:
+    """A checkpoint simulated leaf by leaf (weights read and tiles programmed per leaf and
+    batch) gives the loaded run's digital and mapped perplexities: the same noise per seed."""
+    load_model(name).module.save_pretrained(tmp_path)
+    pipeline = "density{calib_tokens=256,seq_len=64,stream=on},expert-score,place,tile,allocate"
+    runs = {}
+    for stream in ("on", "off"):
+        plan = compile_model(str(tmp_path), pipeline=pipeline, policy="random", budget=0.5)
+        runs[stream] = plan.simulate(seeds=2, eval_tokens=512, seq_len=64, batch=2,
+                                     noise_scale=3.0, stream=stream)
+        assert plan.model.on_meta is (stream == "on")  # streamed: never loaded whole
+    streamed, loaded = runs["on"], runs["off"]
+    assert streamed.streamed and streamed.programming == "per-batch"
+    assert not loaded.streamed
+    assert streamed.weight_reads == 1  # 512 tokens: one batch
+    assert streamed.digital_ppl == pytest.approx(loaded.digital_ppl, rel=1e-5)
+    assert streamed.mapped_ppl == pytest.approx(loaded.mapped_ppl, rel=1e-5)
+    assert abs(streamed.mapped_ppl[0] - streamed.mapped_ppl[1]) > 1e-6  # seeds differ
+    assert abs(streamed.mapped_ppl_mean - streamed.digital_ppl) > 1e-3  # noise is on

@@ -16,6 +16,18 @@ Rules:
    evaluation tokens (``--eval FILE`` or the default corpus' held-out ``eval`` split, never the
    calibration split). Seeds ``seed .. seed+seeds-1`` program the weights; mean and sample
    standard deviation are reported.
+4. Memory. ``programming`` (settings rule 12): ``resident`` tiles are programmed once per
+   seed and kept (float32, beside the model's weights); ``per-batch`` tiles are programmed at
+   every forward a few experts at a time and dropped (no tile memory; the programming is paid
+   per batch); ``auto`` keeps them resident when they take at most half of the free memory of
+   the device, else per batch. Both give the same programming noise for a seed.
+5. Streaming (``stream``, as calibration's rule): a checkpoint larger than half of the
+   machine's memory (or any checkpoint with ``on``) is never loaded whole. The traced graph
+   runs leaf by leaf (:mod:`hetmap.compiler.data.streaming`); each leaf's weights are read
+   from the checkpoint, its analog matrices programmed (per batch, with the seed of their path
+   in the whole model: the same noise on every batch, and as in a loaded run), run, dropped.
+   Cost: every weight is read from disk once per batch and seed (and once per batch for the
+   digital perplexity), so streamed runs batch up to :data:`STREAM_TOKENS` tokens at once.
 """
 
 from __future__ import annotations
@@ -30,13 +42,19 @@ import torch
 from torch import nn
 
 from hetmap.common.errors import SimulationError
+from hetmap.compiler.data.streaming import streams
 from hetmap.compiler.data.textdata import batches, load_tokens
-from hetmap.compiler.ir.annotations import Placement
+from hetmap.compiler.ir.annotations import Placement, Traced
 from hetmap.compiler.ir.graph import Graph, NodeKind
 from hetmap.runtime.settings import settings_for
 
 if TYPE_CHECKING:
     from hetmap.compiler.api import Plan
+
+PROGRAMMING_CHOICES = ("auto", "resident", "per-batch")
+STREAM_CHOICES = ("auto", "on", "off")
+#: tokens per forward of a streamed run (rule 5): each batch reads every weight once
+STREAM_TOKENS = 16384
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,38 @@ class AnalogPart:
         return build_simulated_model(model, self.linears, self.experts, settings, seed=seed,
                                      backend=backend, layouts=self.layouts,
                                      digital_neurons=self.split)
+
+    def build_within(self, module: nn.Module, path: str, settings: Any, seed: int,
+                     backend: str = "hetmap") -> nn.Module:
+        """The module at ``path`` of the model with the part of this inside it on tiles
+        (seeded as in the whole model), or ``module`` itself when none is (rule 5)."""
+        from hetmap.runtime import build_simulated_model
+
+        def inside(key: str) -> bool:
+            return not path or key == path or key.startswith(path + ".")
+
+        def rel(key: str) -> str:
+            return key[len(path) + 1:] if path and key != path else ("" if key == path else key)
+
+        linears = [rel(k) for k in self.linears if inside(k)]
+        experts = {rel(k): v for k, v in self.experts.items() if inside(k)}
+        if not linears and not experts:
+            return module
+        return build_simulated_model(
+            module, linears, experts, settings, seed=seed, backend=backend,
+            layouts={rel(k): v for k, v in self.layouts.items() if inside(k)},
+            digital_neurons={rel(k): v for k, v in self.split.items() if inside(k)},
+            prefix=path)
+
+    def tile_bytes(self, model: nn.Module) -> int:
+        """Memory of this part's resident tiles (float32), from the model's stores."""
+        modules = dict(model.named_modules())
+        total = sum(modules[key].weight.numel() for key in self.linears if key in modules)
+        for key, chosen in self.experts.items():
+            stores = [p for p in modules[key].parameters() if p.dim() >= 2]
+            experts = max((int(p.shape[0]) for p in stores if p.dim() == 3), default=1)
+            total += sum(p.numel() for p in stores) * len(chosen) // max(experts, 1)
+        return 4 * total
 
 
 def _layouts(graph: Graph, modules: dict[str, nn.Module], paths: set[str]) -> dict[str, Any]:
@@ -112,7 +162,10 @@ def non_finite_cause(model: nn.Module, what: str) -> str:
             "arithmetic overflowed; try --device cpu or a smaller noise scale")
 
 
-def perplexity(model: nn.Module, windows: list[torch.Tensor], device: str = "cpu") -> float:
+def perplexity(model: Callable[[torch.Tensor], Any], windows: list[torch.Tensor],
+               device: str = "cpu") -> float:
+    """``exp(mean next-token NLL)`` of ``model`` (a module, or any callable from token ids to
+    logits or an output with ``.logits``) over ``windows``."""
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in windows:
@@ -140,6 +193,12 @@ class SimulationResult:
     analog_linears: int
     analog_experts: int
     simulated_digital: list[str] = field(default_factory=list)
+    #: rule 4: "resident" or "per-batch", and why
+    programming: str = "resident"
+    programming_reason: str = ""
+    #: rule 5: run leaf by leaf from the checkpoint; weights read per seed (= batches)
+    streamed: bool = False
+    weight_reads: int = 0
 
     @property
     def mapped_ppl_mean(self) -> float:
@@ -161,7 +220,8 @@ def simulate_plan(plan: Plan, *, seeds: int = 1, seed: int = 0, noise_scale: flo
                   eval_tokens: int = 8192, seq_len: int = 256, batch: int = 8,
                   backend: str = "hetmap", device: str = "cpu",
                   progress: Callable[[str, int], Callable[[int], None]] | None = None,
-                  digital_ppl: float | None = None) -> SimulationResult:
+                  digital_ppl: float | None = None, programming: str = "auto",
+                  stream: str = "auto") -> SimulationResult:
     """Perplexity of ``plan``'s model all-digital and mapped (``seeds`` programming seeds)."""
 
     if seeds < 1:
@@ -170,24 +230,45 @@ def simulate_plan(plan: Plan, *, seeds: int = 1, seed: int = 0, noise_scale: flo
         raise SimulationError(f"--eval-tokens must be at least 2 (one prediction), got {eval_tokens}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SimulationError("--device cuda asked for, but no CUDA device is available here")
-    model = plan.model.runnable()
+    for name, given, choices in (("--programming", programming, PROGRAMMING_CHOICES),
+                                 ("--stream", stream, STREAM_CHOICES)):
+        if given not in choices:
+            raise SimulationError(f"{name} must be one of {', '.join(choices)}, got {given!r}")
+    streamed = streams(plan.model, stream)
+    if streamed and backend != "hetmap":
+        raise SimulationError(f"streamed simulation runs the hetmap backend only, not {backend}; "
+                              "use --backend hetmap, or --stream off to load the model whole")
+    model = plan.model.module if streamed else plan.model.runnable()
     tokens = load_tokens(plan.model, eval_file, "eval", eval_tokens)
-    windows = batches(tokens, seq_len, batch)
+    windows = batches(tokens, seq_len, max(batch, STREAM_TOKENS // seq_len) if streamed else batch)
     part = analog_part(plan.graph, model)
-    settings = settings_for(plan.target, noise_scale=noise_scale, drift_time=drift_time, ideal=ideal)
-    advance = (progress or (lambda _d, _t: (lambda _n: None)))("simulating", seeds + 1)
-    model = model.to(device)
+    mode, reason = _programming(programming, part, model, device, streamed)
+    settings = settings_for(plan.target, noise_scale=noise_scale, drift_time=drift_time,
+                            ideal=ideal, programming=mode)
+    advance = (progress or (lambda _d, _t: (lambda _n: None)))(
+        "simulating" + (" (streamed)" if streamed else ""), seeds + 1)
+    if streamed:
+        def run(settings_: Any, seed_: int) -> Callable[[torch.Tensor], Any]:
+            return _streamed(plan, part, settings_, seed_, backend, device)
+    else:
+        model = model.to(device)
+
+        def run(settings_: Any, seed_: int) -> Callable[[torch.Tensor], Any]:
+            return model if settings_ is None else part.build(model, settings_, seed_, backend
+                                                              ).to(device)
     if digital_ppl is None:
-        digital_ppl = perplexity(model, windows, device)
+        digital_ppl = perplexity(run(None, 0), windows, device)
     if not math.isfinite(digital_ppl):
         raise SimulationError(non_finite_cause(model, "the all-digital model"))
     advance(1)
     mapped: list[float] = []
     for index in range(seeds):
-        simulated = part.build(model, settings, seed + index, backend).to(device)
+        simulated = run(settings, seed + index)
         value = perplexity(simulated, windows, device)
         if not math.isfinite(value):
-            raise SimulationError(non_finite_cause(simulated, f"the mapped model (seed {seed + index})"))
+            raise SimulationError(non_finite_cause(
+                simulated if isinstance(simulated, nn.Module) else model,
+                f"the mapped model (seed {seed + index})"))
         mapped.append(value)
         del simulated
         advance(1)
@@ -196,4 +277,48 @@ def simulate_plan(plan: Plan, *, seeds: int = 1, seed: int = 0, noise_scale: flo
         settings=settings.to_dict(), eval_tokens=int(sum(w.numel() for w in windows)),
         eval_source=eval_file or "corpus:eval", backend=backend, device=device,
         analog_linears=len(part.linears), analog_experts=sum(len(v) for v in part.experts.values()),
-        simulated_digital=list(part.simulated_digital))
+        simulated_digital=list(part.simulated_digital), programming=mode,
+        programming_reason=reason, streamed=streamed,
+        weight_reads=len(windows) if streamed else 0)
+
+
+def _programming(asked: str, part: AnalogPart, model: nn.Module, device: str, streamed: bool
+                 ) -> tuple[str, str]:
+    """Rule 4: the programming mode and why."""
+    if asked != "auto":
+        return asked, "asked for"
+    if streamed:
+        return "per-batch", "streamed from the checkpoint"
+    need = part.tile_bytes(model)
+    free = _free_memory(device)
+    gigabytes = f"{need / 1e9:.2f} GB of tiles, {free / 1e9:.1f} GB free on {device}"
+    return ("resident" if 2 * need <= free else "per-batch"), gigabytes
+
+
+def _free_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _streamed(plan: Plan, part: AnalogPart, settings: Any, seed: int, backend: str,
+              device: str) -> Callable[[torch.Tensor], Any]:
+    """Rule 5: the model run leaf by leaf from its checkpoint (``settings`` None: digital)."""
+    from hetmap.compiler.data.streaming import StreamingInterpreter
+    from hetmap.compiler.data.weights import CheckpointWeights
+
+    traced = plan.graph.get(Traced)
+    if traced is None or plan.model.checkpoint is None:
+        raise SimulationError("streamed simulation needs the traced model of a checkpoint; "
+                              "load the plan again, or use --stream off")
+
+    def wrap(live: nn.Module, path: str) -> nn.Module:
+        return part.build_within(live, path, settings, seed, backend)
+
+    interpreter = StreamingInterpreter(
+        traced.module, CheckpointWeights(plan.model.checkpoint), wrapped=traced.wrapped,
+        config=plan.model.config, wrap=None if settings is None else wrap, device=device)
+    return interpreter.run

@@ -48,7 +48,6 @@ Rules:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar, Literal
@@ -368,14 +367,9 @@ class DensityPass:
         return PassResult(graph, True, notes)
 
     def _streams(self, ctx: CompileContext) -> bool:
-        model = ctx.model
-        if self.stream == "off" or model.checkpoint is None or not model.on_meta:
-            return False
-        if self.stream == "on":
-            return True
-        size = sum(f.stat().st_size for f in model.checkpoint.glob("*.safetensors"))
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return size > memory // 2
+        from hetmap.compiler.data.streaming import streams
+
+        return streams(ctx.model, self.stream)
 
     def _calibrate(self, graph: Graph, ctx: CompileContext
                    ) -> tuple[dict[int, _RoutingCounter], dict[int, _MomentCollector],

@@ -97,7 +97,7 @@ def test_noisy_model_is_seeded(tiny_olmoe, all_experts) -> None:
     ("linears", "experts", "backend", "fragment"),
     [
         ({"model.layers.0.self_attn.nope"}, {}, "hetmap", "'model.layers.0.self_attn.nope'"),
-        ({""}, {}, "hetmap", "no module at path ''"),
+        ({""}, {}, "hetmap", "analog linear '' is a OlmoeForCausalLM"),
         ({"model.layers.0.mlp.experts"}, {}, "hetmap", "not an nn.Linear"),
         (set(), {"model.layers.0.mlp.gate": [0]}, "hetmap", "'model.layers.0.mlp.gate'"),
         (set(), {"model.layers.9.mlp.experts": [0]}, "hetmap", "'model.layers.9.mlp.experts'"),
