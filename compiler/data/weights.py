@@ -132,15 +132,20 @@ class CheckpointWeights:
         base, _, leaf = name.rpartition(".")
         if leaf.removesuffix("_bias") not in _PER_EXPERT or not shape:
             return None
-        parts = []
+        out: torch.Tensor | None = None  # filled expert by expert: no second copy
         for e in range(shape[0]):
-            keys = {self._per_expert_key(WeightRef(name, e, out_start=start))
-                    for start in (None, 1)}
-            pieces = [self._read(k, None) for k in sorted(keys, key=_gate_first) if k in self.where]
-            if len(pieces) != len(keys):
+            keys = sorted({self._per_expert_key(WeightRef(name, e, out_start=start))
+                           for start in (None, 1)}, key=_gate_first)
+            if any(k not in self.where for k in keys):
                 return None
-            parts.append(torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0])
-        return torch.stack(parts).reshape(shape)
+            offset = 0
+            for key in keys:
+                piece = self._read(key, None)
+                if out is None:
+                    out = piece.new_empty(shape).view(shape[0], -1)
+                out[e, offset:offset + piece.numel()] = piece.reshape(-1)
+                offset += piece.numel()
+        return None if out is None else out.reshape(shape)
 
     @staticmethod
     def _per_expert_key(ref: WeightRef) -> str | None:
