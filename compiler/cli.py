@@ -298,11 +298,15 @@ def _check_device(_ctx: click.Context, _param: click.Parameter, value: str | Non
               help="Run a checkpoint leaf by leaf from its files instead of loading it (auto: "
               "when its files exceed half of the machine's memory). Every weight is read "
               "once per batch and seed.")
+@click.option("--device-map", default=None, metavar="auto|FILE.json",
+              help="Place the model across GPUs, CPU and disk with accelerate: 'auto', or a "
+              "JSON object from module names to a GPU index, 'cpu' or 'disk' (offloaded modules "
+              "are simulated from their weights at every call). Overrides --device.")
 @compile_options
 def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
              noise_scale: float | None, drift_time: float | None, ideal: bool,
              eval_file: str | None, eval_tokens: int, backend: str, device: str,
-             programming: str, stream: str, **kw: Any) -> None:
+             programming: str, stream: str, device_map: str | None, **kw: Any) -> None:
     """Perplexity of the all-digital and the mapped model with analog non-idealities.
 
     PLAN_OR_MODEL is a compiled plan directory (simulation.json is added to it) or a MODEL,
@@ -337,7 +341,8 @@ def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
     result = plan.simulate(seeds=seeds, seed=kw["seed"], noise_scale=noise_scale,
                            drift_time=drift_time, ideal=ideal, eval_file=eval_file,
                            eval_tokens=eval_tokens, backend=backend, device=device,
-                           progress=progress, programming=programming, stream=stream)
+                           progress=progress, programming=programming, stream=stream,
+                           device_map=device_map)
     data = {**result.to_json(), "digital_param_fraction": plan.summary["digital_param_fraction"]}
     print_simulation(plan.model.name, data)
     write_result(plan, plan_dir if is_plan else None, out, force, "simulation.json", data)

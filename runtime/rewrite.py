@@ -15,6 +15,11 @@
    is copied (the new modules are built from the original's weights); the simulated model
    costs the memory of its tiles only.
 
+4. a module an accelerate device map offloads (weights on the meta device, brought in by its
+   hook for each call) is simulated by a module built from its weights at every call
+   (:class:`BuiltOnCall`); instance-bound forwards (accelerate's hooks) of the cloned modules
+   are rebound to the clones.
+
 Every replaced module draws its noise from its own seed, derived from ``seed`` and its path, so
 one seed fixes the whole simulated model and two modules never share noise.
 """
@@ -22,9 +27,12 @@ one seed fixes the whole simulated model and two modules never share noise.
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -111,9 +119,8 @@ def build_simulated_model(
     widen = (lambda module: module) if backend == "hetmap" else _float32
     replacements: dict[str, nn.Module] = {}
     for path in linear_paths:
-        linear = widen(modules[path])
-        assert isinstance(linear, nn.Linear)
-        replacements[path] = make_linear(linear, settings, module_seed(seed, _join(prefix, path)))
+        replacements[path] = _placed(modules[path], functools.partial(
+            _linear, make_linear, widen, settings, module_seed(seed, _join(prefix, path))))
     for path in expert_paths:
         indices = [int(index) for index in analog_experts[path]]
         if expert_layouts[path].call == "sizes":
@@ -121,18 +128,54 @@ def build_simulated_model(
                 modules, path, expert_layouts[path], indices, settings, seed, backend,
                 path in split, prefix))
             continue
-        if path in split:
-            replacements[path] = SimulatedExperts(
-                widen(modules[path]), indices, settings, module_seed(seed, _join(prefix, path)),
-                path, expert_layouts[path], split[path])
-            continue
-        replacements[path] = make_experts(
-            widen(modules[path]), indices, settings, module_seed(seed, _join(prefix, path)),
-            path, expert_layouts[path]
-        )
+        experts_seed = module_seed(seed, _join(prefix, path))
+
+        def build(module: nn.Module, path: str = path, indices: list[int] = indices,
+                  experts_seed: int = experts_seed) -> nn.Module:
+            if path in split:
+                return SimulatedExperts(widen(module), indices, settings, experts_seed, path,
+                                        expert_layouts[path], split[path])
+            return make_experts(widen(module), indices, settings, experts_seed, path,
+                                expert_layouts[path])
+
+        replacements[path] = _placed(modules[path], build)
     if "" in replacements:
         return replacements[""].eval()
     return _graft(model, "", replacements).eval()
+
+
+def _placed(module: nn.Module, build: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """Rule 4: ``build(module)``, or for a module an accelerate device map offloads (its
+    weights on the meta device until its hook brings them in for a call) a
+    :class:`BuiltOnCall` that builds it at every call."""
+    hook = getattr(module, "_hf_hook", None)
+    offloaded = hook is not None and any(
+        t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
+    return BuiltOnCall(module, build) if offloaded else build(module)
+
+
+class BuiltOnCall(nn.Module):
+    """A simulated module built from an offloaded module's weights at every call: the
+    module's accelerate hook brings its weights to the execution device, the simulated
+    module is built from them (per-batch programming makes that cheap), runs, and the hook
+    sends the weights back. The offloaded module is not a submodule (its weights are the
+    hook's to manage)."""
+
+    def __init__(self, module: nn.Module, build: Callable[[nn.Module], nn.Module]) -> None:
+        super().__init__()
+        object.__setattr__(self, "offloaded", module)
+        self.build = build
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        module: Any = self.__dict__["offloaded"]
+        hook = module._hf_hook
+        args, kwargs = hook.pre_forward(module, *args, **kwargs)
+        output = None
+        try:
+            output = self.build(module)(*args, **kwargs)
+        finally:
+            output = hook.post_forward(module, output)
+        return output
 
 
 def _join(prefix: str, path: str) -> str:
@@ -151,6 +194,10 @@ def _graft(module: nn.Module, prefix: str, replacements: Mapping[str, nn.Module]
         if isinstance(value, types.MethodType) and value.__self__ is module:
             # a method bound to the instance (e.g. a forward set on it) runs on the clone
             object.__setattr__(clone, name, types.MethodType(value.__func__, clone))
+        elif isinstance(value, functools.partial) and value.args and value.args[0] is module:
+            # a forward wrapped around the instance (accelerate's device hooks)
+            rebound = functools.partial(value.func, clone, *value.args[1:], **value.keywords)
+            object.__setattr__(clone, name, functools.update_wrapper(rebound, value))
         elif isinstance(value, dict) and "hook" in name:
             # hooks registered on the clone later must not reach the digital model
             object.__setattr__(clone, name, type(value)(value))
@@ -177,11 +224,26 @@ def _sized_replacements(modules: Mapping[str, nn.Module], path: str, layout: Exp
                               "hetmap backend and --granularity expert")
     inner, outer = sized_stacks(layout)
     splits = (layout.intermediate, layout.intermediate) if layout.has_gate else None
-    return {_join(path, child): SimulatedSizedStack(
-                _lookup(modules, _join(path, child)), indices, settings,
-                module_seed(seed, _join(prefix, _join(path, child))), _join(path, child),
-                out_splits)
-            for child, out_splits in ((inner, splits), (outer, None))}
+    replaced: dict[str, nn.Module] = {}
+    for child, out_splits in ((inner, splits), (outer, None)):
+        name = _join(path, child)
+        replaced[name] = _placed(_lookup(modules, name), functools.partial(
+            _sized_stack, indices=indices, settings=settings,
+            seed=module_seed(seed, _join(prefix, name)), path=name, out_splits=out_splits))
+    return replaced
+
+
+def _sized_stack(stack: nn.Module, *, indices: list[int], settings: AnalogSettings, seed: int,
+                 path: str, out_splits: tuple[int, ...] | None) -> nn.Module:
+    return SimulatedSizedStack(stack, indices, settings, seed, path, out_splits)
+
+
+def _linear(make: Callable[[nn.Linear, AnalogSettings, int], nn.Module],
+            widen: Callable[[nn.Module], nn.Module], settings: AnalogSettings, seed: int,
+            module: nn.Module) -> nn.Module:
+    linear = widen(module)
+    assert isinstance(linear, nn.Linear)
+    return make(linear, settings, seed)
 
 
 def _float32(module: nn.Module) -> nn.Module:

@@ -136,10 +136,11 @@ class CheckpointWeights:
         for e in range(shape[0]):
             keys = sorted({self._per_expert_key(WeightRef(name, e, out_start=start))
                            for start in (None, 1)}, key=_gate_first)
-            if any(k not in self.where for k in keys):
+            if any(k is None or k not in self.where for k in keys):
                 return None
             offset = 0
             for key in keys:
+                assert key is not None
                 piece = self._read(key, None)
                 if out is None:
                     out = piece.new_empty(shape).view(shape[0], -1)

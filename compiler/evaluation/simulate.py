@@ -28,20 +28,27 @@ Rules:
    in the whole model: the same noise on every batch, and as in a loaded run), run, dropped.
    Cost: every weight is read from disk once per batch and seed (and once per batch for the
    digital perplexity), so streamed runs batch up to :data:`STREAM_TOKENS` tokens at once.
+6. ``device_map`` (``auto`` or a JSON file): the model placed across GPUs, CPU and disk by
+   accelerate (:mod:`hetmap.compiler.data.devices`); the tiles follow their weights, offloaded
+   modules are simulated from their weights at every call, and ``auto`` programming is then
+   per batch.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from hetmap.common.errors import SimulationError
+from hetmap.compiler.data.devices import dispatched, read_device_map
 from hetmap.compiler.data.streaming import streams
 from hetmap.compiler.data.textdata import batches, load_tokens
 from hetmap.compiler.ir.annotations import Placement, Traced
@@ -199,6 +206,8 @@ class SimulationResult:
     #: rule 5: run leaf by leaf from the checkpoint; weights read per seed (= batches)
     streamed: bool = False
     weight_reads: int = 0
+    #: module -> device when placed by --device-map (accelerate's map)
+    device_map: dict[str, str] | None = None
 
     @property
     def mapped_ppl_mean(self) -> float:
@@ -221,8 +230,23 @@ def simulate_plan(plan: Plan, *, seeds: int = 1, seed: int = 0, noise_scale: flo
                   backend: str = "hetmap", device: str = "cpu",
                   progress: Callable[[str, int], Callable[[int], None]] | None = None,
                   digital_ppl: float | None = None, programming: str = "auto",
-                  stream: str = "auto") -> SimulationResult:
+                  stream: str = "auto", device_map: str | None = None) -> SimulationResult:
     """Perplexity of ``plan``'s model all-digital and mapped (``seeds`` programming seeds)."""
+    with tempfile.TemporaryDirectory(prefix="hetmap-offload-") as offload:
+        return _simulate(plan, seeds=seeds, seed=seed, noise_scale=noise_scale,
+                         drift_time=drift_time, ideal=ideal, eval_file=eval_file,
+                         eval_tokens=eval_tokens, seq_len=seq_len, batch=batch, backend=backend,
+                         device=device, progress=progress, digital_ppl=digital_ppl,
+                         programming=programming, stream=stream, device_map=device_map,
+                         offload=Path(offload))
+
+
+def _simulate(plan: Plan, *, seeds: int, seed: int, noise_scale: float | None,
+              drift_time: float | None, ideal: bool, eval_file: str | None, eval_tokens: int,
+              seq_len: int, batch: int, backend: str, device: str,
+              progress: Callable[[str, int], Callable[[int], None]] | None,
+              digital_ppl: float | None, programming: str, stream: str, device_map: str | None,
+              offload: Path) -> SimulationResult:
 
     if seeds < 1:
         raise SimulationError(f"--seeds must be at least 1, got {seeds}")
@@ -234,15 +258,23 @@ def simulate_plan(plan: Plan, *, seeds: int = 1, seed: int = 0, noise_scale: flo
                                  ("--stream", stream, STREAM_CHOICES)):
         if given not in choices:
             raise SimulationError(f"{name} must be one of {', '.join(choices)}, got {given!r}")
-    streamed = streams(plan.model, stream)
+    placed = None if device_map is None else read_device_map(device_map)
+    if placed is not None and stream == "on":
+        raise SimulationError("--device-map and --stream on are two ways to run a model that "
+                              "does not fit: choose one")
+    streamed = placed is None and streams(plan.model, stream)
     if streamed and backend != "hetmap":
         raise SimulationError(f"streamed simulation runs the hetmap backend only, not {backend}; "
                               "use --backend hetmap, or --stream off to load the model whole")
-    model = plan.model.module if streamed else plan.model.runnable()
+    if placed is not None:
+        model = dispatched(plan.model, placed, offload)
+        device = "cpu"  # the inputs: accelerate's hooks move them to each module's device
+    else:
+        model = plan.model.module if streamed else plan.model.runnable()
     tokens = load_tokens(plan.model, eval_file, "eval", eval_tokens)
     windows = batches(tokens, seq_len, max(batch, STREAM_TOKENS // seq_len) if streamed else batch)
     part = analog_part(plan.graph, model)
-    mode, reason = _programming(programming, part, model, device, streamed)
+    mode, reason = _programming(programming, part, model, device, streamed, placed is not None)
     settings = settings_for(plan.target, noise_scale=noise_scale, drift_time=drift_time,
                             ideal=ideal, programming=mode)
     advance = (progress or (lambda _d, _t: (lambda _n: None)))(
@@ -250,6 +282,9 @@ def simulate_plan(plan: Plan, *, seeds: int = 1, seed: int = 0, noise_scale: flo
     if streamed:
         def run(settings_: Any, seed_: int) -> Callable[[torch.Tensor], Any]:
             return _streamed(plan, part, settings_, seed_, backend, device)
+    elif placed is not None:  # tiles go where their weights are (devices rule 4)
+        def run(settings_: Any, seed_: int) -> Callable[[torch.Tensor], Any]:
+            return model if settings_ is None else part.build(model, settings_, seed_, backend)
     else:
         model = model.to(device)
 
@@ -279,20 +314,29 @@ def simulate_plan(plan: Plan, *, seeds: int = 1, seed: int = 0, noise_scale: flo
         analog_linears=len(part.linears), analog_experts=sum(len(v) for v in part.experts.values()),
         simulated_digital=list(part.simulated_digital), programming=mode,
         programming_reason=reason, streamed=streamed,
-        weight_reads=len(windows) if streamed else 0)
+        weight_reads=len(windows) if streamed else 0,
+        device_map=None if placed is None else _placement(model))
 
 
-def _programming(asked: str, part: AnalogPart, model: nn.Module, device: str, streamed: bool
-                 ) -> tuple[str, str]:
+def _programming(asked: str, part: AnalogPart, model: nn.Module, device: str, streamed: bool,
+                 placed: bool = False) -> tuple[str, str]:
     """Rule 4: the programming mode and why."""
     if asked != "auto":
         return asked, "asked for"
     if streamed:
         return "per-batch", "streamed from the checkpoint"
+    if placed:
+        return "per-batch", "placed by a device map"
     need = part.tile_bytes(model)
     free = _free_memory(device)
     gigabytes = f"{need / 1e9:.2f} GB of tiles, {free / 1e9:.1f} GB free on {device}"
     return ("resident" if 2 * need <= free else "per-batch"), gigabytes
+
+
+def _placement(model: nn.Module) -> dict[str, str]:
+    """Module -> device of a model placed by accelerate (its ``hf_device_map``)."""
+    found = getattr(model, "hf_device_map", None) or {}
+    return {str(name): str(device) for name, device in found.items()}
 
 
 def _free_memory(device: str) -> int:

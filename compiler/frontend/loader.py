@@ -54,8 +54,9 @@ class LoadedModel:
     def has_weights(self) -> bool:
         return not self.on_meta or self.checkpoint is not None
 
-    def runnable(self) -> nn.Module:
-        """The module with real weights (a checkpoint is loaded now, on first use)."""
+    def runnable(self, device_map: Any = None, offload_folder: Path | None = None) -> nn.Module:
+        """The module with real weights (a checkpoint is loaded now, on first use; placed by
+        accelerate's ``device_map`` when one is given, see :mod:`hetmap.compiler.data.devices`)."""
         if not self.on_meta:
             return self.module
         if self.checkpoint is None:
@@ -66,10 +67,12 @@ class LoadedModel:
 
         from hetmap.compiler.data.checkpoint import check_finite
 
+        placed = {} if device_map is None else {"device_map": device_map,
+                                                "offload_folder": str(offload_folder)}
         try:
             module = transformers.AutoModelForCausalLM.from_pretrained(
                 self.checkpoint, local_files_only=True, trust_remote_code=self.trust_remote_code,
-                attn_implementation=ATTENTION, dtype=self.dtype).eval()
+                attn_implementation=ATTENTION, dtype=self.dtype, **placed).eval()
         except (RuntimeError, ValueError, OSError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"cannot load the weights of {self.checkpoint}: {first}") from exc
