@@ -281,27 +281,33 @@ def _check_device(_ctx: click.Context, _param: click.Parameter, value: str | Non
     return value
 
 
+programming_option = click.option(
+    "--programming", type=click.Choice(["auto", "resident", "per-batch"]), default="auto",
+    show_default=True,
+    help="When the tiles are programmed: once per seed and kept (resident: float32 tiles beside "
+    "the weights), or at every batch a few experts at a time (per-batch: no tile memory, slower "
+    "on a CPU); auto keeps them when they take at most half of the free memory. Same noise "
+    "either way.")
+device_map_option = click.option(
+    "--device-map", default=None, metavar="auto|FILE.json",
+    help="Place the model across GPUs, CPU and disk with accelerate: 'auto', or a JSON object "
+    "from module names to a GPU index, 'cpu' or 'disk' (offloaded modules are simulated from "
+    "their weights at every call). Overrides --device.")
+
+
 @cli.command()
 @click.argument("plan_or_model")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Write plan.json, ir.txt and simulation.json here (MODEL form).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @simulation_options
-@click.option("--programming", type=click.Choice(["auto", "resident", "per-batch"]),
-              default="auto", show_default=True,
-              help="When the tiles are programmed: once per seed and kept (resident: float32 "
-              "tiles beside the weights), or at every batch a few experts at a time (per-batch: "
-              "no tile memory, slower on a CPU); auto keeps them when they take at most half "
-              "of the free memory. Same noise either way.")
+@programming_option
 @click.option("--stream", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True,
               help="Run a checkpoint leaf by leaf from its files instead of loading it (auto: "
               "when its files exceed half of the machine's memory). Every weight is read "
               "once per batch and seed.")
-@click.option("--device-map", default=None, metavar="auto|FILE.json",
-              help="Place the model across GPUs, CPU and disk with accelerate: 'auto', or a "
-              "JSON object from module names to a GPU index, 'cpu' or 'disk' (offloaded modules "
-              "are simulated from their weights at every call). Overrides --device.")
+@device_map_option
 @compile_options
 def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
              noise_scale: float | None, drift_time: float | None, ideal: bool,
@@ -436,13 +442,16 @@ def print_simulation(name: str, data: dict[str, Any]) -> None:
               show_default=True, help="Tile model: hetmap's vectorized one or aihwkit's AnalogLinear.")
 @click.option("--device", default=None, callback=_check_device,
               help="Torch device for the simulation. [default: cuda if available, else cpu]")
+@programming_option
+@device_map_option
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Write plan.json, ir.txt and eval.json here (MODEL form).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @compile_options
 def eval_cmd(plan_or_model: str, tasks: str | None, include_path: str | None, limit: int | None,
              num_fewshot: int | None, batch_size: int, seeds: int, noise_scale: float | None,
-             drift_time: float | None, ideal: bool, backend: str, device: str, out: Path | None,
+             drift_time: float | None, ideal: bool, backend: str, device: str,
+             programming: str, device_map: str | None, out: Path | None,
              force: bool, **kw: Any) -> None:
     """Downstream-task accuracy (lm-evaluation-harness) of the all-digital and the mapped model.
 
@@ -483,7 +492,8 @@ def eval_cmd(plan_or_model: str, tasks: str | None, include_path: str | None, li
     result = plan.evaluate(task_set, seeds=seeds, seed=kw["seed"],
                            limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
                            noise_scale=noise_scale, drift_time=drift_time, ideal=ideal,
-                           backend=backend, device=device, progress=progress)
+                           backend=backend, device=device, progress=progress,
+                           programming=programming, device_map=device_map)
     data = {**result.to_json(), "digital_param_fraction": plan.summary["digital_param_fraction"]}
     print_eval(plan.model.name, data)
     write_result(plan, plan_dir if is_plan else None, out, force, "eval.json", data)

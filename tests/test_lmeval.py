@@ -203,3 +203,33 @@ def test_unknown_and_undownloadable_tasks_are_one_line(tmp_path, capsys) -> None
         "test_split: test\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{c}}'\ndoc_to_target: 0\n")
     with pytest.raises(SimulationError, match="task 'remote_items' cannot load its data set .*needs network"):
         load_tasks(["remote_items"], tmp_path)
+
+
+def test_per_batch_programming_and_device_map_give_the_same_accuracy(plan: Plan, tasks: TaskSet,
+                                                                     tmp_path) -> None:
+    """eval with per-batch tiles, and with demo's layer 3 offloaded to disk by a device map,
+    gives the resident figures per seed (noise scale 8: accuracy moves with the seed)."""
+    runs = {"resident": evaluate_plan(plan, tasks, seeds=2, noise_scale=8.0, limit=12,
+                                      programming="resident"),
+            "per-batch": evaluate_plan(plan, tasks, seeds=2, noise_scale=8.0, limit=12,
+                                       programming="per-batch")}
+    model = plan.model.runnable()
+    layers = [name for name, _ in model.named_children()]
+    device_map = {name: "cpu" for name in layers if name != "model"}
+    inner = model.get_submodule("model")
+    device_map.update({f"model.{name}": "cpu" for name, _ in inner.named_children()
+                       if name != "layers"})
+    count = len(inner.get_submodule("layers"))
+    device_map.update({f"model.layers.{i}": "disk" if i == count - 1 else "cpu"
+                       for i in range(count)})
+    (tmp_path / "map.json").write_text(json.dumps(device_map))
+    placed = _placed_plan().evaluate(tasks, seeds=2, noise_scale=8.0, limit=12,
+                                     device_map=str(tmp_path / "map.json"))
+    assert runs["per-batch"].mapped == runs["resident"].mapped
+    assert placed.mapped == runs["resident"].mapped and placed.digital == runs["resident"].digital
+    assert placed.settings["programming"] == "per-batch"
+
+
+def _placed_plan() -> Plan:
+    """A second demo plan (a device map dispatches the model it places, in place)."""
+    return compile_model("demo", calib_tokens=256)

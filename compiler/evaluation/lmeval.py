@@ -26,6 +26,7 @@ Rules:
 from __future__ import annotations
 
 import statistics
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -293,10 +294,31 @@ def evaluate_plan(plan: Plan, tasks: Sequence[str] | TaskSet = PAPER_TASKS, *, s
                   num_fewshot: int | None = None, batch_size: int = 8,
                   noise_scale: float | None = None, drift_time: float | None = None,
                   ideal: bool = False, backend: str = "hetmap", device: str = "cpu",
-                  progress: Callable[[str, int], Callable[[int], None]] | None = None) -> EvalResult:
+                  progress: Callable[[str, int], Callable[[int], None]] | None = None,
+                  programming: str = "auto", device_map: str | None = None) -> EvalResult:
     """Accuracy of ``plan``'s model on lm-eval ``tasks`` (names, or a :class:`TaskSet` from
-    :func:`load_tasks`): all-digital and mapped per seed."""
-    from hetmap.compiler.evaluation.simulate import analog_part
+    :func:`load_tasks`): all-digital and mapped per seed. ``programming`` and ``device_map``
+    as for :func:`~hetmap.compiler.evaluation.simulate.simulate_plan` (rules 4 and 6)."""
+    with tempfile.TemporaryDirectory(prefix="hetmap-offload-") as offload:
+        return _evaluate(plan, tasks, seeds=seeds, seed=seed, include_path=include_path,
+                         limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                         noise_scale=noise_scale, drift_time=drift_time, ideal=ideal,
+                         backend=backend, device=device, progress=progress,
+                         programming=programming, device_map=device_map, offload=Path(offload))
+
+
+def _evaluate(plan: Plan, tasks: Sequence[str] | TaskSet, *, seeds: int, seed: int,
+              include_path: str | Path | None, limit: int | None, num_fewshot: int | None,
+              batch_size: int, noise_scale: float | None, drift_time: float | None, ideal: bool,
+              backend: str, device: str,
+              progress: Callable[[str, int], Callable[[int], None]] | None, programming: str,
+              device_map: str | None, offload: Path) -> EvalResult:
+    from hetmap.compiler.data.devices import dispatched, read_device_map
+    from hetmap.compiler.evaluation.simulate import (
+        PROGRAMMING_CHOICES,
+        analog_part,
+        programming_mode,
+    )
     from hetmap.runtime.settings import settings_for
 
     if seeds < 1:
@@ -305,21 +327,33 @@ def evaluate_plan(plan: Plan, tasks: Sequence[str] | TaskSet = PAPER_TASKS, *, s
         raise SimulationError(f"--limit must be at least 1, got {limit}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SimulationError("--device cuda asked for, but no CUDA device is available here")
-    model = plan.model.runnable().to(device)
+    if programming not in PROGRAMMING_CHOICES:
+        raise SimulationError(f"--programming must be one of {', '.join(PROGRAMMING_CHOICES)}, "
+                              f"got {programming!r}")
+    placed = None if device_map is None else read_device_map(device_map)
+    if placed is not None:
+        model = dispatched(plan.model, placed, offload)
+        device = "cpu"  # the inputs: accelerate's hooks move them to each module's device
+    else:
+        model = plan.model.runnable().to(device)
     options = {"batch_size": batch_size, "device": device}
     digital_lm = HetmapLM.for_model(plan.model, model, **options)  # no vocabulary: fails first
     loaded = tasks if isinstance(tasks, TaskSet) else load_tasks(list(dict.fromkeys(tasks)),
                                                                  include_path)
     names = list(loaded.names)
     part = analog_part(plan.graph, model)
-    settings = settings_for(plan.target, noise_scale=noise_scale, drift_time=drift_time, ideal=ideal)
+    mode, _reason = programming_mode(programming, part, model, device, False, placed is not None)
+    settings = settings_for(plan.target, noise_scale=noise_scale, drift_time=drift_time,
+                            ideal=ideal, programming=mode)
     advance = (progress or (lambda _d, _t: (lambda _n: None)))("evaluating", seeds + 1)
     run = {"limit": limit, "num_fewshot": num_fewshot}
     digital, samples = run_tasks(digital_lm, loaded, **run)
     advance(1)
     mapped: dict[str, dict[str, list[float]]] = {t: {m: [] for m in digital[t]} for t in names}
     for index in range(seeds):
-        simulated = part.build(model, settings, seed + index, backend).to(device)
+        simulated = part.build(model, settings, seed + index, backend)
+        if placed is None:  # placed by a device map: the tiles are where their weights are
+            simulated = simulated.to(device)
         values, _ = run_tasks(HetmapLM.for_model(plan.model, simulated, **options), loaded, **run)
         for task, metrics in mapped.items():
             for metric, series in metrics.items():

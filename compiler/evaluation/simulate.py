@@ -274,7 +274,7 @@ def _simulate(plan: Plan, *, seeds: int, seed: int, noise_scale: float | None,
     tokens = load_tokens(plan.model, eval_file, "eval", eval_tokens)
     windows = batches(tokens, seq_len, max(batch, STREAM_TOKENS // seq_len) if streamed else batch)
     part = analog_part(plan.graph, model)
-    mode, reason = _programming(programming, part, model, device, streamed, placed is not None)
+    mode, reason = programming_mode(programming, part, model, device, streamed, placed is not None)
     settings = settings_for(plan.target, noise_scale=noise_scale, drift_time=drift_time,
                             ideal=ideal, programming=mode)
     advance = (progress or (lambda _d, _t: (lambda _n: None)))(
@@ -318,7 +318,7 @@ def _simulate(plan: Plan, *, seeds: int, seed: int, noise_scale: float | None,
         device_map=None if placed is None else _placement(model))
 
 
-def _programming(asked: str, part: AnalogPart, model: nn.Module, device: str, streamed: bool,
+def programming_mode(asked: str, part: AnalogPart, model: nn.Module, device: str, streamed: bool,
                  placed: bool = False) -> tuple[str, str]:
     """Rule 4: the programming mode and why."""
     if asked != "auto":
