@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from report import emit
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tests" / "fixtures" / "lmeval"
 
@@ -143,10 +145,7 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda")
               else "cpu", "cli": cli_runs(args.device, args.eval_tokens),
               "memory": memory_runs(args.device, args.layers, args.tokens)}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
+    emit(report, args.output, indent=1)
 
 
 if __name__ == "__main__":

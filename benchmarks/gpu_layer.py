@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from report import emit
 from transformers import OlmoeConfig
 from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
 
@@ -133,10 +132,7 @@ def main() -> None:
         "dtypes": {name: measure(args, DTYPES[name], device)
                    for name in args.dtypes.split(",")},
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(report, args.output, indent=2)
 
 
 if __name__ == "__main__":

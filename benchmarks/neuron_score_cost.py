@@ -14,12 +14,12 @@ Usage: ``python benchmarks/neuron_score_cost.py [--layers 2] [--repeats 3]``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from report import emit
 from transformers import OlmoeConfig, OlmoeForCausalLM
 
 from hetmap.compiler.api import compile_model
@@ -64,10 +64,7 @@ def main() -> None:
         "extrapolated_16_layers_seconds": {g: round(v / args.layers * 16, 1)
                                            for g, v in median.items()},
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
+    emit(report, args.output, indent=1)
 
 
 if __name__ == "__main__":

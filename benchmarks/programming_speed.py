@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from unittest import mock
 
 import torch
+from report import emit
 
 from hetmap.runtime import AnalogSettings
 from hetmap.runtime import programming as programming_module
@@ -88,10 +87,7 @@ def main() -> None:
         "ratio_to_randn": {name: round(value / medians["randn"], 2)
                            for name, value in medians.items()},
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(report, args.output, indent=2)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ runs start) against its measured run time, as JSON (``--output`` also writes it 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from report import emit
 
 from hetmap.compiler.api import compile_model
 from hetmap.compiler.data.textdata import batches, load_tokens
@@ -79,10 +78,7 @@ def main() -> None:
         "estimate_s_vs_took_s": [[round(e, 2), round(t, 2)] for e, t in estimates],
         "estimate_error": round(max(abs(e / t - 1.0) for e, t in estimates), 3),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(report, args.output, indent=2)
 
 
 if __name__ == "__main__":

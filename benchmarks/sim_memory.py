@@ -40,6 +40,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from report import emit
+
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("digital", "simulate", "simulate_deepcopy", "simulate_per_batch", "streamed")
 
@@ -201,10 +203,7 @@ def main() -> None:
                                        - results["streamed"]["held_before_gb"], 3),
               "targets": "simulate <= 1.15x digital (per-batch programming); streamed <= one "
                          "decoder layer plus activations"}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
+    emit(report, args.output)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from report import emit
 from torch import nn
 from transformers import OlmoeConfig, OlmoeForCausalLM
 
@@ -176,10 +175,7 @@ def main() -> None:
         report["hetmap_speedup_over_aihwkit"] = round(seconds["aihwkit"] / seconds["hetmap"], 2)
     if aihwkit_error:
         report["aihwkit_error"] = aihwkit_error
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(report, args.output, indent=2)
 
 
 if __name__ == "__main__":

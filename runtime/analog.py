@@ -44,8 +44,9 @@ from .settings import AnalogSettings
 # stay in the cache; on a GPU enough to keep it busy.
 _PROGRAM_CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
 # Weights of one block programmed together in per-batch programming (settings rule 12): the
-# tile memory such a simulation needs at once (float32: 64 MiB).
-_PER_BATCH_GROUP_ELEMENTS = 1 << 24
+# tile memory such a simulation needs at once (float32: 16 MiB on a CPU, 64 MiB on a GPU,
+# where larger groups keep it busy).
+_PER_BATCH_GROUP_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ class AnalogTileStack(nn.Module):
         noise_model = None if settings.ideal else make_noise_model(settings)
         chunk = _chunk_elements(device)
         ends = [0, *groups.ends.tolist()]
-        step = _group_size(self.grid, settings, chunk)
+        step = _group_size(self.grid, settings, chunk, _group_elements(device))
         with seeded(self.seed, device):
             for index, (start, size) in enumerate(self.grid.out_offsets()):
                 grid = TileGrid.build(self.grid.in_features, (size,), settings.rows,
@@ -394,9 +395,13 @@ def _chunk_elements(device: torch.device) -> int:
     return _PROGRAM_CHUNK_ELEMENTS.get(device.type, 1 << 24)
 
 
-def _group_size(grid: TileGrid, settings: AnalogSettings, chunk: int) -> int:
-    """Matrices programmed together per block in per-batch programming: about
-    ``_PER_BATCH_GROUP_ELEMENTS`` weights, a multiple of the matrices one chunk of
+def _group_elements(device: torch.device) -> int:
+    return _PER_BATCH_GROUP_ELEMENTS.get(device.type, 1 << 24)
+
+
+def _group_size(grid: TileGrid, settings: AnalogSettings, chunk: int, elements: int) -> int:
+    """Matrices programmed together per block in per-batch programming: about ``elements``
+    weights, a multiple of the matrices one chunk of
     :func:`program_in_chunks` holds for every block (so that the groups cut the noise stream
     where resident programming does)."""
     per_chunk = 1
@@ -407,7 +412,7 @@ def _group_size(grid: TileGrid, settings: AnalogSettings, chunk: int) -> int:
         out_step = min(size, max(1, chunk // (cols * in_step)) * cols)
         if out_step >= size and in_step >= grid.in_features:
             per_chunk = math.lcm(per_chunk, max(1, chunk // (size * grid.in_features)))
-    wanted = _PER_BATCH_GROUP_ELEMENTS // (max(grid.out_splits) * grid.in_features)
+    wanted = elements // (max(grid.out_splits) * grid.in_features)
     return max(per_chunk, wanted // per_chunk * per_chunk)
 
 
@@ -455,7 +460,7 @@ class DigitalStack(nn.Module):
         width = sum(int(b.shape[1]) for b in blocks)
         output = inputs.new_empty(inputs.shape[0], width)
         ends = [0, *groups.ends.tolist()]
-        step = max(1, _PER_BATCH_GROUP_ELEMENTS // (width * int(blocks[0].shape[2])))
+        step = max(1, _group_elements(blocks[0].tensor.device) // (width * int(blocks[0].shape[2])))
         for first in range(0, self._num, step):
             last = min(self._num, first + step)
             low, high = ends[first], ends[last]

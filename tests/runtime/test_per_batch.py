@@ -50,10 +50,10 @@ def test_per_batch_stack_equals_resident(settings: AnalogSettings, group_element
     """Blocks (gate, up) of 7 matrices, a subset view of a store, one matrix without rows;
     one group for all matrices, or groups cut in several ways. With bound management
     clipping (out_bound 4) the merge order may differ: 1e-6 relative."""
-    monkeypatch.setattr(analog_module, "_PER_BATCH_GROUP_ELEMENTS", group_elements)
+    monkeypatch.setattr(analog_module, "_PER_BATCH_GROUP_ELEMENTS", {"cpu": group_elements})
     monkeypatch.setattr(analog_module, "_PROGRAM_CHUNK_ELEMENTS", {"cpu": chunk})
     grid = analog_module.TileGrid.build(24, (20, 20), settings.rows, settings.cols)
-    assert min(7, analog_module._group_size(grid, settings, chunk)) == groups_of
+    assert min(7, analog_module._group_size(grid, settings, chunk, group_elements)) == groups_of
     torch.manual_seed(0)
     store = torch.randn(9, 40, 24)
     chosen = torch.tensor([0, 2, 3, 4, 5, 7, 8])
