@@ -1,7 +1,8 @@
 """Weight access for passes: from a live module, or streamed from safetensors files.
 
-:class:`CheckpointWeights` never loads a whole model: each :meth:`load` opens the shard that
-holds the tensor and reads just the requested slice (one expert of a fused tensor). It also
+:class:`CheckpointWeights` never loads a whole model: each :meth:`load` reads just the
+requested slice (one expert of a fused tensor) from the shard that holds it (files stay open,
+a few per thread, so that a shard's header is parsed once). It also
 maps hetmap's fused-layout references onto the per-expert keys that ``save_pretrained``
 writes (``experts.<e>.gate_proj.weight`` for ``experts.gate_up_proj[e][0:I]``).
 """
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
@@ -19,6 +21,8 @@ from torch import nn
 
 from hetmap.common.errors import MissingDataError
 from hetmap.compiler.ir.graph import WeightRef
+
+_OPEN_FILES = 8  # safetensors files kept open per thread
 
 
 class WeightStore(Protocol):
@@ -101,17 +105,27 @@ class CheckpointWeights:
                 name = pattern.sub(replacement, name)
             self.keys[name] = (file, key)
         self.where = {name: file for name, (file, _key) in self.keys.items()}
+        # open files, per thread (a safetensors handle belongs to the thread that opened it):
+        # parsing a shard's header once, not at every read
+        self._open = threading.local()
+
+    def _handle(self, file: Path) -> Any:
+        handles: dict[Path, Any] = self._open.__dict__.setdefault("handles", {})
+        if file not in handles:
+            if len(handles) >= _OPEN_FILES:
+                handles.pop(next(iter(handles)))
+            handles[file] = safe_open(str(file), "pt")
+        return handles[file]
 
     def _read(self, key: str, expert: int | None, split: int | None = None) -> torch.Tensor:
         file, stored = self.keys[key]
-        with safe_open(str(file), "pt") as handle:
-            view = handle.get_slice(stored)
-            if expert is None:
-                return view[:]
-            if split is None:
-                return view[expert]
-            rows = view.get_shape()[0] // split  # flat stack [E * rows, ...]: expert e's rows
-            return view[expert * rows:(expert + 1) * rows]
+        view = self._handle(file).get_slice(stored)
+        if expert is None:
+            return view[:]
+        if split is None:
+            return view[expert]
+        rows = view.get_shape()[0] // split  # flat stack [E * rows, ...]: expert e's rows
+        return view[expert * rows:(expert + 1) * rows]
 
     def load(self, ref: WeightRef) -> torch.Tensor:
         if ref.tensor in self.where:

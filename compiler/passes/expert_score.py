@@ -31,6 +31,9 @@ Rules:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -58,9 +61,11 @@ def max_neuron_norm(weight: torch.Tensor, matrix: Matrix) -> float:
     return float(weight.square().sum(dim=dim).max().sqrt())
 
 
-def load_matrix(store: WeightStore, node: Node, matrix: Matrix) -> torch.Tensor:
+def load_matrix(store: WeightStore, node: Node, matrix: Matrix, check_finite: bool = True
+                ) -> torch.Tensor:
     """``matrix``'s weights, refused in one line when their shape is not the IR's (a
-    checkpoint that does not match its config), naming the tensor and its file."""
+    checkpoint that does not match its config), naming the tensor and its file; and when
+    they hold NaN or Inf (``check_finite=False``: the caller checks, see :func:`_max_norm`)."""
     weight = store.load(matrix.weight)
     if tuple(weight.shape) != matrix.shape:
         where = getattr(store, "where", {}).get(matrix.weight.tensor)
@@ -68,23 +73,50 @@ def load_matrix(store: WeightStore, node: Node, matrix: Matrix) -> torch.Tensor:
             f"tensor {matrix.weight.tensor!r}{f' in {where}' if where else ''} gives "
             f"{node.name} {matrix.role} the shape {tuple(weight.shape)}, but the model's config "
             f"makes it {matrix.shape}: the checkpoint does not match its config.json")
+    if check_finite:
+        _check_finite(store, node, matrix, weight)
+    return weight
+
+
+def _check_finite(store: WeightStore, node: Node, matrix: Matrix, weight: torch.Tensor) -> None:
     if not bool(torch.isfinite(weight).all()):
         where = getattr(store, "where", {}).get(matrix.weight.tensor)
         raise MissingDataError(
             f"tensor {matrix.weight.tensor!r}{f' in {where}' if where else ''} holds NaN or Inf "
             f"values ({node.name} {matrix.role}): the checkpoint is damaged")
-    return weight
 
 
 def expert_max_norm(node: Node, store: WeightStore) -> float:
     return _max_norm(node, {m.role: load_matrix(store, node, m) for m in node.matrices})
 
 
-def _max_norm(node: Node, weights: dict[str, torch.Tensor]) -> float:
+def _max_norm(node: Node, weights: dict[str, torch.Tensor],
+              store: WeightStore | None = None) -> float:
+    """The product of the matrices' largest neuron norms. With ``store``, the weights were
+    loaded unchecked: a NaN or Inf makes a norm non-finite, and only then is the matrix
+    checked element by element (a finite matrix can overflow the squares)."""
     score = 1.0
     for matrix in node.matrices:
-        score *= max_neuron_norm(weights[matrix.role], matrix)
+        norm = max_neuron_norm(weights[matrix.role], matrix)
+        if store is not None and not math.isfinite(norm):
+            _check_finite(store, node, matrix, weights[matrix.role])
+        score *= norm
     return score
+
+
+def _prefetched(nodes: list[Node], load: Callable[[Node], dict[str, torch.Tensor]]
+                ) -> Iterator[tuple[Node, dict[str, torch.Tensor]]]:
+    """Each node with its loaded weights, the next node's read in a worker thread while the
+    caller computes on the current one (reading and computing overlap)."""
+    if not nodes:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hetmap-read") as pool:
+        pending = pool.submit(load, nodes[0])
+        for index, node in enumerate(nodes):
+            weights = pending.result()
+            if index + 1 < len(nodes):
+                pending = pool.submit(load, nodes[index + 1])
+            yield node, weights
 
 
 def _impact_inputs(node: Node) -> tuple[float, InputMoments] | None:
@@ -126,8 +158,12 @@ class ExpertScorePass:
                 without_impact.append(layer)
             elif noise is None:
                 noise = self._noise(ctx)
-            for node in experts:
-                weights = {m.role: load_matrix(store, node, m) for m in node.matrices}
+            def load(node: Node) -> dict[str, torch.Tensor]:
+                return {m.role: load_matrix(store, node, m, check_finite=False)
+                        for m in node.matrices}
+
+            for node, weights in _prefetched(experts, load):
+                max_norm = _max_norm(node, weights, store)  # checks finiteness first
                 impact_inputs = inputs[node.name] if layer not in without_impact else None
                 impact, per_neuron = None, None
                 if impact_inputs is not None and noise is not None:
@@ -136,7 +172,7 @@ class ExpertScorePass:
                         density, weights, moments.second_moments, *noise,
                         neurons=self.granularity == "neuron" and intermediate_width(node) is not None)
                 node.annotate(ExpertScore(
-                    max_norm=_max_norm(node, weights), router_norm=float(router_rows[node.expert]),
+                    max_norm=max_norm, router_norm=float(router_rows[node.expert]),
                     expected_impact=impact, neuron_impact=per_neuron))
                 advance(1)
         notes = []
