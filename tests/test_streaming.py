@@ -69,3 +69,31 @@ def test_streamed_simulation_equals_loaded(name: str, tmp_path) -> None:
     assert streamed.mapped_ppl == pytest.approx(loaded.mapped_ppl, rel=1e-5)
     assert abs(streamed.mapped_ppl[0] - streamed.mapped_ppl[1]) > 1e-6  # seeds differ
     assert abs(streamed.mapped_ppl_mean - streamed.digital_ppl) > 1e-3  # noise is on
+
+
+def test_safetensors_reader_equals_safetensors(tmp_path) -> None:
+    """hetmap's positional reader gives what safetensors gives: whole tensors of every dtype,
+    leading-index ranges, scalars; a truncated file is one MissingDataError."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from hetmap.common.errors import MissingDataError
+    from hetmap.compiler.data.weights import SafetensorsFile
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(6, 5, 4, generator=generator),
+               "h": torch.randn(3, 7, generator=generator).to(torch.bfloat16),
+               "f": torch.randn(2, 2, generator=generator).to(torch.float16),
+               "b": torch.tensor([True, False, True]), "i": torch.arange(5),
+               "s": torch.tensor(2.5)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    reader, expected = SafetensorsFile(path), load_file(str(path))
+    for key, value in expected.items():
+        got = reader.read(key)
+        assert got.dtype == value.dtype and torch.equal(got, value), key
+    assert torch.equal(reader.read("w", 2, 5), expected["w"][2:5])
+    assert torch.equal(reader.read("h", 1, 2), expected["h"][1:2])
+    path.write_bytes(path.read_bytes()[:reader.start + 8])  # the header and 8 bytes of data
+    with pytest.raises(MissingDataError, match="ends inside tensor"):
+        SafetensorsFile(path).read("w")

@@ -9,11 +9,13 @@ writes (``experts.<e>.gate_proj.weight`` for ``experts.gate_up_proj[e][0:I]``).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import threading
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from safetensors import safe_open
@@ -22,7 +24,70 @@ from torch import nn
 from hetmap.common.errors import MissingDataError
 from hetmap.compiler.ir.graph import WeightRef
 
-_OPEN_FILES = 8  # safetensors files kept open per thread
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_READ_BYTES = 1 << 30  # one positional read at most (Linux caps a read below 2 GiB)
+
+
+class SafetensorsFile:
+    """One safetensors file read with positional reads (``os.preadv``) into fresh tensors.
+
+    The header is parsed once; a tensor (or a range of its leading index) is one read of its
+    bytes: no memory map, so nothing read stays resident after the tensor is dropped, and
+    threads can read the same file at once. Raises :class:`MissingDataError` for a file whose
+    header cannot be read, a tensor outside the file, or a dtype it does not know.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with path.open("rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size))
+        except (OSError, ValueError) as exc:
+            raise MissingDataError(f"{path}: not a readable safetensors file ({exc})") from exc
+        if not isinstance(header, dict):
+            raise MissingDataError(f"{path}: not a readable safetensors file (bad header)")
+        header.pop("__metadata__", None)
+        self.start = 8 + size
+        self.entries: dict[str, dict[str, Any]] = header
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            os.close(self._fd)
+
+    def shape(self, key: str) -> list[int]:
+        return list(self.entries[key]["shape"])
+
+    def read(self, key: str, first: int | None = None, last: int | None = None
+             ) -> torch.Tensor:
+        """The tensor ``key``, or its rows ``first .. last - 1`` along the leading index."""
+        entry = self.entries[key]
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise MissingDataError(f"{self.path}: tensor {key!r} has dtype {entry['dtype']}, "
+                                   "which hetmap does not read")
+        shape = list(entry["shape"])
+        begin, end = entry["data_offsets"]
+        if first is not None and shape:
+            row = (end - begin) // max(shape[0], 1)
+            last = shape[0] if last is None else last
+            begin, end = begin + first * row, begin + last * row
+            shape[0] = last - first
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(cast(Any, buffer.numpy()))
+        done = 0
+        while done < end - begin:
+            count = os.preadv(self._fd, [view[done:done + _READ_BYTES]],
+                              self.start + begin + done)
+            if count <= 0:
+                raise MissingDataError(f"{self.path}: the file ends inside tensor {key!r} "
+                                       "(truncated?)")
+            done += count
+        return buffer.view(dtype).reshape(shape)
 
 
 class WeightStore(Protocol):
@@ -105,27 +170,24 @@ class CheckpointWeights:
                 name = pattern.sub(replacement, name)
             self.keys[name] = (file, key)
         self.where = {name: file for name, (file, _key) in self.keys.items()}
-        # open files, per thread (a safetensors handle belongs to the thread that opened it):
-        # parsing a shard's header once, not at every read
-        self._open = threading.local()
+        self._files: dict[Path, SafetensorsFile] = {}
+        self._lock = threading.Lock()
 
-    def _handle(self, file: Path) -> Any:
-        handles: dict[Path, Any] = self._open.__dict__.setdefault("handles", {})
-        if file not in handles:
-            if len(handles) >= _OPEN_FILES:
-                handles.pop(next(iter(handles)))
-            handles[file] = safe_open(str(file), "pt")
-        return handles[file]
+    def _file(self, file: Path) -> SafetensorsFile:
+        with self._lock:
+            if file not in self._files:
+                self._files[file] = SafetensorsFile(file)
+            return self._files[file]
 
     def _read(self, key: str, expert: int | None, split: int | None = None) -> torch.Tensor:
         file, stored = self.keys[key]
-        view = self._handle(file).get_slice(stored)
+        reader = self._file(file)
         if expert is None:
-            return view[:]
+            return reader.read(stored)
         if split is None:
-            return view[expert]
-        rows = view.get_shape()[0] // split  # flat stack [E * rows, ...]: expert e's rows
-        return view[expert * rows:(expert + 1) * rows]
+            return reader.read(stored, expert, expert + 1)[0]
+        rows = reader.shape(stored)[0] // split  # flat stack [E * rows, ...]: expert e's rows
+        return reader.read(stored, expert * rows, (expert + 1) * rows)
 
     def load(self, ref: WeightRef) -> torch.Tensor:
         if ref.tensor in self.where:
