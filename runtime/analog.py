@@ -218,6 +218,10 @@ class AnalogTileStack(nn.Module):
         chunks of :func:`program_in_chunks`), so the tiles are the same."""
         settings, blocks = self.settings, self._sources
         device = blocks[0].tensor.device
+        if inputs.device != device:
+            raise SimulationError(
+                f"tiles programmed per batch read the model's weights on {device}, but the "
+                f"inputs are on {inputs.device}: move the model before simulating it")
         work = torch.promote_types(blocks[0].tensor.dtype, torch.float32)
         inputs = inputs.to(work)
         output = inputs.new_empty(inputs.shape[0], self.grid.out_features)

@@ -54,6 +54,8 @@ class SafetensorsFile:
         self.start = 8 + size
         self.entries: dict[str, dict[str, Any]] = header
         self._fd = os.open(path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):  # reads go mostly forward: a larger read-ahead
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

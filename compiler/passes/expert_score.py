@@ -32,6 +32,7 @@ Rules:
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ from hetmap.compiler.ir.annotations import (
 )
 from hetmap.compiler.ir.graph import Graph, Matrix, Node
 from hetmap.compiler.passes.base import CompileContext, PassResult
+
+_READ_AHEAD = 4  # experts whose weights are read ahead of the one being scored
+_READERS = 2  # threads reading them
 
 
 def max_neuron_norm(weight: torch.Tensor, matrix: Matrix) -> float:
@@ -104,18 +108,19 @@ def _max_norm(node: Node, weights: dict[str, torch.Tensor],
     return score
 
 
-def _prefetched(nodes: list[Node], load: Callable[[Node], dict[str, torch.Tensor]]
-                ) -> Iterator[tuple[Node, dict[str, torch.Tensor]]]:
-    """Each node with its loaded weights, the next node's read in a worker thread while the
-    caller computes on the current one (reading and computing overlap)."""
+def _prefetched(nodes: list[Node], load: Callable[[Node], dict[str, torch.Tensor]],
+                ahead: int = _READ_AHEAD) -> Iterator[tuple[Node, dict[str, torch.Tensor]]]:
+    """Each node with its loaded weights; the next ``ahead`` nodes' reads run in worker
+    threads while the caller computes on the current one (reads and compute overlap, and
+    several reads are in flight for the disk)."""
     if not nodes:
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hetmap-read") as pool:
-        pending = pool.submit(load, nodes[0])
+    with ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="hetmap-read") as pool:
+        pending = deque(pool.submit(load, node) for node in nodes[:ahead])
         for index, node in enumerate(nodes):
-            weights = pending.result()
-            if index + 1 < len(nodes):
-                pending = pool.submit(load, nodes[index + 1])
+            weights = pending.popleft().result()
+            if index + ahead < len(nodes):
+                pending.append(pool.submit(load, nodes[index + ahead]))
             yield node, weights
 
 
