@@ -103,6 +103,10 @@ def test_simulate_cli_programming_and_stream(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert code == 2 and "streamed simulation runs the hetmap backend only" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    code = main(["simulate", "olmoe-tiny", "--backend", "aihwkit", "--programming", "per-batch",
+                 *common])
+    err = capsys.readouterr().err
+    assert code == 2 and "--programming per-batch is a mode of hetmap's tiles" in err
 
 
 SWEEP = ["--policies", "max-norm,random", "--budgets", "0.25", "--noise-scales", "2.5",

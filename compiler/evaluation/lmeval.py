@@ -342,7 +342,8 @@ def _evaluate(plan: Plan, tasks: Sequence[str] | TaskSet, *, seeds: int, seed: i
                                                                  include_path)
     names = list(loaded.names)
     part = analog_part(plan.graph, model)
-    mode, _reason = programming_mode(programming, part, model, device, False, placed is not None)
+    mode, _reason = programming_mode(programming, part, model, device, False, placed is not None,
+                                     backend)
     settings = settings_for(plan.target, noise_scale=noise_scale, drift_time=drift_time,
                             ideal=ideal, programming=mode)
     advance = (progress or (lambda _d, _t: (lambda _n: None)))("evaluating", seeds + 1)

@@ -274,7 +274,8 @@ def _simulate(plan: Plan, *, seeds: int, seed: int, noise_scale: float | None,
     tokens = load_tokens(plan.model, eval_file, "eval", eval_tokens)
     windows = batches(tokens, seq_len, max(batch, STREAM_TOKENS // seq_len) if streamed else batch)
     part = analog_part(plan.graph, model)
-    mode, reason = programming_mode(programming, part, model, device, streamed, placed is not None)
+    mode, reason = programming_mode(programming, part, model, device, streamed, placed is not None,
+                                    backend)
     settings = settings_for(plan.target, noise_scale=noise_scale, drift_time=drift_time,
                             ideal=ideal, programming=mode)
     advance = (progress or (lambda _d, _t: (lambda _n: None)))(
@@ -319,8 +320,14 @@ def _simulate(plan: Plan, *, seeds: int, seed: int, noise_scale: float | None,
 
 
 def programming_mode(asked: str, part: AnalogPart, model: nn.Module, device: str, streamed: bool,
-                 placed: bool = False) -> tuple[str, str]:
-    """Rule 4: the programming mode and why."""
+                     placed: bool = False, backend: str = "hetmap") -> tuple[str, str]:
+    """Rule 4: the programming mode and why (the aihwkit backend programs its own tiles once)."""
+    if backend != "hetmap":
+        if asked == "per-batch":
+            raise SimulationError(f"--programming per-batch is a mode of hetmap's tiles; the "
+                                  f"{backend} backend programs its own once per seed: use "
+                                  "--backend hetmap, or --programming auto")
+        return "resident", f"the {backend} backend"
     if asked != "auto":
         return asked, "asked for"
     if streamed:
