@@ -162,9 +162,14 @@ def non_finite_cause(model: nn.Module, what: str) -> str:
     first module whose output is not finite on a probe batch."""
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor.is_floating_point() and not tensor.is_meta and \
+                    not bool(torch.isfinite(tensor).all()):  # (meta: streamed or offloaded)
                 return (f"{what} gives a non-finite perplexity: its tensor {name!r} holds NaN or "
                         "Inf (a damaged checkpoint or a diverged training run)")
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        return (f"{what} gives a non-finite perplexity; its weights were streamed or offloaded, "
+                "so they could not all be checked for NaN or Inf: run it with --stream off and "
+                "without --device-map to find the tensor, or use a smaller noise scale")
     return (f"{what} gives a non-finite perplexity although its weights are finite: the "
             "arithmetic overflowed; try --device cpu or a smaller noise scale")
 
