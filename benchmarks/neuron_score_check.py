@@ -32,7 +32,11 @@ import numpy as np
 import torch
 from report import emit
 
-from hetmap.compiler.algorithms.expert_score import NEURON_STEPS, _analog_part_error
+from hetmap.compiler.algorithms.expert_score import (
+    NEURON_STEPS,
+    _analog_part_error,
+    neuron_order,
+)
 from hetmap.compiler.api import compile_model
 from hetmap.compiler.data.textdata import batches, load_tokens
 from hetmap.compiler.data.weights import ModuleWeights
@@ -48,16 +52,6 @@ POINTS = range(0, NEURON_STEPS, 2)
 
 def _mean_nll(model: Any, windows: list[torch.Tensor]) -> float:
     return math.log(perplexity(model, windows))
-
-
-def _order(matrices: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The closed form's neuron order (by the range each neuron sets), as in (3)."""
-    spread = torch.zeros(int(matrices["down"].shape[1]), dtype=torch.float64)
-    for role, weight in matrices.items():
-        magnitude = weight.detach().abs().double()
-        per = magnitude.amax(dim=0) if role == "down" else magnitude.amax(dim=1)
-        spread = torch.maximum(spread, per / max(float(magnitude.max()), 1e-30))
-    return torch.argsort(-spread, stable=True)
 
 
 def check(model_name: str, scale: float, per_layer: int, seeds: int, tokens: int
@@ -77,7 +71,7 @@ def check(model_name: str, scale: float, per_layer: int, seeds: int, tokens: int
             assert node.module is not None and node.expert is not None
             matrices = {m.role: load_matrix(store, node, m) for m in node.matrices}
             moments = node.get(InputMoments).second_moments
-            order = _order(matrices)
+            order = neuron_order(matrices)
             width = int(order.numel())
             chunk = -(-width // NEURON_STEPS)
             density = node.get(Density).value

@@ -37,7 +37,7 @@ from hetmap.common.grid import TileGrid
 
 from .fused import OutputNoise, compiled, dac_levels
 from .grouped import RowGroups, grouped_product
-from .programming import derive_seed, make_noise_model, program_in_chunks, seeded
+from .programming import chunk_cut, derive_seed, make_noise_model, program_in_chunks, seeded
 from .settings import AnalogSettings
 
 # Weights programmed per noise-model call: on a CPU few enough tiles that the temporaries
@@ -409,13 +409,8 @@ def _group_size(grid: TileGrid, settings: AnalogSettings, chunk: int, elements: 
     :func:`program_in_chunks` holds for every block (so that the groups cut the noise stream
     where resident programming does)."""
     per_chunk = 1
-    rows = min(settings.rows, grid.in_features)
     for size in set(grid.out_splits):  # the cut program_in_chunks makes of each block
-        cols = min(settings.cols, size)
-        in_step = min(grid.in_features, max(1, chunk // (cols * rows)) * rows)
-        out_step = min(size, max(1, chunk // (cols * in_step)) * cols)
-        if out_step >= size and in_step >= grid.in_features:
-            per_chunk = math.lcm(per_chunk, max(1, chunk // (size * grid.in_features)))
+        per_chunk = math.lcm(per_chunk, chunk_cut(size, grid.in_features, settings, chunk)[0])
     wanted = elements // (max(grid.out_splits) * grid.in_features)
     return max(per_chunk, wanted // per_chunk * per_chunk)
 

@@ -193,18 +193,14 @@ def program_in_chunks(
     argument holds per chunk)."""
     num, out_features, in_features = weights.shape
     in_tiles = -(-in_features // settings.rows)
-    cols, rows = min(settings.cols, out_features), min(settings.rows, in_features)
+    rows = min(settings.rows, in_features)
     work = torch.promote_types(weights.dtype, torch.float32)
     if out is None:
         tile_weights = weights.new_empty(weights.shape, dtype=work)
         out_scales = weights.new_empty(num, in_tiles, out_features, dtype=work)
     else:
         tile_weights, out_scales = out
-    in_step = min(in_features, max(1, chunk_elements // max(1, cols * rows)) * rows)
-    column_rows = max(1, chunk_elements // max(1, cols * in_step))
-    out_step = min(out_features, column_rows * cols)
-    whole = out_step >= out_features and in_step >= in_features
-    matrices = max(1, chunk_elements // max(1, out_features * in_features)) if whole else 1
+    matrices, out_step, in_step = chunk_cut(out_features, in_features, settings, chunk_elements)
     for first in range(0, num, matrices):
         last = min(num, first + matrices)
         for start in range(0, out_features, out_step):
@@ -217,6 +213,20 @@ def program_in_chunks(
                 tile_weights[first:last, start:stop, low:high] = programmed
                 out_scales[first:last, low // rows:-(-high // rows), start:stop] = scales
     return tile_weights, out_scales
+
+
+def chunk_cut(out_features: int, in_features: int, settings: AnalogSettings,
+              chunk_elements: int) -> tuple[int, int, int]:
+    """How :func:`program_in_chunks` cuts matrices ``[out, in]``: ``(matrices, out_step,
+    in_step)``, whole matrices per chunk (1 unless a chunk holds whole matrices), and the rows
+    and columns of one chunk of a matrix (whole tiles)."""
+    cols, rows = min(settings.cols, out_features), min(settings.rows, in_features)
+    in_step = min(in_features, max(1, chunk_elements // max(1, cols * rows)) * rows)
+    column_rows = max(1, chunk_elements // max(1, cols * in_step))
+    out_step = min(out_features, column_rows * cols)
+    whole = out_step >= out_features and in_step >= in_features
+    matrices = max(1, chunk_elements // max(1, out_features * in_features)) if whole else 1
+    return matrices, out_step, in_step
 
 
 def _noise_all_tiles(

@@ -203,6 +203,18 @@ def _analog_part_error(matrices: Mapping[str, torch.Tensor], second_moments: Map
     return total
 
 
+def neuron_order(matrices: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(3)'s order of an expert's intermediate neurons: by the range each sets on the tiles
+    (the largest ``|w|`` of its gate/up rows and down column, relative to that matrix's
+    largest), widest first."""
+    spread = torch.zeros(int(matrices["down"].shape[1]), dtype=torch.float64)
+    for role, weight in matrices.items():
+        magnitude = weight.detach().abs().double()
+        per = magnitude.amax(dim=0) if role == "down" else magnitude.amax(dim=1)
+        spread = torch.maximum(spread, per / max(float(magnitude.max()), 1e-30))
+    return torch.argsort(-spread, stable=True)
+
+
 def neuron_marginal_impact(matrices: Mapping[str, torch.Tensor],
                            second_moments: Mapping[str, np.ndarray], settings: AnalogSettings,
                            noise_model: Any, steps: int = NEURON_STEPS
@@ -219,14 +231,8 @@ def neuron_marginal_impact(matrices: Mapping[str, torch.Tensor],
     figures, which add up to the expert's (1) (the last evaluation, nothing left analog, is
     0), and the order. Placement ranks by :func:`prefix_scores` of them: the falls were
     measured for prefixes of the order, so the digital neurons of an expert must be one."""
-    down = matrices["down"]
-    width = int(down.shape[1])
-    spread = torch.zeros(width, dtype=torch.float64)
-    for role, weight in matrices.items():
-        magnitude = weight.detach().abs().double()
-        per = magnitude.amax(dim=0) if role == "down" else magnitude.amax(dim=1)
-        spread = torch.maximum(spread, per / max(float(magnitude.max()), 1e-30))
-    order = torch.argsort(-spread, stable=True)
+    width = int(matrices["down"].shape[1])
+    order = neuron_order(matrices)
     chunk = -(-width // max(1, steps))
     gains = np.zeros(width)
     previous = _analog_part_error(matrices, second_moments, order.sort().values, settings,
