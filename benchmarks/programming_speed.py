@@ -4,10 +4,13 @@ the same number of weights.
 Programs ``--experts`` matrices of ``--out x --in`` (default: 8 OLMoE-1B-7B gate/up blocks,
 2048 x 1024, 16.8 M weights) onto 512 x 512 tiles with the default target's
 device model (PCM, c = 1.5), side by side in one process, taking turns: (a) ``torch.randn``
-of that many weights, (b) hetmap's programming (a few tiles per noise-model call,
-:func:`program_in_chunks`), (c) the same with a drift step (1 h, read noise, GDC), and (d)
-aihwkit's noise model called on all tiles at once (hetmap's way before chunking). Prints the
-median times and their ratios to (a) as JSON (``--output`` also writes it to a file).
+of that many weights, and of the two and four normal samples per weight that hetmap's PCM
+model draws without and with drift, (b) hetmap's programming (a few tiles per noise-model
+call, :func:`program_in_chunks`), (c) the same with a drift step (1 h, read noise, GDC), (d)
+(c) with aihwkit's own noise-model code per chunk (hetmap's way before its in-place drift
+step), and (e) aihwkit's noise model called on all tiles at once (hetmap's way before
+chunking). Prints the median times and their ratios to (a) and to the draws as JSON
+(``--output`` also writes it to a file).
 
     .venv/bin/python benchmarks/programming_speed.py --output benchmarks/results/programming_speed.json
     .venv/bin/python benchmarks/programming_speed.py --device cuda   # on a GPU
@@ -65,10 +68,18 @@ def main() -> None:
         with mock.patch.object(programming_module, "_is_plain_pcm", lambda _model: False):
             return program_matrices(weights, 512, 512, settings, model)
 
+    def aihwkit_drift_chunks() -> object:
+        with mock.patch.object(programming_module, "_is_plain_pcm", lambda _model: False):
+            return program_in_chunks(weights, drifting, drift_model, args.chunk)
+
     steps: dict[str, Callable[[], object]] = {
         "randn": lambda: torch.randn(weights.shape, device=device),
+        # The normal samples each model draws per weight: 2 (PCM), 4 (PCM with drift).
+        "randn_x2": lambda: torch.randn((2, *weights.shape), device=device),
+        "randn_x4": lambda: torch.randn((4, *weights.shape), device=device),
         "hetmap": lambda: program_in_chunks(weights, settings, model, args.chunk),
         "hetmap_drift": lambda: program_in_chunks(weights, drifting, drift_model, args.chunk),
+        "aihwkit_drift_chunks": aihwkit_drift_chunks,
     }
     if not args.skip_one_call:
         steps["aihwkit_one_call"] = one_call
@@ -86,6 +97,11 @@ def main() -> None:
         "seconds": {name: round(value, 4) for name, value in medians.items()},
         "ratio_to_randn": {name: round(value / medians["randn"], 2)
                            for name, value in medians.items()},
+        # Each model against torch.randn of the normal samples it draws.
+        "ratio_to_randn_of_its_samples": {
+            "hetmap": round(medians["hetmap"] / medians["randn_x2"], 2),
+            "hetmap_drift": round(medians["hetmap_drift"] / medians["randn_x4"], 2),
+        },
     }
     emit(report, args.output, indent=2)
 

@@ -19,7 +19,10 @@ covers many tiles.
    device of ``reram-cmo`` maps min..max) are called tile by tile.
 3. Drift: ``noise_model.apply_drift_noise`` to ``drift_time``; aihwkit re-converts each
    tile's programmed weights, which the all-tiles call matches by normalizing every tile by
-   its programmed abs-max first.
+   its programmed abs-max first. For the plain PCM model, steps 2 and 3 are the same
+   arithmetic in place (:func:`_pcm_drift`), with four normal samples per weight where
+   aihwkit draws six of which each weight uses four (tested equal to aihwkit's given its
+   six draws, and in distribution with its own).
 4. Global drift compensation, per tile: ``mean|W_programmed| / mean|W_drifted|`` (the quantity
    aihwkit's ``GlobalDriftCompensation`` reads out, taken here from the conductances directly,
    i.e. without periphery noise in the read-out), folded into the output scale.
@@ -31,8 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from aihwkit.inference import (
@@ -146,10 +151,10 @@ def program_matrices(
     tiled = padded.view(num, out_tiles, cols, in_tiles, rows)
 
     reduce_dims = (4,) if settings.weight_scaling_columnwise else (2, 4)
-    mapping = tiled.abs().amax(dim=reduce_dims, keepdim=True) / settings.weight_scaling_omega
+    mapping = _abs_max(tiled, reduce_dims) / settings.weight_scaling_omega
     mapping.masked_fill_(mapping == 0.0, 1.0)
     tiled = tiled / mapping
-    gdc = torch.ones_like(tiled.abs().amax(dim=(2, 4), keepdim=True))
+    gdc = tiled.new_ones(num, out_tiles, 1, in_tiles, 1)
 
     if settings.programs_noise or settings.drifts:
         if noise_model is None:
@@ -234,7 +239,9 @@ def _noise_all_tiles(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Steps 2-3 with one noise-model call for all tiles ``[E, out tiles, cols, in tiles,
     rows]`` (valid for converters that map a tile by its abs-max, which step 1 made equal)."""
-    if not settings.drifts and _is_plain_pcm(noise_model):
+    if _is_plain_pcm(noise_model):
+        if settings.drifts:
+            return _pcm_drift(tiled, inside, noise_model, float(settings.drift_time or 0.0))
         programmed = _pcm_programming(tiled, noise_model)
         return (programmed if inside is None else programmed.mul_(inside)), None
     programmed, drift_params = noise_model.apply_programming_noise(tiled)
@@ -242,7 +249,7 @@ def _noise_all_tiles(
         programmed = programmed * inside
     if not settings.drifts:
         return programmed, None
-    tile_max = programmed.abs().amax(dim=(2, 4), keepdim=True)
+    tile_max = _abs_max(programmed, (2, 4))
     tile_max.masked_fill_(tile_max == 0.0, 1.0)
     drifted = noise_model.apply_drift_noise(
         programmed / tile_max, drift_params, float(settings.drift_time or 0.0)
@@ -281,6 +288,97 @@ def _pcm_programming(weights: torch.Tensor, noise_model: BaseNoiseModel) -> torc
     return active.sub_(idle).mul_(sign)
 
 
+def _pcm_drift(
+    tiled: torch.Tensor,
+    inside: torch.Tensor | None,
+    noise_model: BaseNoiseModel,
+    drift_time: float,
+    draws: Sequence[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 2-3 for the plain PCM model (:func:`_is_plain_pcm`) with a drift step: aihwkit's
+    ``apply_programming_noise``, the per-tile renormalisation of :func:`_noise_all_tiles`
+    and ``apply_drift_noise``, on all tiles ``[E, out tiles, cols, in tiles, rows]`` at
+    once. Returns ``(programmed, drifted)``.
+
+    aihwkit draws six standard normal tensors in this order: programming noise and drift
+    coefficient of the positive device, the same of the negative device, then read noise of
+    each device. ``draws`` takes those six (the test against aihwkit passes them). Without
+    ``draws``, four are drawn: after programming each weight is re-converted onto one device
+    pair with only the device of its programmed sign non-zero, and an idle device reads
+    exactly 0 whatever its coefficient and read noise. So each weight uses one drift
+    coefficient and one read-noise sample, of one device, and both devices may share one
+    sample of each: the same distribution as aihwkit's, two thirds of its draws."""
+    if draws is None:
+        noise = torch.empty((4, *tiled.shape), dtype=tiled.dtype, device=tiled.device)
+        noise.normal_()
+        nu, read = noise[2], noise[3]  # one view each: _pick tells shared draws by identity
+        draws = (noise[0], nu, noise[1], nu, read, read)
+    prog_plus, nu_plus, prog_minus, nu_minus, read_plus, read_minus = draws
+    model: Any = noise_model
+    g_max, top = float(model.g_max), float(model.g_converter.g_max)
+    unit = g_max / float(model.prog_coeff_g_max_reference) * float(model.prog_noise_scale)
+    c0, c1, c2 = (float(coeff) * unit for coeff in model.prog_coeff)
+    drift_scale = float(model.drift_scale)
+
+    def coefficient(conductance: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
+        """``generate_drift_coefficients``: nu of devices at ``conductance``."""
+        log = (conductance / g_max).clamp_(min=_ZERO_CLIP).log_()
+        sigma = torch.mul(log, -0.0125).sub_(0.0059).clamp_(min=0.008, max=0.045)
+        mean = log.mul_(-0.0155).add_(0.0244).clamp_(min=0.049, max=0.1)
+        return mean.addcmul_(sigma, normal).abs_().mul_(drift_scale)
+
+    def programmed_device(conductance: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
+        """``apply_programming_noise_to_conductance`` (the variance polynomial in ``g``)."""
+        sigma = torch.mul(conductance, c2 / g_max**2).add_(c1 / g_max).mul_(conductance)
+        sigma.add_(c0)
+        return sigma.mul_(normal).add_(conductance).clamp_(min=0.0)
+
+    ratio = top / max(float(_abs_max(tiled)), _ZERO_CLIP)
+    plus = torch.mul(tiled, ratio).clamp_(min=0.0, max=top)
+    minus = torch.mul(tiled, -ratio).clamp_(min=0.0, max=top)
+    programmed = programmed_device(plus, prog_plus).sub_(programmed_device(minus, prog_minus))
+    programmed.div_(ratio)
+    if inside is not None:
+        programmed.mul_(inside)
+    del plus, minus
+    # The device each weight is re-converted onto: that of its programmed sign. Its target
+    # conductance in programming was clamp(sign * w * ratio); its nu and read noise are that
+    # device's (selected only where the two devices have separate draws).
+    sign = torch.sign(programmed)
+    positive = sign > 0.0 if nu_plus is not nu_minus or read_plus is not read_minus else None
+    target = torch.mul(tiled, sign).mul_(ratio).clamp_(min=0.0, max=top)
+    nu = coefficient(target, _pick(positive, nu_plus, nu_minus))
+    del target
+
+    tile_max = _abs_max(programmed, (2, 4))
+    tile_max.masked_fill_(tile_max == 0.0, 1.0)
+    active = programmed / tile_max
+    ratio = top / max(float(_abs_max(active)), _ZERO_CLIP)
+    active.abs_().mul_(ratio).clamp_(max=top)  # the conductance of the non-zero device
+    time = drift_time + float(model.t_0)
+    drifted = active.clone()
+    if time > float(model.t_0):
+        drifted.mul_(nu.mul_(-math.log(time / float(model.t_0))).exp_())
+    del nu
+    t_read = float(model.t_read)
+    accumulated = math.sqrt(math.log((time + t_read) / (2 * t_read)))
+    # (g / g_max) ** 0.65 as exp(0.65 log(...)): two vectorised passes instead of pow's one
+    # slow one.
+    spread = active.div_(g_max).log_().mul_(0.65).exp_().clamp_(min=1e-3).reciprocal_()
+    spread.mul_(0.0088).clamp_(max=0.2).mul_(accumulated * float(model.read_noise_scale))
+    spread.mul_(_pick(positive, read_plus, read_minus)).mul_(drifted)
+    drifted.add_(spread).clamp_(min=0.0)
+    drifted.mul_(sign).mul_(tile_max / ratio)
+    return programmed, (drifted if inside is None else drifted.mul_(inside))
+
+
+def _pick(positive: torch.Tensor | None, plus: torch.Tensor, minus: torch.Tensor
+          ) -> torch.Tensor:
+    """``plus`` where ``positive``, else ``minus`` (``plus`` itself when they are one tensor:
+    ``positive`` is then None)."""
+    return plus if positive is None else torch.where(positive, plus, minus)
+
+
 def _noise_tile_by_tile(
     tiled: torch.Tensor,
     sizes: tuple[int, int],
@@ -304,6 +402,16 @@ def _noise_tile_by_tile(
                         tile_programmed, drift_params, float(settings.drift_time or 0.0)
                     )
     return programmed, drifted
+
+
+def _abs_max(values: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``values.abs().amax(dims, keepdim=True)`` (all dims: a scalar) from the largest and
+    smallest value, without an ``abs`` temporary."""
+    if dims is None:
+        low, high = torch.aminmax(values)
+        return torch.maximum(high, low.neg())
+    return torch.maximum(values.amax(dim=dims, keepdim=True),
+                         values.amin(dim=dims, keepdim=True).neg_())
 
 
 def _tile_mean_abs(tiled: torch.Tensor, inside: torch.Tensor | None) -> torch.Tensor:

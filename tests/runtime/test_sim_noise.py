@@ -117,3 +117,66 @@ def test_reram_needs_a_fitted_drift_time() -> None:
             torch.randn(1, 8, 8), AnalogSettings(noise_model="reram", drift_time=10.0), 0
         )
     AnalogTileStack(torch.randn(1, 8, 8), AnalogSettings(noise_model="reram", drift_time=1.0), 0)
+
+
+def _tiles_with_padding() -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized tiles ``[E, out tiles, cols, in tiles, rows]`` (abs-max 1 per tile) and
+    the mask of the cells that hold weights (part of the last column and row tiles empty)."""
+    torch.manual_seed(0)
+    tiles = torch.randn(3, 2, 64, 2, 64)
+    inside = torch.ones_like(tiles)
+    inside[:, 1, 40:] = 0.0
+    inside[:, :, :, 1, 50:] = 0.0
+    tiles = tiles * inside
+    return tiles / tiles.abs().amax(dim=(2, 4), keepdim=True), inside
+
+
+@pytest.mark.parametrize(("drift_time", "read_noise"),
+                         [(3600.0, True), (0.0, True), (86400.0, False)])
+def test_pcm_drift_with_aihwkits_draws_equals_aihwkit(drift_time: float, read_noise: bool
+                                                      ) -> None:
+    """hetmap's in-place PCM programming and drift step, given the six normal tensors
+    aihwkit's noise model draws (in its order), against aihwkit's own
+    apply_programming_noise / apply_drift_noise on the same seed: equal within 1e-6 (float
+    rounding; the weights are at most 1)."""
+    from unittest import mock
+
+    from hetmap.runtime import programming
+
+    tiles, inside = _tiles_with_padding()
+    settings = AnalogSettings(noise_scale=1.5, drift_time=drift_time, read_noise=read_noise)
+    model = programming.make_noise_model(settings)
+    torch.manual_seed(5)
+    with mock.patch.object(programming, "_is_plain_pcm", lambda _model: False):
+        reference = programming._noise_all_tiles(tiles, inside, model, settings)
+    torch.manual_seed(5)
+    draws = [torch.randn(tiles.shape) for _ in range(6)]
+    ours = programming._pcm_drift(tiles, inside, model, drift_time, draws)
+    assert reference[1] is not None
+    assert (ours[0] - reference[0]).abs().max().item() < 1e-6
+    assert (ours[1] - reference[1]).abs().max().item() < 1e-6
+    assert (ours[1] != tiles).float().mean().item() > 0.5  # the noise is there
+
+
+def test_pcm_drift_with_shared_draws_matches_aihwkit_statistics() -> None:
+    """hetmap's own draws (four normal samples per weight: each weight's idle device shares
+    its drift and read-noise samples) against aihwkit's six, on 1.6 M weights: per weight
+    bin, the drifted weight's error std within 5% and its mean within 4 standard errors."""
+    from unittest import mock
+
+    from hetmap.runtime import programming
+
+    settings = AnalogSettings(noise_scale=1.5, drift_time=3600.0)
+    model = programming.make_noise_model(settings)
+    weights = torch.linspace(-1.0, 1.0, 201).repeat(8000, 1).view(1, 1, 8000, 1, 201)
+    torch.manual_seed(0)
+    ours = programming._pcm_drift(weights, None, model, 3600.0)[1] - weights
+    with mock.patch.object(programming, "_is_plain_pcm", lambda _model: False):
+        theirs = programming._noise_all_tiles(weights, None, model, settings)[1]
+    assert theirs is not None
+    theirs = theirs - weights
+    for low, high in ((0, 20), (60, 100), (100, 101), (150, 201)):
+        mine, reference = ours[..., low:high], theirs[..., low:high]
+        assert mine.std().item() == pytest.approx(reference.std().item(), rel=0.05)
+        standard_error = math.sqrt(2.0 / mine.numel()) * reference.std().item()
+        assert abs(mine.mean().item() - reference.mean().item()) < 4 * standard_error
