@@ -6,17 +6,24 @@ then times ``expert-score`` (the closed-form expected impact) at ``granularity=e
 ``granularity=neuron`` on the same calibrated graph, alternating, ``--repeats`` times each,
 and prints JSON (``--output`` also writes it): the median seconds of each, their ratio, and the
 per-layer cost extrapolated to OLMoE-1B-7B's 16 layers (the pass is layer by layer, so its
-time is linear in layers).
+time is linear in layers). ``--reference FILE`` also times, taking turns with the others, the
+pass with the closed form of another version of ``compiler/algorithms/expert_score.py``
+(e.g. ``git show REV:compiler/algorithms/expert_score.py > old.py``), and reports the speedup
+and the largest relative difference of the scores.
 
-Usage: ``python benchmarks/neuron_score_cost.py [--layers 2] [--repeats 3]``.
+Usage: ``python benchmarks/neuron_score_cost.py [--layers 2] [--repeats 3] [--reference old.py]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import torch
 from report import emit
@@ -24,6 +31,8 @@ from transformers import OlmoeConfig, OlmoeForCausalLM
 
 from hetmap.compiler.api import compile_model
 from hetmap.compiler.frontend.loader import LoadedModel
+from hetmap.compiler.ir.annotations import ExpertScore
+from hetmap.compiler.passes import expert_score as score_pass
 from hetmap.compiler.passes.base import CompileContext
 from hetmap.compiler.passes.expert_score import ExpertScorePass
 from hetmap.compiler.registry import load_registries
@@ -35,6 +44,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--calib-tokens", type=int, default=1024)
+    parser.add_argument("--reference", type=Path,
+                        help="another version of compiler/algorithms/expert_score.py to time")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -49,12 +60,25 @@ def main() -> None:
                                           "seq_len=256,batch=4}")
     ctx = CompileContext(model=loaded, target=load_target("aimc-512"),
                          registries=load_registries(plugins=False))
-    seconds: dict[str, list[float]] = {"expert": [], "neuron": []}
+    runs = {"expert": ("expert", None), "neuron": ("neuron", None)}
+    if args.reference:
+        spec = importlib.util.spec_from_file_location("reference_expert_score", args.reference)
+        assert spec is not None and spec.loader is not None
+        reference = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(reference)
+        runs["expert_reference"] = ("expert", reference)
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    scores: dict[str, dict[str, float]] = {}
     for _ in range(args.repeats):
-        for granularity in seconds:
-            start = time.perf_counter()
-            ExpertScorePass(granularity=granularity).run(plan.graph, ctx)
-            seconds[granularity].append(time.perf_counter() - start)
+        for name, (granularity, module) in runs.items():
+            patch: Any = nullcontext() if module is None else mock.patch.object(
+                score_pass, "expert_expected_impact", module.expert_expected_impact)
+            with patch:
+                start = time.perf_counter()
+                ExpertScorePass(granularity=granularity).run(plan.graph, ctx)
+                seconds[name].append(time.perf_counter() - start)
+            scores[name] = {node.name: node.get(ExpertScore).expected_impact
+                            for node in plan.graph.experts()}
     median = {g: statistics.median(s) for g, s in seconds.items()}
     report = {
         "widths": "hidden 2048, 64 experts x 1024, top-8 (OLMoE-1B-7B)", "layers": args.layers,
@@ -64,6 +88,11 @@ def main() -> None:
         "extrapolated_16_layers_seconds": {g: round(v / args.layers * 16, 1)
                                            for g, v in median.items()},
     }
+    if args.reference:
+        report["speedup_over_reference"] = round(median["expert_reference"] / median["expert"], 2)
+        report["largest_relative_score_difference"] = max(
+            abs(scores["expert"][name] - value) / max(abs(value), 1e-300)
+            for name, value in scores["expert_reference"].items())
     emit(report, args.output, indent=1)
 
 

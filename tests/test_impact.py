@@ -91,6 +91,34 @@ def test_clamped_idle_device_halves_its_gaussian_variance() -> None:
     assert float(second[1]) == pytest.approx(float(sigma[1]) ** 2) and abs(float(mean[1])) < 1e-9
 
 
+@pytest.mark.parametrize("g_min", [0.0, 2.0])
+def test_closed_form_per_weight_equals_both_devices_of_aihwkits_conversion(g_min: float) -> None:
+    """weight_error_variance evaluates each weight's moments on the device of its sign only
+    (the idle device is one number): equal to (2)-(4) on both devices of aihwkit's own
+    convert_to_conductances in float64, within 1e-5, with a zero row, a zero column, an
+    all-zero tile and partial tiles."""
+    from aihwkit.inference import PCMLikeNoiseModel
+    from aihwkit.inference.converter.conductance import SinglePairConductanceConverter
+
+    from hetmap.compiler.algorithms.expert_score import tile_abs_max, weight_error_variance
+
+    model = PCMLikeNoiseModel(prog_noise_scale=1.5, g_converter=SinglePairConductanceConverter(
+        g_max=25.0, g_min=g_min))
+    settings = AnalogSettings(rows=32, cols=24, noise_scale=1.5)
+    weight = torch.randn(70, 50, generator=torch.Generator().manual_seed(0))
+    weight[5], weight[:, 7], weight[24:48, 32:] = 0.0, 0.0, 0.0
+    ours = weight_error_variance(weight, settings, model)
+    abs_max = tile_abs_max(weight, 32, 24, False).double()
+    mapping = torch.where(abs_max > 0, abs_max, torch.ones_like(abs_max))
+    (plus, minus), params = model.g_converter.convert_to_conductances(weight.double() / mapping)
+    mean_plus, second_plus = device_error_moments(plus, programming_sigma(model, plus))
+    mean_minus, second_minus = device_error_moments(minus, programming_sigma(model, minus))
+    reference = (second_plus + second_minus - 2 * mean_plus * mean_minus) * (
+        mapping / params["scale_ratio"]) ** 2
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=0.0)
+    assert bool((reference[5] > 0).all())  # zero weights still get the idle devices' error
+
+
 def test_fused_moments_are_routed_token_statistics() -> None:
     """Rule 5 of density: E[x^2] over the routed tokens, and act(gate x) * (up x) for down."""
     loaded = load_model("olmoe-tiny")

@@ -51,6 +51,11 @@ import torch
 if TYPE_CHECKING:
     from hetmap.runtime import AnalogSettings
 
+#: aihwkit's ``_ZERO_CLIP``: the smallest abs-max its converters divide by.
+_ZERO_CLIP = 1e-7
+#: Weights per block of the closed form's element-wise work (temporaries of 1 MiB: in cache,
+#: and large enough for two threads).
+_BLOCK = 1 << 18
 #: Programmings averaged when a noise model has no closed form (see module docstring).
 FALLBACK_SAMPLES = 8
 #: ``g / sigma`` beyond which the clamp at 0 is ignored (the terms it drops are below 1e-12 of
@@ -85,13 +90,14 @@ def programming_sigma(noise_model: Any, conductance: torch.Tensor) -> torch.Tens
     """Std (in uS) of the programming noise added to target ``conductance``, before the clamp:
     ``prog_noise_scale * poly(g / g_max)`` with the model's own coefficients."""
     rescaled = _polynomial_models()[type(noise_model).apply_programming_noise_to_conductance]
-    relative = conductance / noise_model.g_max
-    sigma = torch.zeros_like(conductance)
-    for power, coeff in enumerate(noise_model.prog_coeff):
-        sigma = sigma + coeff * relative**power
+    scale = float(noise_model.prog_noise_scale)
     if rescaled:
-        sigma = sigma * (noise_model.g_max / noise_model.prog_coeff_g_max_reference)
-    return (noise_model.prog_noise_scale * sigma).abs()
+        scale *= float(noise_model.g_max) / float(noise_model.prog_coeff_g_max_reference)
+    relative = conductance / float(noise_model.g_max)
+    sigma = torch.full_like(conductance, 0.0)
+    for coeff in reversed([float(c) for c in noise_model.prog_coeff]):  # Horner
+        sigma.mul_(relative).add_(coeff)
+    return sigma.mul_(scale).abs_()
 
 
 def device_error_moments(conductance: torch.Tensor, sigma: torch.Tensor
@@ -100,14 +106,22 @@ def device_error_moments(conductance: torch.Tensor, sigma: torch.Tensor
 
     With ``z = g / sigma``, ``phi``/``Phi`` the standard normal pdf/cdf:
     mean ``= sigma phi(z) - g Phi(-z)``; second moment ``= sigma^2 (Phi(z) - z phi(z)) +
-    g^2 Phi(-z)``. ``sigma = 0`` gives zeros; ``z`` is capped at ``_Z_CAP``.
+    g^2 Phi(-z)``. ``sigma = 0`` gives zeros; ``z`` is capped at ``_Z_CAP``. ``Phi(-z)`` is
+    ``erfc(z / sqrt 2) / 2`` and ``Phi(z)`` its complement (one special function per element);
+    the arithmetic is in place on temporaries, the inputs are left as they are.
     """
     noisy = sigma > 0
-    z = (conductance / torch.where(noisy, sigma, torch.ones_like(sigma))).clamp(max=_Z_CAP)
-    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
-    below = torch.special.ndtr(-z)
-    mean = sigma * pdf - conductance * below
-    second = sigma**2 * (torch.special.ndtr(z) - z * pdf) + conductance**2 * below
+    every = bool(noisy.all())
+    safe = sigma if every else torch.where(noisy, sigma, torch.ones_like(sigma))
+    z = torch.div(conductance, safe).clamp_(max=_Z_CAP)
+    below = torch.mul(z, 1.0 / math.sqrt(2.0)).erfc_().mul_(0.5)  # Phi(-z)
+    pdf = torch.mul(z, z).mul_(-0.5).exp_().mul_(1.0 / math.sqrt(2.0 * math.pi))
+    tail = torch.mul(conductance, below)  # g Phi(-z)
+    mean = torch.mul(sigma, pdf).sub_(tail)
+    tail.mul_(conductance)  # g^2 Phi(-z)
+    second = below.neg_().add_(1.0).sub_(z.mul_(pdf)).mul_(sigma).mul_(sigma).add_(tail)
+    if every:
+        return mean, second
     zero = torch.zeros_like(conductance)
     return torch.where(noisy, mean, zero), torch.where(noisy, second, zero)
 
@@ -122,7 +136,7 @@ def tile_abs_max(weight: torch.Tensor, rows: int, cols: int, columnwise: bool) -
     tiled = padded.view(out_tiles, cols, in_tiles, rows)
     reduce_dims = (3,) if columnwise else (1, 3)
     scale = tiled.amax(dim=reduce_dims, keepdim=True).expand_as(tiled)
-    return scale.reshape(padded.shape)[:out_features, :in_features]
+    return scale.reshape(padded.shape)[:out_features, :in_features].contiguous()
 
 
 def weight_error_variance(weight: torch.Tensor, settings: AnalogSettings, noise_model: Any,
@@ -134,15 +148,28 @@ def weight_error_variance(weight: torch.Tensor, settings: AnalogSettings, noise_
         return torch.zeros_like(weight)
     if not has_closed_form(noise_model):
         return _sampled_error_variance(weight, settings, noise_model, seed)
-    abs_max = tile_abs_max(weight, settings.rows, settings.cols, settings.weight_scaling_columnwise)
-    mapping = torch.where(abs_max > 0, abs_max, torch.ones_like(abs_max))
-    mapping = mapping / settings.weight_scaling_omega
-    (g_plus, g_minus), params = noise_model.g_converter.convert_to_conductances(weight / mapping)
-    mean_plus, second_plus = device_error_moments(g_plus, programming_sigma(noise_model, g_plus))
-    mean_minus, second_minus = device_error_moments(g_minus,
-                                                    programming_sigma(noise_model, g_minus))
-    squared = second_plus + second_minus - 2.0 * mean_plus * mean_minus
-    return squared * (mapping / params["scale_ratio"]) ** 2
+    mapping = tile_abs_max(weight, settings.rows, settings.cols,
+                           settings.weight_scaling_columnwise)
+    mapping.masked_fill_(mapping == 0.0, 1.0).div_(settings.weight_scaling_omega)
+    # Step 2 for a single pair: a weight's device of its sign sits at g_min + |u| g-range,
+    # the other at g_min (the "idle" device; both for u = 0). The error is symmetric in the
+    # sign, so each weight needs the moments of one conductance, and the idle ones are one
+    # number. (aihwkit's convert_to_conductances, element by element.)
+    converter = noise_model.g_converter
+    g_min, g_max = float(converter.g_min), float(converter.g_max)
+    active = torch.abs(weight).div_(mapping)
+    scale_ratio = (g_max - g_min) / max(float(active.max()), _ZERO_CLIP)
+    active.mul_(scale_ratio).clamp_(max=g_max).add_(g_min)
+    idle = torch.full((1,), g_min)
+    mean_idle, second_idle = (float(v) for v in device_error_moments(
+        idle, programming_sigma(noise_model, idle)))
+    # Row blocks of about _BLOCK weights: the temporaries stay in cache.
+    rows = max(1, _BLOCK // max(1, active.shape[1]))
+    for start in range(0, active.shape[0], rows):
+        part = active[start:start + rows]
+        mean, squared = device_error_moments(part, programming_sigma(noise_model, part))
+        part.copy_(squared.add_(second_idle).sub_(mean.mul_(2.0 * mean_idle)))
+    return active.mul_(mapping.div_(scale_ratio).square_())
 
 
 def _sampled_error_variance(weight: torch.Tensor, settings: AnalogSettings, noise_model: Any,
@@ -164,9 +191,9 @@ def _sampled_error_variance(weight: torch.Tensor, settings: AnalogSettings, nois
 def expected_squared_error(weight: torch.Tensor, second_moment: np.ndarray | torch.Tensor,
                            settings: AnalogSettings, noise_model: Any) -> float:
     """(1): ``sum_ij sigma_ij^2 E[x_j^2]`` for ``W [out, in]`` and ``E[x^2] [in]``."""
-    variance = weight_error_variance(weight, settings, noise_model).double()
+    variance = weight_error_variance(weight, settings, noise_model)
     moment = torch.as_tensor(np.asarray(second_moment), dtype=torch.float64)
-    return float(variance.sum(dim=0) @ moment)
+    return float(variance.sum(dim=0, dtype=torch.float64) @ moment)
 
 
 def neuron_expected_error(role: str, weight: torch.Tensor, second_moment: np.ndarray | torch.Tensor,
@@ -174,11 +201,11 @@ def neuron_expected_error(role: str, weight: torch.Tensor, second_moment: np.nda
     """(1) split by intermediate neuron: for a neuron-producing matrix (gate, up: W ``[I, H]``)
     neuron ``j``'s share is its row, ``sum_i sigma_ji^2 E[x_i^2]``; for ``down`` (``[H, I]``)
     its column, ``E[h_j^2] sum_i sigma_ij^2``. The shares add up to (1)."""
-    variance = weight_error_variance(weight, settings, noise_model).double()
+    variance = weight_error_variance(weight, settings, noise_model)
     moment = torch.as_tensor(np.asarray(second_moment), dtype=torch.float64)
     if role == "down":
-        return (variance.sum(dim=0) * moment).numpy()
-    return (variance @ moment).numpy()
+        return (variance.sum(dim=0, dtype=torch.float64) * moment).numpy()
+    return (variance.double() @ moment).numpy()
 
 
 #: closed-form evaluations per expert for its neurons' marginal impacts (3)
@@ -209,8 +236,8 @@ def neuron_order(matrices: Mapping[str, torch.Tensor]) -> torch.Tensor:
     largest), widest first."""
     spread = torch.zeros(int(matrices["down"].shape[1]), dtype=torch.float64)
     for role, weight in matrices.items():
-        magnitude = weight.detach().abs().double()
-        per = magnitude.amax(dim=0) if role == "down" else magnitude.amax(dim=1)
+        magnitude = weight.detach().abs()  # max is exact: no float64 copy needed
+        per = (magnitude.amax(dim=0) if role == "down" else magnitude.amax(dim=1)).double()
         spread = torch.maximum(spread, per / max(float(magnitude.max()), 1e-30))
     return torch.argsort(-spread, stable=True)
 
