@@ -552,10 +552,11 @@ def print_eval(name: str, data: dict[str, Any]) -> None:
 @click.option("--granularity", type=click.Choice(["expert", "neuron"]), default="expert",
               show_default=True, help="Unit of placement of every policy; one written "
               "NAME@neuron in --policies is placed by neuron whatever this says.")
+@programming_option
 def sweep(model: str, out: Path, force: bool, policies: str, budgets: str, noise_scales: str,
           seeds: int, workers: int, ray_address: str | None, eval_file: str | None,
           eval_tokens: int, target: str, calib_tokens: int | None, seed: int,
-          resume: bool, granularity: str) -> None:
+          resume: bool, granularity: str, programming: str) -> None:
     """Trade-off study: perplexity against digital parameter fraction (sweep.csv/json/png)."""
     from hetmap.compiler.api import run_sweep
 
@@ -568,7 +569,7 @@ def sweep(model: str, out: Path, force: bool, policies: str, budgets: str, noise
                        seed=seed, target=target, calib_tokens=calib_tokens, eval_file=eval_file,
                        eval_tokens=eval_tokens, workers=workers, ray=ray_address, out=out,
                        force=force, resume=resume, progress=progress_factory(err.is_terminal),
-                       granularity=granularity)
+                       granularity=granularity, programming=programming)
     if result.get("resumed_points"):
         err.print(f"resumed: {result['resumed_points']} point(s) taken from the interrupted run",
                   markup=False)
@@ -611,11 +612,12 @@ def sweep(model: str, out: Path, force: bool, policies: str, budgets: str, noise
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Write the chosen plan here (plan.json, ir.txt, search.json).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@programming_option
 def search_cmd(model: str, max_loss: str, metric: str, policy: str | None, budget_scope: str,
                granularity: str, seeds: int, noise_scale: float | None, drift_time: float | None,
                eval_file: str | None, eval_tokens: int, device: str, target: str,
                calib: str | None, calib_tokens: int | None, chips: str | None, seed: int,
-               trust_remote_code: bool, out: Path | None, force: bool) -> None:
+               trust_remote_code: bool, out: Path | None, force: bool, programming: str) -> None:
     """The smallest digital budget whose mapped perplexity stays within --max-loss of
     all-digital (bisection over budgets; prints every step, writes the chosen plan)."""
     from hetmap.compiler.api import search
@@ -649,7 +651,12 @@ def search_cmd(model: str, max_loss: str, metric: str, policy: str | None, budge
                     target=target, calib=calib, calib_tokens=calib_tokens, chips=chips,
                     eval_file=eval_file, eval_tokens=eval_tokens, device=device,
                     trust_remote_code=trust_remote_code, progress=progress_factory(err.is_terminal),
-                    on_step=on_step)
+                    on_step=on_step, programming=programming)
+    if result.settings.get("programming_reason"):
+        modes = {"resident": "once per seed", "per-batch": "per batch"}
+        used = ", ".join(modes.get(m, m) for m in result.settings["programming"].split(", "))
+        console.print(f"  [dim]tiles programmed {used} ({result.settings['programming_reason']})[/]",
+                      markup=True)
     plan = result.require_plan()  # no budget: one 'error:' line naming the best loss, exit 2
     chosen = result.chosen
     assert chosen is not None

@@ -64,7 +64,8 @@ def test_bisection_finds_the_threshold_in_log_steps(count: int) -> None:
 def test_search_user_errors_are_one_line(tmp_path, capsys) -> None:
     for args, message in ((["--max-loss", "5"], "ambiguous"),
                           (["--max-loss", "1%", "--policy", "none"], "ranking policy"),
-                          (["--max-loss", "1%", "--metric", "hellaswag"], "not available")):
+                          (["--max-loss", "1%", "--metric", "hellaswag"], "not available"),
+                          (["--max-loss", "1%", "--programming", "never"], "--programming")):
         assert main(["search", "demo", *args, "-o", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.startswith("error: ") and "Traceback" not in err
@@ -131,3 +132,21 @@ def test_zero_loss_on_a_noisy_target_has_no_budget(tmp_path, capsys) -> None:
     assert rows and all(row[-1] == "fail" for row in rows)
     assert rows[-1][1] == "0.875"  # all fail: the bisection ends at the largest candidate
     assert not out.exists()
+
+
+def test_search_programs_tiles_per_batch_as_asked() -> None:
+    """--programming per-batch: the same tiles for a seed as resident ones, so the same
+    perplexities at every step (the demo target has no output noise), and the result says
+    which mode ran; auto on the demo keeps them resident (a few MB of tiles)."""
+    common = dict(max_loss=0.02, seeds=1, eval_tokens=512, calib_tokens=256)
+    resident = search("demo", programming="resident", **common)
+    batched = search("demo", programming="per-batch", **common)
+    automatic = search("demo", **common)
+    assert [s.budget for s in batched.steps] == [s.budget for s in resident.steps]
+    for ours, theirs in zip(batched.steps, resident.steps, strict=True):
+        assert ours.ppl == pytest.approx(theirs.ppl, rel=1e-5)
+    assert resident.settings["programming"] == "resident"
+    assert batched.settings["programming"] == "per-batch"
+    assert batched.settings["programming_reason"] == "asked for"
+    assert automatic.settings["programming"] == "resident"
+    assert "GB of tiles" in automatic.settings["programming_reason"]

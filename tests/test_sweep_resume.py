@@ -141,3 +141,23 @@ def test_resume_in_parallel_modes_matches_serial(mode: str, tmp_path: Path,
     assert result["resumed_points"] == 1
     assert (tmp_path / "par" / "sweep.csv").read_text() == \
         (tmp_path / "serial" / "sweep.csv").read_text()
+
+
+def test_sweep_programs_tiles_per_batch_as_asked(tmp_path: Path) -> None:
+    """--programming per-batch in a sweep: the same tiles for a seed as resident ones, so the
+    same perplexities (olmoe-tiny on the default target has no output noise); sweep.json says
+    which was asked; a value outside the choices is one error before any work."""
+    import json
+
+    from hetmap.common.errors import SimulationError
+
+    values = {}
+    for mode in ("resident", "per-batch"):
+        run_sweep("olmoe-tiny", out=tmp_path / mode, programming=mode, **SMALL)
+        report = json.loads((tmp_path / mode / "sweep.json").read_text())
+        assert report["programming"] == mode
+        values[mode] = [p["ppl"] for p in report["points"]]
+    assert values["per-batch"] == pytest.approx(values["resident"], rel=1e-5)
+    with pytest.raises(SimulationError, match="--programming must be one of"):
+        run_sweep("olmoe-tiny", out=tmp_path / "bad", programming="sometimes", **SMALL)
+    assert not (tmp_path / "bad").exists()

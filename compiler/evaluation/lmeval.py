@@ -315,8 +315,8 @@ def _evaluate(plan: Plan, tasks: Sequence[str] | TaskSet, *, seeds: int, seed: i
               device_map: str | None, offload: Path) -> EvalResult:
     from hetmap.compiler.data.devices import dispatched, read_device_map
     from hetmap.compiler.evaluation.simulate import (
-        PROGRAMMING_CHOICES,
         analog_part,
+        check_programming,
         programming_mode,
     )
     from hetmap.runtime.settings import settings_for
@@ -327,9 +327,7 @@ def _evaluate(plan: Plan, tasks: Sequence[str] | TaskSet, *, seeds: int, seed: i
         raise SimulationError(f"--limit must be at least 1, got {limit}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SimulationError("--device cuda asked for, but no CUDA device is available here")
-    if programming not in PROGRAMMING_CHOICES:
-        raise SimulationError(f"--programming must be one of {', '.join(PROGRAMMING_CHOICES)}, "
-                              f"got {programming!r}")
+    check_programming(programming)
     placed = None if device_map is None else read_device_map(device_map)
     if placed is not None:
         model = dispatched(plan.model, placed, offload)

@@ -16,7 +16,9 @@ Rules:
    calibration text). Its loss is ``(mean + std) / digital - 1``, a one-std margin over
    the seeds; it passes when the loss is at most ``max_loss``. A budget whose analog part does
    not fit the target's arrays fails without simulation. The all-digital perplexity, the model
-   and the evaluation windows are computed once.
+   and the evaluation windows are computed once. The tiles are programmed as ``simulate``
+   programs them (``programming``: ``auto`` decides per budget from its tile memory and the
+   device's free memory; the result's settings name the modes used and why).
 3. Bisection over the candidates, assuming more digital experts never hurt: the answer is the
    smallest candidate that passes whose next smaller candidate fails (or the smallest of all),
    after ``ceil(log2(m + 1))`` evaluations for ``m`` candidates; each is evaluated at most once.
@@ -27,6 +29,7 @@ Rules:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable
@@ -225,7 +228,7 @@ class _Evaluator:
     """The model, evaluation windows and all-digital perplexity, prepared once (rule 2)."""
 
     def __init__(self, base: Plan, settings: Any, eval_file: str | None, eval_tokens: int,
-                 seq_len: int, device: str) -> None:
+                 seq_len: int, device: str, programming: str = "auto") -> None:
         from hetmap.compiler.data.textdata import batches, load_tokens
         from hetmap.compiler.evaluation.simulate import perplexity
 
@@ -233,6 +236,9 @@ class _Evaluator:
         self.windows = batches(load_tokens(base.model, eval_file, "eval", eval_tokens), seq_len, 8)
         self.settings = settings
         self.device = device
+        self.programming = programming
+        #: programming modes used, each with why (the first budget that used it)
+        self.modes: dict[str, str] = {}
         self.digital_ppl = perplexity(self.model, self.windows, device)
 
     @property
@@ -240,12 +246,15 @@ class _Evaluator:
         return int(sum(w.numel() for w in self.windows))
 
     def mapped_ppl(self, plan: Plan, seeds: range, advance: Callable[[int], None]) -> list[float]:
-        from hetmap.compiler.evaluation.simulate import analog_part, perplexity
+        from hetmap.compiler.evaluation.simulate import analog_part, perplexity, programming_mode
 
         part = analog_part(plan.graph, self.model)
+        mode, reason = programming_mode(self.programming, part, self.model, self.device, False)
+        self.modes.setdefault(mode, reason)
+        settings = dataclasses.replace(self.settings, programming=mode)
         values = []
         for seed in seeds:
-            simulated = part.build(self.model, self.settings, seed)
+            simulated = part.build(self.model, settings, seed)
             values.append(perplexity(simulated.to(self.device), self.windows, self.device))
             del simulated
             advance(1)
@@ -259,17 +268,19 @@ def search_budget(base: Plan, *, max_loss: float, policy: str, budget_scope: str
                   chips: int | str | None = None, registries: Registries | None = None,
                   progress: Progress | None = None,
                   on_step: Callable[[SearchStep], None] | None = None,
-                  granularity: str = "expert") -> SearchResult:
+                  granularity: str = "expert", programming: str = "auto") -> SearchResult:
     """Bisect the candidate budgets of ``base`` for the smallest within ``max_loss`` (rules 1-4)."""
+    from hetmap.compiler.evaluation.simulate import check_programming
     from hetmap.compiler.registry import load_registries
     from hetmap.runtime.settings import settings_for
 
     if seeds < 1:
         raise SimulationError(f"--seeds must be at least 1, got {seeds}")
+    check_programming(programming)
     registries = registries or load_registries()
     candidates = candidate_budgets(group_sizes(base.graph, budget_scope))
     settings = settings_for(base.target, noise_scale=noise_scale, drift_time=drift_time)
-    evaluator = _Evaluator(base, settings, eval_file, eval_tokens, seq_len, device)
+    evaluator = _Evaluator(base, settings, eval_file, eval_tokens, seq_len, device, programming)
     make_bar = progress or (lambda _d, _t: (lambda _n: None))
     steps: dict[int, SearchStep] = {}
     plans: dict[int, Plan] = {}
@@ -297,7 +308,9 @@ def search_budget(base: Plan, *, max_loss: float, policy: str, budget_scope: str
     found = bisect_smallest(len(candidates), passes)
     settings_json = {**settings.to_dict(), "seeds": list(range(seed, seed + seeds)),
                      "eval_tokens": evaluator.tokens, "eval_source": eval_file or "corpus:eval",
-                     "device": device, "granularity": granularity}
+                     "device": device, "granularity": granularity,
+                     "programming": ", ".join(evaluator.modes) or "none (no budget simulated)",
+                     "programming_reason": "; ".join(evaluator.modes.values())}
     return SearchResult(max_loss, evaluator.digital_ppl, policy, budget_scope, candidates,
                         list(steps.values()), steps[found] if found is not None else None,
                         plans[found] if found is not None else None, settings_json)

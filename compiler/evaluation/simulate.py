@@ -324,6 +324,13 @@ def _simulate(plan: Plan, *, seeds: int, seed: int, noise_scale: float | None,
         device_map=None if placed is None else _placement(model))
 
 
+def check_programming(programming: str) -> None:
+    """One line for a ``--programming`` that is not one of :data:`PROGRAMMING_CHOICES`."""
+    if programming not in PROGRAMMING_CHOICES:
+        raise SimulationError(f"--programming must be one of {', '.join(PROGRAMMING_CHOICES)}, "
+                              f"got {programming!r}")
+
+
 def programming_mode(asked: str, part: AnalogPart, model: nn.Module, device: str, streamed: bool,
                      placed: bool = False, backend: str = "hetmap") -> tuple[str, str]:
     """Rule 4: the programming mode and why (the aihwkit backend programs its own tiles once)."""

@@ -55,6 +55,9 @@ class SweepPoint:
     digital_energy_per_token_j: float | None = None
     #: split experts: (experts module, ((expert, digital neurons), ...)), ...
     split: tuple[tuple[str, tuple[tuple[int, tuple[int, ...]], ...]], ...] = ()
+    #: --programming: resident, per-batch, or auto (decided by the process that simulates the
+    #: point, from its free memory)
+    programming: str = "auto"
 
 
 _WORKER_STATE: dict[str, Any] = {}  # one model per worker process (see rule 2)
@@ -65,7 +68,7 @@ def evaluate_point(point: SweepPoint) -> float:
     import torch
 
     from hetmap.compiler.data.textdata import batches, load_tokens
-    from hetmap.compiler.evaluation.simulate import perplexity
+    from hetmap.compiler.evaluation.simulate import AnalogPart, perplexity, programming_mode
     from hetmap.compiler.frontend import load_model
     from hetmap.runtime import AnalogSettings, build_simulated_model
 
@@ -76,10 +79,12 @@ def evaluate_point(point: SweepPoint) -> float:
         model = loaded.runnable()
         tokens = load_tokens(loaded, point.eval_file, "eval", point.eval_tokens)
         _WORKER_STATE.update(key=key, model=model, windows=batches(tokens, point.seq_len, 8))
-    settings = AnalogSettings.from_dict(dict(point.settings))
+    split = {path: dict(v) for path, v in point.split}
+    part = AnalogPart(point.linears, dict(point.experts), split=split)
+    mode, _reason = programming_mode(point.programming, part, _WORKER_STATE["model"], "cpu", False)
+    settings = dataclasses.replace(AnalogSettings.from_dict(dict(point.settings)), programming=mode)
     simulated = build_simulated_model(_WORKER_STATE["model"], point.linears, dict(point.experts),
-                                      settings, seed=point.seed,
-                                      digital_neurons={path: dict(v) for path, v in point.split})
+                                      settings, seed=point.seed, digital_neurons=split)
     return perplexity(simulated, _WORKER_STATE["windows"])
 
 
@@ -329,7 +334,8 @@ def parse_names(text: str) -> list[str]:
 
 def sweep_points(model: str, plans: Iterable[tuple[str, float, Any]], noise_scales: list[float],
                  seeds: int, seed: int, settings_for: Callable[[float], Any],
-                 eval_file: str | None, eval_tokens: int, seq_len: int) -> list[SweepPoint]:
+                 eval_file: str | None, eval_tokens: int, seq_len: int,
+                 programming: str = "auto") -> list[SweepPoint]:
     from hetmap.compiler.evaluation.simulate import analog_part
 
     points = []
@@ -347,5 +353,5 @@ def sweep_points(model: str, plans: Iterable[tuple[str, float, Any]], noise_scal
                 points.append(SweepPoint(model, policy, budget, scale, seed + index, fraction,
                                          part.linears, tuple(sorted(part.experts.items())),
                                          settings, eval_file, eval_tokens, seq_len, **cost,
-                                         split=split))
+                                         split=split, programming=programming))
     return points
