@@ -57,6 +57,12 @@ class StackView:
     tensor: torch.Tensor
     index: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        device = self.tensor.device
+        if self.index is not None and self.index.device != device and device.type != "meta":
+            # once here, not at every take (frozen: set through object.__setattr__)
+            object.__setattr__(self, "index", self.index.to(device))
+
     @property
     def shape(self) -> tuple[int, int, int]:
         num = int(self.tensor.shape[0]) if self.index is None else int(self.index.numel())
@@ -66,7 +72,7 @@ class StackView:
         """Matrices ``first .. last - 1`` of the view (a view of the store without index)."""
         if self.index is None:
             return self.tensor[first:last]
-        return self.tensor[self.index[first:last].to(self.tensor.device)]
+        return self.tensor[self.index[first:last].to(self.tensor.device)]  # no-op but on meta
 
 
 def stack_views(weights: torch.Tensor | StackView | Sequence[torch.Tensor | StackView]
