@@ -61,6 +61,33 @@ def median_forward_seconds(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def noise_ns_per_sample(device: torch.device, repeats: int) -> dict[str, float]:
+    """Output noise alone, on one tile output ``[512, 1024]``: nanoseconds per sample of
+    ``OutputNoise.add_round_`` (noise added and the ADC's rounding), eager (``torch.randn``)
+    and compiled (hash and quantile table in one kernel), and of the rounding alone."""
+    from hetmap.runtime.fused import OutputNoise
+
+    outputs = torch.randn(512, 1024, device=device) * 10.0
+    steps = {"eager": OutputNoise(0, device, compiled=False),
+             "compiled": OutputNoise(0, device, compiled=True)}
+    runs = {name: (lambda n=noise: n.add_round_(outputs, 0.4, True)) for name, noise in steps.items()}
+    runs["rounding_only"] = outputs.round_
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()
+    for _ in range(repeats):
+        for name, run in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(10):
+                run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append((time.perf_counter() - start) / 10 / outputs.numel() * 1e9)
+    return {name: round(statistics.median(values), 3) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -171,6 +198,8 @@ def main() -> None:
         },
         "build_s": {name: round(value, 2) for name, value in build_seconds.items()},
     }
+    if not args.skip_compiled:
+        report["output_noise_ns_per_sample"] = noise_ns_per_sample(device, args.repeats)
     if "aihwkit" in seconds:
         report["hetmap_speedup_over_aihwkit"] = round(seconds["aihwkit"] / seconds["hetmap"], 2)
     if aihwkit_error:
