@@ -65,32 +65,38 @@ _GDC_READOUT_MIN = 1e-4
 
 
 def make_noise_model(settings: AnalogSettings) -> BaseNoiseModel:
-    """The aihwkit noise model named by ``settings.noise_model``, scaled by ``noise_scale``."""
-    read_scale = 1.0 if settings.read_noise else 0.0
+    """The aihwkit noise model named by ``settings.noise_model``, scaled by ``noise_scale``,
+    with the model's other parameters from ``settings.noise_params`` (settings rule 13)."""
+    params = settings.noise_kwargs()
+    read_scale = float(params.pop("read_noise_scale", 1.0)) if settings.read_noise else 0.0
+    params.pop("read_noise_scale", None)
+    # aihwkit's PCM/Hermes constructors drop a given prog_coeff_g_max_reference: set it after.
+    reference = params.pop("prog_coeff_g_max_reference", None)
     name = settings.noise_model
-    if name == "pcm":
-        return PCMLikeNoiseModel(prog_noise_scale=settings.noise_scale, read_noise_scale=read_scale)
-    if name == "hermes":
-        return HermesNoiseModel(prog_noise_scale=settings.noise_scale, read_noise_scale=read_scale)
-    if name == "reram-cmo":
-        return ReRamCMONoiseModel(
-            prog_noise_scale=settings.noise_scale, read_noise_scale=read_scale
-        )
-    if name == "state-independent":
-        return StateIndependentNoiseModel(
-            prog_noise_scale=settings.noise_scale, read_noise_scale=read_scale
-        )
-    if name == "reram":
-        # One scale for programming and the accumulated noise; the model has no read noise.
-        model = ReRamWan2022NoiseModel(noise_scale=settings.noise_scale)
-        if settings.drifts and settings.drift_time not in model.coeff_dic:
-            times = ", ".join(f"{time:g}" for time in model.coeff_dic)
-            raise SimulationError(
-                f"noise model 'reram' is fitted at drift_time {times} s only; "
-                f"got {settings.drift_time}"
-            )
-        return model
-    raise SimulationError(f"unknown noise model {name!r}")
+    classes: dict[str, Any] = {"pcm": PCMLikeNoiseModel, "hermes": HermesNoiseModel,
+                               "reram-cmo": ReRamCMONoiseModel,
+                               "state-independent": StateIndependentNoiseModel}
+    try:
+        if name in classes:
+            model = classes[name](prog_noise_scale=settings.noise_scale,
+                                  read_noise_scale=read_scale, **params)
+        elif name == "reram":
+            # One scale for programming and the accumulated noise; the model has no read noise.
+            model = ReRamWan2022NoiseModel(noise_scale=settings.noise_scale, **params)
+            if settings.drifts and settings.drift_time not in model.coeff_dic:
+                times = ", ".join(f"{time:g}" for time in model.coeff_dic)
+                raise SimulationError(
+                    f"noise model 'reram' is fitted at drift_time {times} s only; "
+                    f"got {settings.drift_time}"
+                )
+        else:
+            raise SimulationError(f"unknown noise model {name!r}")
+    except (TypeError, ValueError, AssertionError) as error:
+        raise SimulationError(f"noise model {name!r} does not take the parameters "
+                              f"{params}: {error}") from None
+    if reference is not None:
+        model.prog_coeff_g_max_reference = float(reference)
+    return model
 
 
 def derive_seed(seed: int, label: str) -> int:

@@ -36,6 +36,12 @@ tile model and the aihwkit reference backend can be configured from the same obj
     simulated model costs no tile memory, and every forward pays the programming again).
     Both draw the same programming noise for a seed (same generator stream, same order);
     output noise is drawn per call and differs between them.
+13. ``noise_params``: the noise model's other keyword arguments (a target's
+    ``[aimc.noise.params]`` without its programming-noise scale, which is ``noise_scale``):
+    ``prog_coeff``, ``g_max``, ``t_0``, ``t_read``, ``drift_scale``, ``read_noise_scale``,
+    ``num_devices``, ... as the model takes them. Held as sorted ``(name, value)`` pairs (lists
+    as tuples) so that settings stay hashable; given as a table and written as one.
+    ``read_noise=False`` turns read noise off whatever ``read_noise_scale`` says.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ NOISE_MANAGEMENT = ("abs-max", "none")
 BOUND_MANAGEMENT = ("iterative", "none")
 KERNELS = ("eager", "compiled")
 PROGRAMMING = ("resident", "per-batch")
+#: the noise-model parameter that ``noise_scale`` is, where it is not ``prog_noise_scale``
+SCALE_PARAMETER = {"reram": "noise_scale"}
 
 # aihwkit IOParameters defaults that bound the iterative bound management.
 MAX_BM_FACTOR = 1000.0
@@ -81,8 +89,10 @@ class AnalogSettings:
     ideal: bool = False
     kernels: str = "eager"
     programming: str = "resident"
+    noise_params: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "noise_params", _frozen_params(self.noise_params))
         for name, valid, wanted in _RULES:
             value = getattr(self, name)
             if not valid(value):
@@ -117,7 +127,14 @@ class AnalogSettings:
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (inverse of :meth:`from_dict`)."""
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["noise_params"] = self.noise_kwargs()
+        return data
+
+    def noise_kwargs(self) -> dict[str, Any]:
+        """Rule 13's parameters as keyword arguments (tuples as lists)."""
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name, value in self.noise_params}
 
     @property
     def inp_res(self) -> float:
@@ -171,6 +188,20 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 )
 
 
+def _frozen_params(params: Any) -> tuple[tuple[str, Any], ...]:
+    """Rule 13: a table (or pairs) of noise-model parameters as sorted, hashable pairs."""
+    def frozen(value: Any) -> Any:
+        return tuple(frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+    try:
+        items = params.items() if isinstance(params, Mapping) else params
+        pairs = [(str(name), frozen(value)) for name, value in items]
+    except (TypeError, ValueError):
+        raise SimulationError(f"analog setting 'noise_params' must be a table of noise-model "
+                              f"parameters, got {params!r}") from None
+    return tuple(sorted(pairs))
+
+
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise SimulationError(
@@ -184,8 +215,11 @@ def settings_for(target: Any, *, noise_scale: float | None = None, drift_time: f
     ``aimc`` fields of :class:`hetmap.targets.Target`)."""
     aimc = target.aimc
     params = dict(aimc.noise.params)
+    # the programming-noise scale is noise_scale (rule 8); the rest goes to the model (rule 13)
+    scale = params.pop(SCALE_PARAMETER.get(aimc.noise.model, "prog_noise_scale"), 1.0)
     return AnalogSettings(
         rows=aimc.rows, cols=aimc.cols, dac_bits=aimc.dac_bits, adc_bits=aimc.adc_bits,
         out_noise=aimc.out_noise, noise_model=aimc.noise.model,
-        noise_scale=float(params.get("prog_noise_scale", 1.0) if noise_scale is None else noise_scale),
-        drift_time=drift_time, ideal=ideal, programming=programming)
+        noise_scale=float(scale if noise_scale is None else noise_scale),
+        drift_time=drift_time, ideal=ideal, programming=programming,
+        noise_params=tuple(params.items()))

@@ -194,3 +194,53 @@ def test_one_list_of_noise_models_for_targets_and_the_simulator() -> None:
     from hetmap.targets import target_from_dict
 
     assert target_from_dict(data).aimc.noise.model == "reram-cmo"
+
+
+def _custom_target(tmp_path: Path, params: str) -> Path:
+    """aimc-512 with its [aimc.noise.params] table replaced by ``params``."""
+    text = builtin_targets()["aimc-512"].read_text()
+    head, _, tail = text.partition("[aimc.noise.params]\n")
+    path = tmp_path / "custom.toml"
+    path.write_text(head + "[aimc.noise.params]\n" + params + "\n" + tail[tail.index("[digital]"):])
+    return path
+
+
+def test_noise_parameters_reach_the_noise_model(tmp_path: Path) -> None:
+    """Every [aimc.noise.params] entry of a target is the simulated noise model's (settings
+    rule 13), not only its programming-noise scale; the settings round-trip through JSON."""
+    import dataclasses
+    import json
+
+    from hetmap.runtime import AnalogSettings
+    from hetmap.runtime.programming import make_noise_model
+    from hetmap.runtime.settings import settings_for
+
+    path = _custom_target(tmp_path, "prog_noise_scale = 2.0\nprog_coeff = [0.1, 0.2, 0.3]\n"
+                          "prog_coeff_g_max_reference = 30.0\ng_max = 20.0\nt_0 = 10.0\n"
+                          "t_read = 1.0e-6\nread_noise_scale = 0.25\ndrift_scale = 0.5")
+    settings = settings_for(load_target(str(path)))
+    model: Any = make_noise_model(settings)
+    assert model.prog_noise_scale == 2.0 and list(model.prog_coeff) == [0.1, 0.2, 0.3]
+    assert model.prog_coeff_g_max_reference == 30.0 and model.g_max == 20.0
+    assert (model.t_0, model.t_read, model.read_noise_scale, model.drift_scale) == (
+        10.0, 1.0e-6, 0.25, 0.5)
+    assert make_noise_model(dataclasses.replace(settings, read_noise=False)).read_noise_scale == 0
+    assert AnalogSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
+
+
+def test_a_target_without_programming_noise_simulates_as_noise_scale_zero(tmp_path: Path
+                                                                           ) -> None:
+    """A target whose PCM polynomial is zero has no programming noise: its simulation equals
+    the default target's at --noise-scale 0 (before rule 13 its coefficients were ignored and
+    the default polynomial's noise simulated)."""
+    from hetmap.compiler.api import compile_model
+
+    quiet = _custom_target(tmp_path, "prog_noise_scale = 1.5\nprog_coeff = [0.0, 0.0, 0.0]")
+    # max-norm: a placement that does not depend on the noise model, so the plans are equal
+    options = dict(pipeline="density,expert-score,place,tile,allocate,cost", calib_tokens=256,
+                   policy="max-norm")
+    mapped = compile_model("demo", target=str(quiet), **options).simulate(seeds=1, eval_tokens=512)
+    default = compile_model("demo", **options).simulate(seeds=1, eval_tokens=512, noise_scale=0.0)
+    noisy = compile_model("demo", **options).simulate(seeds=1, eval_tokens=512)
+    assert mapped.mapped_ppl_mean == pytest.approx(default.mapped_ppl_mean, rel=1e-9)
+    assert abs(noisy.mapped_ppl_mean - default.mapped_ppl_mean) > 1e-4
