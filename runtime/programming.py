@@ -96,6 +96,12 @@ def make_noise_model(settings: AnalogSettings) -> BaseNoiseModel:
                               f"{params}: {error}") from None
     if reference is not None:
         model.prog_coeff_g_max_reference = float(reference)
+    asked = params.get("acceptance_range")
+    if name == "reram-cmo" and asked is not None and asked != model.acceptance_range:
+        # aihwkit would silently use its narrowest fitted range instead
+        fitted = ", ".join(f"{key:g}" for key in sorted(model.coeff_dict))
+        raise SimulationError(f"noise model 'reram-cmo' is fitted at acceptance_range {fitted} "
+                              f"only; got {asked:g}")
     return model
 
 

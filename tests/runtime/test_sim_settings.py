@@ -59,3 +59,33 @@ def test_tile_counts() -> None:
     # gate and up each start on a fresh column tile
     assert grid.column_tile_index().tolist() == [0] * 8 + [1] * 2 + [2] * 8 + [3] * 2
     assert [(s.start, s.stop) for s in grid.in_slices()] == [(0, 16), (16, 32), (32, 40)]
+
+
+@pytest.mark.parametrize(("model", "params", "attribute", "value"), [
+    ("hermes", {"num_devices": 1, "t_0": 100.0}, "num_devices", 1),
+    ("reram", {"g_max": 80.0}, "g_max", 80.0),
+    ("reram-cmo", {"g_min": 1.0, "acceptance_range": 2.0}, "acceptance_range", 2.0),
+    ("state-independent", {"prog_coeff": [0.3], "drift_nu_mean": 0.02}, "drift_nu_mean", 0.02),
+])
+def test_noise_params_build_every_noise_model(model: str, params: dict, attribute: str,
+                                              value: object) -> None:
+    """Rule 13 for every noise model: its parameters reach the aihwkit model; one it does not
+    take is one error naming it."""
+    from hetmap.common.errors import SimulationError
+    from hetmap.runtime.programming import make_noise_model
+
+    built = make_noise_model(AnalogSettings(noise_model=model, noise_params=params))
+    assert getattr(built, attribute) == value
+    with pytest.raises(SimulationError, match="does not take the parameters"):
+        make_noise_model(AnalogSettings(noise_model=model, noise_params={"colour": "red"}))
+
+
+def test_reram_cmo_acceptance_range_must_be_a_fitted_one() -> None:
+    """aihwkit replaces an acceptance range it has no coefficients for with its narrowest one,
+    silently; hetmap says so instead."""
+    from hetmap.common.errors import SimulationError
+    from hetmap.runtime.programming import make_noise_model
+
+    with pytest.raises(SimulationError, match="fitted at acceptance_range 0.2, 2 only; got 0.3"):
+        make_noise_model(AnalogSettings(noise_model="reram-cmo",
+                                        noise_params={"acceptance_range": 0.3}))
