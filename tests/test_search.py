@@ -149,4 +149,4 @@ def test_search_programs_tiles_per_batch_as_asked() -> None:
     assert batched.settings["programming"] == "per-batch"
     assert batched.settings["programming_reason"] == "asked for"
     assert automatic.settings["programming"] == "resident"
-    assert "GB of tiles" in automatic.settings["programming_reason"]
+    assert "MB of tiles" in automatic.settings["programming_reason"]

@@ -348,8 +348,9 @@ def programming_mode(asked: str, part: AnalogPart, model: nn.Module, device: str
         return "per-batch", "placed by a device map"
     need = part.tile_bytes(model)
     free = _free_memory(device)
-    gigabytes = f"{need / 1e9:.2f} GB of tiles, {free / 1e9:.1f} GB free on {device}"
-    return ("resident" if 2 * need <= free else "per-batch"), gigabytes
+    tiles = f"{need / 1e9:.2f} GB" if need >= 1e8 else f"{need / 1e6:.1f} MB"
+    sizes = f"{tiles} of tiles, {free / 1e9:.1f} GB free on {device}"
+    return ("resident" if 2 * need <= free else "per-batch"), sizes
 
 
 def _placement(model: nn.Module) -> dict[str, str]:
