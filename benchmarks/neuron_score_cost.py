@@ -11,7 +11,8 @@ pass with the closed form of another version of ``compiler/algorithms/expert_sco
 (e.g. ``git show REV:compiler/algorithms/expert_score.py > old.py``), and reports the speedup
 and the largest relative difference of the scores.
 
-Usage: ``python benchmarks/neuron_score_cost.py [--layers 2] [--repeats 3] [--reference old.py]``.
+Usage: ``python benchmarks/neuron_score_cost.py [--layers 2] [--repeats 3] [--reference old.py
+--reference-label 'the version of REV']``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=1024)
     parser.add_argument("--reference", type=Path,
                         help="another version of compiler/algorithms/expert_score.py to time")
+    parser.add_argument("--reference-label", default=None,
+                        help="what --reference is, for the report (e.g. 'the version of b71eb71')")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -89,6 +92,7 @@ def main() -> None:
                                            for g, v in median.items()},
     }
     if args.reference:
+        report["reference"] = args.reference_label or args.reference.name
         report["speedup_over_reference"] = round(median["expert_reference"] / median["expert"], 2)
         report["largest_relative_score_difference"] = max(
             abs(scores["expert"][name] - value) / max(abs(value), 1e-300)

@@ -69,8 +69,8 @@ def _score_cost(data: Data) -> str:
     if "speedup_over_reference" in data:
         text += (f"; {data['speedup_over_reference']:.2f}x faster than the closed form before "
                  f"it computed each weight on the device of its sign only, in cache-sized "
-                 f"blocks, with `erfc` ({seconds['expert_reference']:.1f} s, the version of "
-                 f"b71eb71 timed in the same run; scores equal within "
+                 f"blocks, with `erfc` ({seconds['expert_reference']:.1f} s, "
+                 f"{data['reference']}, timed in the same run; scores equal within "
                  f"{data['largest_relative_score_difference']:.0e} relative)")
     return text
 
