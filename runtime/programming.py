@@ -92,8 +92,8 @@ def make_noise_model(settings: AnalogSettings) -> BaseNoiseModel:
         else:
             raise SimulationError(f"unknown noise model {name!r}")
     except (TypeError, ValueError, AssertionError) as error:
-        raise SimulationError(f"noise model {name!r} does not take the parameters "
-                              f"{params}: {error}") from None
+        raise SimulationError(f"noise model {name!r} cannot be built with the target's "
+                              f"parameters {params}: {error}") from None
     if reference is not None:
         model.prog_coeff_g_max_reference = float(reference)
     asked = params.get("acceptance_range")

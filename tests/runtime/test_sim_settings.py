@@ -76,7 +76,7 @@ def test_noise_params_build_every_noise_model(model: str, params: dict, attribut
 
     built = make_noise_model(AnalogSettings(noise_model=model, noise_params=params))
     assert getattr(built, attribute) == value
-    with pytest.raises(SimulationError, match="does not take the parameters"):
+    with pytest.raises(SimulationError, match="cannot be built with the target's parameters"):
         make_noise_model(AnalogSettings(noise_model=model, noise_params={"colour": "red"}))
 
 
