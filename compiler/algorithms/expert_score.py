@@ -51,8 +51,6 @@ import torch
 if TYPE_CHECKING:
     from hetmap.runtime import AnalogSettings
 
-#: aihwkit's ``_ZERO_CLIP``: the smallest abs-max its converters divide by.
-_ZERO_CLIP = 1e-7
 #: Weights per block of the closed form's element-wise work (temporaries of 1 MiB: in cache,
 #: and large enough for two threads).
 _BLOCK = 1 << 18
@@ -155,6 +153,8 @@ def weight_error_variance(weight: torch.Tensor, settings: AnalogSettings, noise_
     # the other at g_min (the "idle" device; both for u = 0). The error is symmetric in the
     # sign, so each weight needs the moments of one conductance, and the idle ones are one
     # number. (aihwkit's convert_to_conductances, element by element.)
+    from aihwkit.inference.converter.conductance import _ZERO_CLIP  # its smallest abs-max
+
     converter = noise_model.g_converter
     g_min, g_max = float(converter.g_min), float(converter.g_max)
     active = torch.abs(weight).div_(mapping)
