@@ -108,7 +108,11 @@ def _sensitivity(data: Data) -> str:
             f"medians of {data['repeats']} alternating runs), scores equal within "
             f"{data['max_score_difference_nats']:.0e} nats (largest "
             f"{data['largest_score_nats']:.0e}); the estimate printed before the runs within "
-            f"{100 * data['estimate_error']:.0f}% of the run time (goal 10x not met, see below)")
+            f"{100 * data['estimate_error']:.0f}% of the run time (goal 10x not met, see below)"
+            + (f"; {data['replicas']} perturbed experts per forward (`replicas`, the GPU's "
+               f"batching): {data['replicas_speedup_over_one']:.2f}x the speed of one, scores "
+               f"equal within {data['replicas_max_score_difference_nats']:.0e} nats"
+               if "replicas" in data else ""))
 
 
 def _programming(data: Data) -> str:

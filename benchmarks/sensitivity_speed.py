@@ -6,6 +6,8 @@ way before replaying: :func:`full_rerun_increase`), (b) the pass itself (replayi
 baseline, running only the layers after each expert's own). Reports median times, their
 ratio, the largest score difference, and the pass's own run-time estimate (printed before the
 runs start) against its measured run time, as JSON (``--output`` also writes it to a file).
+(c) the pass with ``--replicas`` perturbed experts per forward (the GPU's batching, timed on
+this device too), with its largest score difference from (b).
 
     .venv/bin/python benchmarks/sensitivity_speed.py --output benchmarks/results/sensitivity_speed.json
 """
@@ -46,12 +48,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--replicas", type=int, default=8,
+                        help="perturbed experts per forward in (c)")
     parser.add_argument("--output")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
     pipeline = f"sensitivity{{tokens={args.tokens},seq_len={args.seq_len},batch={args.batch}}}"
-    times: dict[str, list[float]] = {"full_rerun": [], "replayed": []}
+    times: dict[str, list[float]] = {"full_rerun": [], "replayed": [],
+                                     f"replayed_replicas_{args.replicas}": []}
+    batched_pipeline = pipeline.replace("}", f",replicas={args.replicas}}}")
+    batched_worst = 0.0
     estimates: list[tuple[float, float]] = []
     worst = 0.0
     for _ in range(args.repeats):
@@ -67,6 +74,11 @@ def main() -> None:
         times["full_rerun"].append(time.perf_counter() - start)
         scores = {n.name: n.get(Sensitivity).loss_increase for n in plan.graph.experts()}
         worst = max(worst, max(abs(scores[name] - reference[name]) for name in reference))
+        start = time.perf_counter()
+        batched = compile_model(loaded, pipeline=batched_pipeline)
+        times[f"replayed_replicas_{args.replicas}"].append(time.perf_counter() - start)
+        batched_worst = max(batched_worst, max(
+            abs(n.get(Sensitivity).loss_increase - scores[n.name]) for n in batched.graph.experts()))
     medians = {name: statistics.median(values) for name, values in times.items()}
     report = {
         "model": args.model, "tokens": args.tokens, "experts": len(plan.graph.experts()),
@@ -74,6 +86,10 @@ def main() -> None:
         "seconds": {name: round(value, 3) for name, value in medians.items()},
         "speedup": round(medians["full_rerun"] / medians["replayed"], 2),
         "max_score_difference_nats": worst,
+        "replicas": args.replicas,
+        "replicas_speedup_over_one": round(
+            medians["replayed"] / medians[f"replayed_replicas_{args.replicas}"], 2),
+        "replicas_max_score_difference_nats": batched_worst,
         "largest_score_nats": max(abs(v) for v in reference.values()),
         "estimate_s_vs_took_s": [[round(e, 2), round(t, 2)] for e, t in estimates],
         "estimate_error": round(max(abs(e / t - 1.0) for e, t in estimates), 3),
