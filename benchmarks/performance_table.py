@@ -110,8 +110,9 @@ def _sensitivity(data: Data) -> str:
             f"{data['largest_score_nats']:.0e}); the estimate printed before the runs within "
             f"{100 * data['estimate_error']:.0f}% of the run time (goal 10x not met, see below)"
             + (f"; {data['replicas']} perturbed experts per forward (`replicas`, the GPU's "
-               f"batching): {data['replicas_speedup_over_one']:.2f}x the speed of one, scores "
-               f"equal within {data['replicas_max_score_difference_nats']:.0e} nats"
+               f"batching): {data['replicas_speedup_over_one']:.2f}x the speed of one, "
+               + ("identical scores" if data["replicas_max_score_difference_nats"] == 0 else
+                  f"scores equal within {data['replicas_max_score_difference_nats']:.0e} nats")
                if "replicas" in data else ""))
 
 
