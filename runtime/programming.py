@@ -60,6 +60,8 @@ from .settings import AnalogSettings
 
 # Converters whose mapping of a tile depends only on its abs-max (see _noise_all_tiles).
 _ABS_MAX_CONVERTERS = (SinglePairConductanceConverter, NPairConductanceConverter)
+# aihwkit HermesNoiseModel's characterized g_max (uS) by devices per weight.
+_HERMES_G_MAX = {1: 10.35, 2: 20.7}
 # aihwkit GlobalDriftCompensation.readout clamps the read-out at this value.
 _GDC_READOUT_MIN = 1e-4
 
@@ -73,6 +75,12 @@ def make_noise_model(settings: AnalogSettings) -> BaseNoiseModel:
     # aihwkit's PCM/Hermes constructors drop a given prog_coeff_g_max_reference: set it after.
     reference = params.pop("prog_coeff_g_max_reference", None)
     name = settings.noise_model
+    if name == "hermes" and "g_max" in params:  # aihwkit asserts it with a misleading message
+        devices = int(params.get("num_devices", 2))
+        limit = _HERMES_G_MAX[devices]
+        if float(params["g_max"]) > limit:
+            raise SimulationError(f"noise model 'hermes' is characterized up to g_max {limit} uS "
+                                  f"with {devices} device(s) per weight; got {params['g_max']}")
     classes: dict[str, Any] = {"pcm": PCMLikeNoiseModel, "hermes": HermesNoiseModel,
                                "reram-cmo": ReRamCMONoiseModel,
                                "state-independent": StateIndependentNoiseModel}

@@ -89,3 +89,16 @@ def test_reram_cmo_acceptance_range_must_be_a_fitted_one() -> None:
     with pytest.raises(SimulationError, match="fitted at acceptance_range 0.2, 2 only; got 0.3"):
         make_noise_model(AnalogSettings(noise_model="reram-cmo",
                                         noise_params={"acceptance_range": 0.3}))
+
+
+def test_hermes_g_max_beyond_its_characterization_is_one_error() -> None:
+    from hetmap.common.errors import SimulationError
+    from hetmap.runtime.programming import make_noise_model
+
+    with pytest.raises(SimulationError, match="up to g_max 20.7 uS with 2 device"):
+        make_noise_model(AnalogSettings(noise_model="hermes", noise_params={"g_max": 30.0}))
+    with pytest.raises(SimulationError, match="up to g_max 10.35 uS with 1 device"):
+        make_noise_model(AnalogSettings(noise_model="hermes",
+                                        noise_params={"g_max": 15.0, "num_devices": 1}))
+    assert make_noise_model(AnalogSettings(noise_model="hermes",
+                                           noise_params={"g_max": 15.0})).g_max == 15.0
