@@ -34,7 +34,7 @@ Such a condition or iteration is resolved once, at trace time. Rules:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sympy
@@ -171,22 +171,24 @@ class _GroupedMmInBf16(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-class _fake_weights:  # noqa: N801 - a context manager used like a function
-    """Rule 7: meta parameters and buffers of ``root`` replaced by fake CPU tensors."""
+class _swapped:  # noqa: N801 - a context manager used like a function
+    """The parameters and buffers of ``root`` for which ``replace`` gives a tensor swapped for
+    it; the originals put back on exit."""
 
-    def __init__(self, root: nn.Module, mode: FakeTensorMode) -> None:
-        self.root, self.mode = root, mode
+    def __init__(self, root: nn.Module,
+                 replace: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+        self.root, self.replace = root, replace
         self.swapped: list[tuple[nn.Module, str, str, torch.Tensor]] = []
 
     def __enter__(self) -> None:
-        cpu = torch.device("cpu")
         for module in self.root.modules():
             for kind in ("_parameters", "_buffers"):
                 table = getattr(module, kind)
                 for name, tensor in list(table.items()):
-                    if tensor is not None and tensor.is_meta and not isinstance(tensor, FakeTensor):
+                    new = None if tensor is None else self.replace(tensor)
+                    if new is not None:
                         self.swapped.append((module, kind, name, tensor))
-                        table[name] = FakeTensor(self.mode, tensor, cpu)
+                        table[name] = new
 
     def __exit__(self, *exc: object) -> None:
         for module, kind, name, tensor in reversed(self.swapped):
@@ -194,26 +196,18 @@ class _fake_weights:  # noqa: N801 - a context manager used like a function
         self.swapped.clear()
 
 
-class _real_weights:  # noqa: N801
-    """Inside :class:`_fake_weights`: ``module``'s own meta tensors back, for a meta run."""
+def _fake_weights(root: nn.Module, mode: FakeTensorMode) -> _swapped:
+    """Rule 7: meta parameters and buffers of ``root`` replaced by fake CPU tensors."""
+    cpu = torch.device("cpu")
+    return _swapped(root, lambda tensor: FakeTensor(mode, tensor, cpu)
+                    if tensor.is_meta and not isinstance(tensor, FakeTensor) else None)
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.swapped: list[tuple[nn.Module, str, str, torch.Tensor]] = []
 
-    def __enter__(self) -> None:
-        for sub in self.module.modules():
-            for kind in ("_parameters", "_buffers"):
-                table = getattr(sub, kind)
-                for name, tensor in list(table.items()):
-                    if isinstance(tensor, FakeTensor) and tensor.device.type == "cpu":
-                        self.swapped.append((sub, kind, name, tensor))
-                        table[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-
-    def __exit__(self, *exc: object) -> None:
-        for sub, kind, name, tensor in reversed(self.swapped):
-            getattr(sub, kind)[name] = tensor
-        self.swapped.clear()
+def _real_weights(module: nn.Module) -> _swapped:
+    """Inside :func:`_fake_weights`: ``module``'s own meta tensors back, for a meta run."""
+    return _swapped(module, lambda tensor: torch.empty(tensor.shape, dtype=tensor.dtype,
+                                                       device="meta")
+                    if isinstance(tensor, FakeTensor) and tensor.device.type == "cpu" else None)
 
 
 def _zeros_like_example(value: Any) -> Any:
