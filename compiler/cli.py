@@ -757,14 +757,42 @@ def passes() -> None:
 
 
 @cli.command()
-def targets() -> None:
-    """List registered hardware targets."""
+@click.argument("target", required=False)
+def targets(target: str | None) -> None:
+    """List registered hardware targets; with TARGET (a name or a TOML file), show it: its
+    tables and the noise model the simulator builds from it, every parameter as used."""
     from hetmap.compiler.registry import load_registries
 
     registries = load_registries()
     _warn_plugins(registries)
-    for entry in registries.targets:
-        console.print(f"  {entry.name:<22} {entry.description}{_origin(entry.origin)}")
+    if target is None:
+        for entry in registries.targets:
+            console.print(f"  {entry.name:<22} {entry.description}{_origin(entry.origin)}")
+        return
+    from hetmap.compiler.api import resolve_target
+    from hetmap.runtime import require_aihwkit
+    from hetmap.runtime.programming import make_noise_model
+    from hetmap.runtime.settings import settings_for
+
+    resolved = resolve_target(target, registries)
+    require_aihwkit()
+    model = make_noise_model(settings_for(resolved))  # a bad parameter: one error, no output
+    used = {name: getattr(model, name) for name in _NOISE_ATTRIBUTES if hasattr(model, name)}
+    data = resolved.to_json()
+    console.print(f"{data['name']}: {data['description']}", markup=False)
+    for table in ("aimc", "digital"):
+        fields = {k: v for k, v in data.get(table, {}).items() if not isinstance(v, dict)}
+        console.print(f"  [{table}] " + "  ".join(f"{k}={v}" for k, v in fields.items()),
+                      markup=False)
+    console.print(f"  [noise] {data['aimc']['noise']['model']} (aihwkit {type(model).__name__}): "
+                  + "  ".join(f"{k}={v}" for k, v in used.items()), markup=False)
+
+
+#: Noise-model attributes ``hetmap targets TARGET`` shows, where the model has them.
+_NOISE_ATTRIBUTES = ("prog_noise_scale", "noise_scale", "prog_coeff", "g_max", "g_min",
+                     "prog_coeff_g_max_reference", "num_devices", "t_0", "t_read",
+                     "read_noise_scale", "drift_scale", "drift_nu_mean", "drift_nu_std",
+                     "acceptance_range")
 
 
 @cli.command()

@@ -244,3 +244,28 @@ def test_a_target_without_programming_noise_simulates_as_noise_scale_zero(tmp_pa
     noisy = compile_model("demo", **options).simulate(seeds=1, eval_tokens=512)
     assert mapped.mapped_ppl_mean == pytest.approx(default.mapped_ppl_mean, rel=1e-9)
     assert abs(noisy.mapped_ppl_mean - default.mapped_ppl_mean) > 1e-4
+
+
+def test_targets_command_shows_the_noise_model_as_built(tmp_path: Path, capsys) -> None:
+    """``hetmap targets TARGET``: the target's tables and every noise-model parameter as the
+    simulator uses it (aihwkit's defaults filled in, the target's own values where it sets
+    them); a target whose model cannot be built is one error and prints nothing else."""
+    from hetmap.compiler.cli import main
+
+    assert main(["targets", "aimc-512"]) == 0
+    shown = capsys.readouterr().out
+    assert "prog_noise_scale=1.5" in shown and "prog_coeff=[0.26348, 1.965, -1.1731]" in shown
+    assert "[aimc] rows=512" in shown
+    custom = _custom_target(tmp_path, "prog_noise_scale = 2.0\ndrift_scale = 0.5\nt_0 = 10.0")
+    assert main(["targets", str(custom)]) == 0
+    shown = capsys.readouterr().out
+    assert "drift_scale=0.5" in shown and "t_0=10.0" in shown and "prog_noise_scale=2.0" in shown
+    bad = _custom_target(tmp_path, "prog_noise_scale = 1.0").read_text().replace(
+        'model = "pcm"', 'model = "hermes"').replace("prog_noise_scale = 1.0",
+                                                     "prog_noise_scale = 1.0\ng_max = 30.0")
+    (tmp_path / "bad.toml").write_text(bad)
+    assert main(["targets", str(tmp_path / "bad.toml")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: ")
+    assert "g_max 20.7" in captured.err and "\n" not in captured.err.strip()
+    assert main(["targets"]) == 0 and "hermes-256" in capsys.readouterr().out
