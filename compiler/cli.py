@@ -413,7 +413,7 @@ def print_simulation(name: str, data: dict[str, Any]) -> None:
     if "programming" in data:
         streamed = (f"; streamed from the checkpoint, every weight read {data['weight_reads']} "
                     "time(s) per seed") if data.get("streamed") else ""
-        console.print(f"  [dim]tiles programmed {'once per seed' if data['programming'] == 'resident' else 'per batch'}"
+        console.print(f"  [dim]tiles programmed {_programmed(data['programming'])}"
                       f" ({data['programming_reason']}){streamed}[/]", markup=True)
     if data.get("simulated_digital"):
         console.print(f"  [dim]kept digital in simulation (not nn.Linear): "
@@ -653,8 +653,7 @@ def search_cmd(model: str, max_loss: str, metric: str, policy: str | None, budge
                     trust_remote_code=trust_remote_code, progress=progress_factory(err.is_terminal),
                     on_step=on_step, programming=programming)
     if result.settings.get("programming_reason"):
-        modes = {"resident": "once per seed", "per-batch": "per batch"}
-        used = ", ".join(modes.get(m, m) for m in result.settings["programming"].split(", "))
+        used = ", ".join(_programmed(m) for m in result.settings["programming"].split(", "))
         console.print(f"  [dim]tiles programmed {used} ({result.settings['programming_reason']})[/]",
                       markup=True)
     plan = result.require_plan()  # no budget: one 'error:' line naming the best loss, exit 2
@@ -675,6 +674,11 @@ def search_cmd(model: str, max_loss: str, metric: str, policy: str | None, budge
         err.print(f"wrote {out}/ (plan.json, ir.txt, search.json)")
     else:
         err.print("(pass -o DIR to write the chosen plan)")
+
+
+def _programmed(mode: str) -> str:
+    """When the tiles of a programming mode are programmed, in words."""
+    return {"resident": "once per seed", "per-batch": "per batch"}.get(mode, mode)
 
 
 def search_row(index: int, step: Any) -> str:
@@ -773,26 +777,21 @@ def targets(target: str | None) -> None:
     from hetmap.runtime import require_aihwkit
     from hetmap.runtime.programming import make_noise_model
     from hetmap.runtime.settings import settings_for
+    from hetmap.targets import NOISE_PARAMETERS
 
     resolved = resolve_target(target, registries)
     require_aihwkit()
     model = make_noise_model(settings_for(resolved))  # a bad parameter: one error, no output
-    used = {name: getattr(model, name) for name in _NOISE_ATTRIBUTES if hasattr(model, name)}
+    noise = resolved.aimc.noise.model
+    used = {name: getattr(model, name) for name in NOISE_PARAMETERS[noise] if hasattr(model, name)}
     data = resolved.to_json()
     console.print(f"{data['name']}: {data['description']}", markup=False)
     for table in ("aimc", "digital"):
         fields = {k: v for k, v in data.get(table, {}).items() if not isinstance(v, dict)}
         console.print(f"  [{table}] " + "  ".join(f"{k}={v}" for k, v in fields.items()),
                       markup=False)
-    console.print(f"  [noise] {data['aimc']['noise']['model']} (aihwkit {type(model).__name__}): "
+    console.print(f"  [noise] {noise} (aihwkit {type(model).__name__}): "
                   + "  ".join(f"{k}={v}" for k, v in used.items()), markup=False)
-
-
-#: Noise-model attributes ``hetmap targets TARGET`` shows, where the model has them.
-_NOISE_ATTRIBUTES = ("prog_noise_scale", "noise_scale", "prog_coeff", "g_max", "g_min",
-                     "prog_coeff_g_max_reference", "num_devices", "t_0", "t_read",
-                     "read_noise_scale", "drift_scale", "drift_nu_mean", "drift_nu_std",
-                     "acceptance_range")
 
 
 @cli.command()

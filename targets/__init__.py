@@ -7,6 +7,7 @@ Built-in presets are the ``*.toml`` files in this folder (see :func:`builtin_tar
 from hetmap.targets.capability import MATMUL_KINDS, aimc_supports
 from hetmap.targets.loader import (
     DEFAULT_TARGET,
+    NOISE_PARAMETERS,
     builtin_targets,
     load_target,
     load_target_file,
@@ -18,6 +19,7 @@ __all__ = [
     "DEFAULT_TARGET",
     "MATMUL_KINDS",
     "NOISE_MODELS",
+    "NOISE_PARAMETERS",
     "AimcSpec",
     "DigitalSpec",
     "NoiseSpec",

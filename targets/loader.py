@@ -156,7 +156,8 @@ _PCM_PARAMS: dict[str, Callable[[object], Any]] = {
     "drift_scale": _non_negative_number,
     "prog_coeff_g_max_reference": _positive_number,
 }
-_NOISE_PARAMS: dict[str, dict[str, Callable[[object], Any]]] = {
+#: noise model -> the parameters a target may set for it, with their checks
+NOISE_PARAMETERS: dict[str, dict[str, Callable[[object], Any]]] = {
     "pcm": _PCM_PARAMS,
     "hermes": {**_PCM_PARAMS, "num_devices": _device_count},
     "reram": {
@@ -231,7 +232,7 @@ def _read_noise(aimc: Mapping[str, Any], source: str) -> NoiseSpec:
     raw = noise.get("params", {})
     if not isinstance(raw, Mapping):
         raise _fail(source, "aimc.noise.params", "must be a table")
-    allowed = _NOISE_PARAMS[model]
+    allowed = NOISE_PARAMETERS[model]
     params: list[tuple[str, NoiseParameter]] = []
     for key in sorted(raw):
         if key not in allowed:
