@@ -8,8 +8,9 @@ of that many weights, and of the two and four normal samples per weight that het
 model draws without and with drift, (b) hetmap's programming (a few tiles per noise-model
 call, :func:`program_in_chunks`), (c) the same with a drift step (1 h, read noise, GDC), (d)
 (c) with aihwkit's own noise-model code per chunk (hetmap's way before its in-place drift
-step), and (e) aihwkit's noise model called on all tiles at once (hetmap's way before
-chunking). Prints the median times and their ratios to (a) and to the draws as JSON
+step), (e) aihwkit's noise model called on all tiles at once (hetmap's way before
+chunking), and (f) (b) and (c) with ``kernels="compiled"`` (the samples drawn inside the
+compiled programming kernels). Prints the median times and their ratios to (a) and to the draws as JSON
 (``--output`` also writes it to a file).
 
     .venv/bin/python benchmarks/programming_speed.py --output benchmarks/results/programming_speed.json
@@ -63,6 +64,9 @@ def main() -> None:
     settings = AnalogSettings(noise_scale=1.5)
     drifting = dataclasses.replace(settings, drift_time=3600.0)
     model, drift_model = make_noise_model(settings), make_noise_model(drifting)
+    # kernels=compiled: the samples drawn inside the compiled programming kernels
+    compiled = dataclasses.replace(settings, kernels="compiled")
+    compiled_drifting = dataclasses.replace(drifting, kernels="compiled")
 
     def one_call() -> object:
         with mock.patch.object(programming_module, "_is_plain_pcm", lambda _model: False):
@@ -79,6 +83,9 @@ def main() -> None:
         "randn_x4": lambda: torch.randn((4, *weights.shape), device=device),
         "hetmap": lambda: program_in_chunks(weights, settings, model, args.chunk),
         "hetmap_drift": lambda: program_in_chunks(weights, drifting, drift_model, args.chunk),
+        "hetmap_compiled": lambda: program_in_chunks(weights, compiled, model, args.chunk),
+        "hetmap_drift_compiled": lambda: program_in_chunks(weights, compiled_drifting,
+                                                           drift_model, args.chunk),
         "aihwkit_drift_chunks": aihwkit_drift_chunks,
     }
     if not args.skip_one_call:
@@ -101,6 +108,9 @@ def main() -> None:
         "ratio_to_randn_of_its_samples": {
             "hetmap": round(medians["hetmap"] / medians["randn_x2"], 2),
             "hetmap_drift": round(medians["hetmap_drift"] / medians["randn_x4"], 2),
+            "hetmap_compiled": round(medians["hetmap_compiled"] / medians["randn_x2"], 2),
+            "hetmap_drift_compiled": round(
+                medians["hetmap_drift_compiled"] / medians["randn_x4"], 2),
         },
     }
     emit(report, args.output, indent=2)

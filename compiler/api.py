@@ -255,21 +255,28 @@ def run_sweep(model: str, *, policies: list[str], budgets: list[float], noise_sc
               eval_tokens: int = 8192, seq_len: int = 256, workers: int = 0,
               ray: str | None = None, force: bool = False, resume: bool = False,
               progress: Callable[[str, int], Callable[[int], None]] | None = None,
-              granularity: str = "expert", programming: str = "auto") -> dict[str, Any]:
+              granularity: str = "expert", programming: str = "auto",
+              kernels: str = "eager") -> dict[str, Any]:
     """The trade-off study of :mod:`hetmap.compiler.evaluation.sweep`; writes
     sweep.csv/json/png to ``out``. Each finished point is recorded beside ``out`` as it
     completes; ``resume`` continues an interrupted sweep from those records (same numbers as
     an uninterrupted run), and without it a sweep that left records is refused. A policy
     written ``NAME@neuron`` (or ``NAME@expert``) is placed at that granularity, the others at
     ``granularity``. ``programming`` is simulate's (``auto``: decided per point by the process
-    that simulates it, from its free memory)."""
+    that simulates it, from its free memory); ``kernels`` is simulate's too."""
     import copy
 
     from hetmap.compiler.data.textdata import batches, load_tokens
     from hetmap.compiler.evaluation import sweep as sweeping
-    from hetmap.compiler.evaluation.simulate import check_programming, perplexity, settings_for
+    from hetmap.compiler.evaluation.simulate import (
+        check_kernels,
+        check_programming,
+        perplexity,
+        settings_for,
+    )
 
     check_programming(programming)
+    check_kernels(kernels)
     registries = load_registries()
     for policy in policies:
         registries.policies.get(sweeping.split_policy(policy, granularity)[0])  # fail early
@@ -295,8 +302,8 @@ def run_sweep(model: str, *, policies: list[str], budgets: list[float], noise_sc
             plans.append((policy, budget, Plan(run.graph, base.model, base.target, base.pipeline)))
     points = sweeping.sweep_points(
         base.model.spec, plans, noise_scales, seeds, seed,
-        lambda scale: settings_for(base.target, noise_scale=scale), eval_file, eval_tokens, seq_len,
-        programming)
+        lambda scale: settings_for(base.target, noise_scale=scale, kernels=kernels), eval_file,
+        eval_tokens, seq_len, programming)
     import torch
 
     threads = torch.get_num_threads()
@@ -317,7 +324,7 @@ def run_sweep(model: str, *, policies: list[str], budgets: list[float], noise_sc
     extra = {"model": base.model.spec, "target": base.target.name, "digital_ppl": digital,
              "policies": policies, "budgets": budgets, "noise_scales": noise_scales,
              "seeds": seeds, "eval_tokens": eval_tokens, "eval_source": eval_file or "corpus:eval",
-             "programming": programming}
+             "programming": programming, "kernels": kernels}
     extra["resumed_points"] = reused
     with atomic_directory(Path(out), force) as staging:
         sweeping.write_outputs(staging, points, values, summary, extra)
@@ -334,20 +341,22 @@ def search(model: str | nn.Module | LoadedModel, *, max_loss: float, metric: str
            registries: Registries | None = None,
            progress: Callable[[str, int], Callable[[int], None]] | None = None,
            on_step: Callable[[SearchStep], None] | None = None,
-           granularity: str = "expert", programming: str = "auto") -> SearchResult:
+           granularity: str = "expert", programming: str = "auto",
+           kernels: str = "eager") -> SearchResult:
     """The smallest digital budget whose mapped perplexity (mean + one std over ``seeds``) stays
     within ``max_loss`` (a fraction: 0.01 is 1%) of all-digital; see
     :mod:`hetmap.compiler.evaluation.search`. Calibration and scores are computed once. Returns
     a ``SearchResult``: its ``steps``, ``chosen`` step and ``plan`` (None when nothing passed;
     ``require_plan()`` then raises the one-line error)."""
     from hetmap.compiler.evaluation.search import check_search, search_budget
-    from hetmap.compiler.evaluation.simulate import check_programming
+    from hetmap.compiler.evaluation.simulate import check_kernels, check_programming
     from hetmap.compiler.passes.place import PlacePass
 
     registries = registries or load_registries()
     policy = policy or PlacePass.policy
     check_search(metric, policy, registries)
     check_programming(programming)  # before the analysis passes run
+    check_kernels(kernels)
     analysis = POLICY_PIPELINES.get(policy, DEFAULT_PIPELINE).split(",place")[0]
     base = compile_model(model, target=target, pipeline=analysis, seed=seed,
                          trust_remote_code=trust_remote_code, registries=registries,
@@ -357,7 +366,7 @@ def search(model: str | nn.Module | LoadedModel, *, max_loss: float, metric: str
                          seeds=seeds, seed=seed, noise_scale=noise_scale, drift_time=drift_time,
                          eval_file=eval_file, eval_tokens=eval_tokens, device=device, chips=chips,
                          registries=registries, progress=progress, on_step=on_step,
-                         granularity=granularity, programming=programming)
+                         granularity=granularity, programming=programming, kernels=kernels)
 
 
 __all__ = ["DEFAULT_PIPELINE", "HetmapError", "Plan", "compile_model", "load_plan", "resolve_target",

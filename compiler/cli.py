@@ -288,6 +288,12 @@ programming_option = click.option(
     "the weights), or at every batch a few experts at a time (per-batch: no tile memory, slower "
     "on a CPU); auto keeps them when they take at most half of the free memory. Same noise "
     "either way.")
+kernels_option = click.option(
+    "--kernels", type=click.Choice(["eager", "compiled"]), default="eager", show_default=True,
+    help="How hetmap's tiles run their element-wise steps and PCM programming: PyTorch ops with "
+    "torch.randn noise (eager), or kernels fused by torch.compile (compiled: C++ on a CPU, "
+    "Triton on a GPU; compiling takes a minute once per process) that draw their noise inside, "
+    "from a counter-based generator: the same distributions, other samples for a seed.")
 device_map_option = click.option(
     "--device-map", default=None, metavar="auto|FILE.json",
     help="Place the model across GPUs, CPU and disk with accelerate: 'auto', or a JSON object "
@@ -302,6 +308,7 @@ device_map_option = click.option(
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @simulation_options
 @programming_option
+@kernels_option
 @click.option("--stream", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True,
               help="Run a checkpoint leaf by leaf from its files instead of loading it (auto: "
@@ -312,13 +319,15 @@ device_map_option = click.option(
 def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
              noise_scale: float | None, drift_time: float | None, ideal: bool,
              eval_file: str | None, eval_tokens: int, backend: str, device: str,
-             programming: str, stream: str, device_map: str | None, **kw: Any) -> None:
+             programming: str, kernels: str, stream: str, device_map: str | None,
+             **kw: Any) -> None:
     """Perplexity of the all-digital and the mapped model with analog non-idealities.
 
     PLAN_OR_MODEL is a compiled plan directory (simulation.json is added to it) or a MODEL,
     compiled first with the compile options."""
     from hetmap.compiler.api import compile_model, load_plan
     from hetmap.compiler.backends.plan import PLAN_FILE
+    from hetmap.compiler.evaluation.simulate import check_kernels
 
     plan_dir = Path(plan_or_model)
     is_plan = (plan_dir / PLAN_FILE).is_file()
@@ -335,6 +344,7 @@ def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
                 f"'hetmap compile ... -o DIR' to change the mapping")
     if not is_plan and out is not None and out.exists() and not force:
         raise OutputError(f"{out} already exists; pass --force to replace it or choose another -o")
+    check_kernels(kernels, backend)  # before compiling
     progress = progress_factory(err.is_terminal)
     if is_plan:
         plan = load_plan(plan_dir)
@@ -348,7 +358,7 @@ def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
                            drift_time=drift_time, ideal=ideal, eval_file=eval_file,
                            eval_tokens=eval_tokens, backend=backend, device=device,
                            progress=progress, programming=programming, stream=stream,
-                           device_map=device_map)
+                           device_map=device_map, kernels=kernels)
     data = {**result.to_json(), "digital_param_fraction": plan.summary["digital_param_fraction"]}
     print_simulation(plan.model.name, data)
     write_result(plan, plan_dir if is_plan else None, out, force, "simulation.json", data)
@@ -443,6 +453,7 @@ def print_simulation(name: str, data: dict[str, Any]) -> None:
 @click.option("--device", default=None, callback=_check_device,
               help="Torch device for the simulation. [default: cuda if available, else cpu]")
 @programming_option
+@kernels_option
 @device_map_option
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Write plan.json, ir.txt and eval.json here (MODEL form).")
@@ -451,7 +462,7 @@ def print_simulation(name: str, data: dict[str, Any]) -> None:
 def eval_cmd(plan_or_model: str, tasks: str | None, include_path: str | None, limit: int | None,
              num_fewshot: int | None, batch_size: int, seeds: int, noise_scale: float | None,
              drift_time: float | None, ideal: bool, backend: str, device: str,
-             programming: str, device_map: str | None, out: Path | None,
+             programming: str, kernels: str, device_map: str | None, out: Path | None,
              force: bool, **kw: Any) -> None:
     """Downstream-task accuracy (lm-evaluation-harness) of the all-digital and the mapped model.
 
@@ -461,6 +472,7 @@ def eval_cmd(plan_or_model: str, tasks: str | None, include_path: str | None, li
 
     from hetmap.compiler.api import compile_model, load_plan
     from hetmap.compiler.backends.plan import PLAN_FILE
+    from hetmap.compiler.evaluation.simulate import check_kernels
 
     for name in ("lm_eval", "huggingface_hub", "datasets"):  # notes and retries: one error line
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -481,6 +493,7 @@ def eval_cmd(plan_or_model: str, tasks: str | None, include_path: str | None, li
     if names == []:
         raise click.UsageError("--tasks names no task; give NAME[,NAME...]")
     task_set = plan_tasks(names, include_path)  # unknown names fail before any compiling
+    check_kernels(kernels, backend)
     progress = progress_factory(err.is_terminal)
     if is_plan:
         plan = load_plan(plan_dir)
@@ -493,7 +506,7 @@ def eval_cmd(plan_or_model: str, tasks: str | None, include_path: str | None, li
                            limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
                            noise_scale=noise_scale, drift_time=drift_time, ideal=ideal,
                            backend=backend, device=device, progress=progress,
-                           programming=programming, device_map=device_map)
+                           programming=programming, device_map=device_map, kernels=kernels)
     data = {**result.to_json(), "digital_param_fraction": plan.summary["digital_param_fraction"]}
     print_eval(plan.model.name, data)
     write_result(plan, plan_dir if is_plan else None, out, force, "eval.json", data)
@@ -553,10 +566,11 @@ def print_eval(name: str, data: dict[str, Any]) -> None:
               show_default=True, help="Unit of placement of every policy; one written "
               "NAME@neuron in --policies is placed by neuron whatever this says.")
 @programming_option
+@kernels_option
 def sweep(model: str, out: Path, force: bool, policies: str, budgets: str, noise_scales: str,
           seeds: int, workers: int, ray_address: str | None, eval_file: str | None,
           eval_tokens: int, target: str, calib_tokens: int | None, seed: int,
-          resume: bool, granularity: str, programming: str) -> None:
+          resume: bool, granularity: str, programming: str, kernels: str) -> None:
     """Trade-off study: perplexity against digital parameter fraction (sweep.csv/json/png)."""
     from hetmap.compiler.api import run_sweep
 
@@ -569,7 +583,7 @@ def sweep(model: str, out: Path, force: bool, policies: str, budgets: str, noise
                        seed=seed, target=target, calib_tokens=calib_tokens, eval_file=eval_file,
                        eval_tokens=eval_tokens, workers=workers, ray=ray_address, out=out,
                        force=force, resume=resume, progress=progress_factory(err.is_terminal),
-                       granularity=granularity, programming=programming)
+                       granularity=granularity, programming=programming, kernels=kernels)
     if result.get("resumed_points"):
         err.print(f"resumed: {result['resumed_points']} point(s) taken from the interrupted run",
                   markup=False)
@@ -613,11 +627,13 @@ def sweep(model: str, out: Path, force: bool, policies: str, budgets: str, noise
               help="Write the chosen plan here (plan.json, ir.txt, search.json).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @programming_option
+@kernels_option
 def search_cmd(model: str, max_loss: str, metric: str, policy: str | None, budget_scope: str,
                granularity: str, seeds: int, noise_scale: float | None, drift_time: float | None,
                eval_file: str | None, eval_tokens: int, device: str, target: str,
                calib: str | None, calib_tokens: int | None, chips: str | None, seed: int,
-               trust_remote_code: bool, out: Path | None, force: bool, programming: str) -> None:
+               trust_remote_code: bool, out: Path | None, force: bool, programming: str,
+               kernels: str) -> None:
     """The smallest digital budget whose mapped perplexity stays within --max-loss of
     all-digital (bisection over budgets; prints every step, writes the chosen plan)."""
     from hetmap.compiler.api import search
@@ -651,7 +667,7 @@ def search_cmd(model: str, max_loss: str, metric: str, policy: str | None, budge
                     target=target, calib=calib, calib_tokens=calib_tokens, chips=chips,
                     eval_file=eval_file, eval_tokens=eval_tokens, device=device,
                     trust_remote_code=trust_remote_code, progress=progress_factory(err.is_terminal),
-                    on_step=on_step, programming=programming)
+                    on_step=on_step, programming=programming, kernels=kernels)
     if result.settings.get("programming_reason"):
         used = ", ".join(_programmed(m) for m in result.settings["programming"].split(", "))
         console.print(f"  [dim]tiles programmed {used} ({result.settings['programming_reason']})[/]",

@@ -19,10 +19,19 @@ counter-based generator instead, so that they are drawn inside the ADC's pass:
 5. ``kernels="eager"`` (the default) draws with ``torch.randn`` from a ``torch.Generator``
    seeded with the same seed, then adds and rounds in place: no compilation, the draws
    hetmap has always made.
+6. Programming noise with ``kernels="compiled"`` (:func:`normal_pair`): element ``j`` of a
+   call with keys ``(k1, k2, k3, k4)`` takes two 24-bit uniforms
+   ``u = (h(h(j + k1) ^ k2) >> 8 + 0.5) / 2**24`` and ``v`` (the same with ``k3, k4``) and
+   returns the Box-Muller pair ``sqrt(-2 ln u) * (cos 2 pi v, sin 2 pi v)``: two independent
+   standard normal samples, continuous up to the uniforms' 24 bits, tails to
+   ``|z| = 5.9``. The keys are drawn from torch's (seeded) global generator, one set per
+   programming call, so that the programming calls of a seed stay in step however they are
+   grouped, as ``torch.randn``'s draws do with ``kernels="eager"``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -63,6 +72,29 @@ def _hash_int64(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def _uniform24(count: torch.Tensor, first_key: torch.Tensor, second_key: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Rule 6's uniform in ``(0, 1)``: 24 bits of the keyed hash of ``count``, centred."""
+    hashed = _hash_int64(_hash_int64((count + first_key) & _MASK32) ^ second_key)
+    return ((hashed >> 8).to(dtype) + 0.5) * (1.0 / (1 << 24))
+
+
+def normal_pair(shape: torch.Size | tuple[int, ...], keys: torch.Tensor, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rule 6: two independent standard normal tensors of ``shape`` (``dtype``) from the four
+    int64 ``keys`` (32-bit values) on their device; plain tensor ops that ``torch.compile``
+    fuses into the kernel that uses them (no sample is written to memory)."""
+    count = torch.arange(math.prod(shape), device=keys.device, dtype=torch.int64).view(shape)
+    radius = torch.sqrt(-2.0 * torch.log(_uniform24(count, keys[0], keys[1], dtype)))
+    angle = _uniform24(count, keys[2], keys[3], dtype) * (2.0 * math.pi)
+    return radius * torch.cos(angle), radius * torch.sin(angle)
+
+
+def program_keys(count: int, device: torch.device) -> torch.Tensor:
+    """Rule 6: ``count`` 32-bit keys (int64) from torch's global generator of ``device``."""
+    return torch.randint(0, 1 << 32, (count,), dtype=torch.int64, device=device)
+
+
 def fused_add_round(outputs: torch.Tensor, table: torch.Tensor, first_key: torch.Tensor,
                     second_key: torch.Tensor, scale: float, rounds: bool) -> torch.Tensor:
     """Rules 1 and 3 out of place, in plain tensor ops (what ``torch.compile`` fuses)."""
@@ -95,12 +127,17 @@ def dac_levels(inputs: torch.Tensor, scale: torch.Tensor, inp_unit: float, unit:
 _COMPILED: dict[str, Any] = {}
 
 
+#: Inductor options of every compiled kernel: no bounds check of indirect indices (the only
+#: one is rule 1's table look-up, whose index is masked to the table's size).
+_OPTIONS: dict[str, Any] = {"assert_indirect_indexing": False}
+
+
 def compiled(function: Any) -> Any:
     """``torch.compile(function, dynamic=True)``: one wrapper per function, made on first use
     (torch compiles on the wrapper's first call and keeps the kernels with it)."""
     name = function.__name__
     if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(function, dynamic=True)
+        _COMPILED[name] = torch.compile(function, dynamic=True, options=_OPTIONS)
     return _COMPILED[name]
 
 

@@ -23,6 +23,12 @@ covers many tiles.
    arithmetic in place (:func:`_pcm_drift`), with four normal samples per weight where
    aihwkit draws six of which each weight uses four (tested equal to aihwkit's given its
    six draws, and in distribution with its own).
+5. ``kernels="compiled"`` (plain PCM only): steps 2 and 3 run as compiled kernels (C++ on the
+   CPU, Triton on a GPU) that draw their normal samples inside
+   (:func:`hetmap.runtime.fused.normal_pair`, keys from the seeded generator, one set per
+   call) instead of reading ``torch.randn``'s: the same arithmetic and distributions, other
+   samples than ``kernels="eager"`` for a seed (tested equal to the same functions uncompiled,
+   and in distribution with aihwkit's). Other noise models run as with ``"eager"``.
 4. Global drift compensation, per tile: ``mean|W_programmed| / mean|W_drifted|`` (the quantity
    aihwkit's ``GlobalDriftCompensation`` reads out, taken here from the conductances directly,
    i.e. without periphery noise in the read-out), folded into the output scale.
@@ -37,7 +43,7 @@ import hashlib
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from aihwkit.inference import (
@@ -56,6 +62,7 @@ from aihwkit.inference.noise.hermes import HermesNoiseModel
 
 from hetmap.common.errors import SimulationError
 
+from . import fused
 from .settings import AnalogSettings
 
 # Converters whose mapping of a tile depends only on its abs-max (see _noise_all_tiles).
@@ -260,9 +267,11 @@ def _noise_all_tiles(
     """Steps 2-3 with one noise-model call for all tiles ``[E, out tiles, cols, in tiles,
     rows]`` (valid for converters that map a tile by its abs-max, which step 1 made equal)."""
     if _is_plain_pcm(noise_model):
+        counter = settings.kernels == "compiled"
         if settings.drifts:
-            return _pcm_drift(tiled, inside, noise_model, float(settings.drift_time or 0.0))
-        programmed = _pcm_programming(tiled, noise_model)
+            return _pcm_drift(tiled, inside, noise_model, float(settings.drift_time or 0.0),
+                              counter=counter)
+        programmed = _pcm_programming(tiled, noise_model, counter=counter)
         return (programmed if inside is None else programmed.mul_(inside)), None
     programmed, drift_params = noise_model.apply_programming_noise(tiled)
     if inside is not None:
@@ -284,28 +293,55 @@ def _is_plain_pcm(noise_model: BaseNoiseModel) -> bool:
             and type(converter) is SinglePairConductanceConverter and converter.g_min == 0)
 
 
-def _pcm_programming(weights: torch.Tensor, noise_model: BaseNoiseModel) -> torch.Tensor:
+def _pcm_constants(noise_model: Any) -> tuple[float, float, float, float, float]:
+    """``(g_max, converter g_max, c0, c1, c2)`` of a plain PCM model: the programming-noise
+    polynomial's coefficients scaled as aihwkit scales them (``g_max / reference * scale``)."""
+    g_max = float(noise_model.g_max)
+    unit = g_max / float(noise_model.prog_coeff_g_max_reference) * float(
+        noise_model.prog_noise_scale)
+    c0, c1, c2 = (float(coeff) * unit for coeff in noise_model.prog_coeff)
+    return g_max, float(noise_model.g_converter.g_max), c0, c1, c2
+
+
+def _pcm_programming(weights: torch.Tensor, noise_model: BaseNoiseModel, counter: bool = False
+                     ) -> torch.Tensor:
     """aihwkit's ``PCMLikeNoiseModel.apply_programming_noise`` with its single-pair converter
     (``g_min = 0``), without the drift coefficients it also draws (unused without a drift
     step). A weight ``w`` maps to ``g = |w| * ratio`` on one device and 0 on the other; each
     device gets ``clamp(g + c * sigma(g) * n, 0)``, ``n`` standard normal, so the idle one gets
     ``clamp(c * sigma(0) * n, 0)``; the weight read back is their difference (sign of ``w``)
-    over ``ratio``. Computed in weight units (``sigma(g) / ratio`` as a polynomial in
-    ``|w|``), two normal samples per weight drawn in one call, in-place arithmetic."""
-    active = weights.abs()
-    ratio = float(noise_model.g_converter.g_max) / max(float(active.max()), _ZERO_CLIP)
-    g_max = float(noise_model.g_max)
-    unit = g_max / float(noise_model.prog_coeff_g_max_reference) * float(
-        noise_model.prog_noise_scale)
-    c0, c1, c2 = (float(coeff) * unit for coeff in noise_model.prog_coeff)
+    over ``ratio``. Two normal samples per weight: drawn with ``torch.randn``'s generator in
+    one call, or (``counter``, ``kernels="compiled"``) inside one compiled kernel with the
+    arithmetic (:func:`hetmap.runtime.fused.normal_pair`, keys from the same generator)."""
+    g_max, top, c0, c1, c2 = _pcm_constants(noise_model)
+    ratio = top / max(float(_abs_max(weights)), _ZERO_CLIP)
+    if counter:
+        keys = fused.program_keys(4, weights.device)
+        return fused.compiled(_pcm_programmed_counter)(weights, keys, ratio, g_max, c0, c1, c2)
     noise = torch.empty((2, *weights.shape), dtype=weights.dtype, device=weights.device)
     noise.normal_()
+    return _pcm_programmed(weights, noise[0], noise[1], ratio, g_max, c0, c1, c2)
+
+
+def _pcm_programmed(weights: torch.Tensor, active_noise: torch.Tensor, idle_noise: torch.Tensor,
+                    ratio: float, g_max: float, c0: float, c1: float, c2: float) -> torch.Tensor:
+    """:func:`_pcm_programming`'s arithmetic given its two draws, in weight units
+    (``sigma(g) / ratio`` as a polynomial in ``|w|``), in place (``idle_noise`` included)."""
+    active = weights.abs()
     sigma = torch.mul(active, c2 * ratio / g_max**2).add_(c1 / g_max).mul_(active)
     sigma.add_(c0 / ratio)
-    active.addcmul_(sigma, noise[0]).clamp_(min=0.0)
-    idle = noise[1].mul_(c0 / ratio).clamp_(min=0.0)
+    active.addcmul_(sigma, active_noise).clamp_(min=0.0)
+    idle = idle_noise.mul_(c0 / ratio).clamp_(min=0.0)
     sign = torch.ones_like(weights).copysign_(weights)  # +-1, also for w = 0
     return active.sub_(idle).mul_(sign)
+
+
+def _pcm_programmed_counter(weights: torch.Tensor, keys: torch.Tensor, ratio: float,
+                            g_max: float, c0: float, c1: float, c2: float) -> torch.Tensor:
+    """:func:`_pcm_programmed` with its draws from ``fused.normal_pair`` (compiled: one
+    kernel, no sample in memory)."""
+    active_noise, idle_noise = fused.normal_pair(weights.shape, keys, weights.dtype)
+    return _pcm_programmed(weights, active_noise, idle_noise, ratio, g_max, c0, c1, c2)
 
 
 def _pcm_drift(
@@ -314,6 +350,7 @@ def _pcm_drift(
     noise_model: BaseNoiseModel,
     drift_time: float,
     draws: Sequence[torch.Tensor] | None = None,
+    counter: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 2-3 for the plain PCM model (:func:`_is_plain_pcm`) with a drift step: aihwkit's
     ``apply_programming_noise``, the per-tile renormalisation of :func:`_noise_all_tiles`
@@ -327,69 +364,123 @@ def _pcm_drift(
     pair with only the device of its programmed sign non-zero, and an idle device reads
     exactly 0 whatever its coefficient and read noise. So each weight uses one drift
     coefficient and one read-noise sample, of one device, and both devices may share one
-    sample of each: the same distribution as aihwkit's, two thirds of its draws."""
-    if draws is None:
-        noise = torch.empty((4, *tiled.shape), dtype=tiled.dtype, device=tiled.device)
-        noise.normal_()
-        nu, read = noise[2], noise[3]  # one view each: _pick tells shared draws by identity
-        draws = (noise[0], nu, noise[1], nu, read, read)
-    prog_plus, nu_plus, prog_minus, nu_minus, read_plus, read_minus = draws
+    sample of each: the same distribution as aihwkit's, two thirds of its draws. With
+    ``counter`` (``kernels="compiled"``) the four are two :func:`hetmap.runtime.fused.normal_pair`
+    draws inside the two compiled kernels (programming; drift)."""
     model: Any = noise_model
-    g_max, top = float(model.g_max), float(model.g_converter.g_max)
-    unit = g_max / float(model.prog_coeff_g_max_reference) * float(model.prog_noise_scale)
-    c0, c1, c2 = (float(coeff) * unit for coeff in model.prog_coeff)
-    drift_scale = float(model.drift_scale)
+    g_max, top, c0, c1, c2 = _pcm_constants(model)
+    ratio = top / max(float(_abs_max(tiled)), _ZERO_CLIP)
+    time = drift_time + float(model.t_0)
+    t_read = float(model.t_read)
+    drift = _DriftConstants(
+        g_max, top, ratio, float(model.drift_scale), -math.log(time / float(model.t_0)),
+        math.sqrt(math.log((time + t_read) / (2 * t_read))) * float(model.read_noise_scale))
+    keys = fused.program_keys(8, tiled.device) if counter and draws is None else None
+    if keys is not None:
+        programmed = fused.compiled(_drift_programmed_counter)(
+            tiled, keys[:4], ratio, g_max, top, c0, c1, c2)
+    else:
+        if draws is None:
+            noise = torch.empty((4, *tiled.shape), dtype=tiled.dtype, device=tiled.device)
+            noise.normal_()
+            nu, read = noise[2], noise[3]  # one view each: _pick tells shared draws by identity
+            draws = (noise[0], nu, noise[1], nu, read, read)
+        prog_plus, nu_plus, prog_minus, nu_minus, read_plus, read_minus = draws
+        programmed = _drift_programmed(tiled, prog_plus, prog_minus, ratio, g_max, top,
+                                       c0, c1, c2)
+    if inside is not None:
+        programmed.mul_(inside)
+    tile_max = _abs_max(programmed, (2, 4))
+    tile_max.masked_fill_(tile_max == 0.0, 1.0)
+    if keys is not None:
+        drifted = fused.compiled(_drifted_counter)(tiled, programmed, tile_max, keys[4:],
+                                                   *drift)
+    else:
+        # The device each weight is re-converted onto: that of its programmed sign. Its nu and
+        # read noise are that device's (selected only where the two devices have separate
+        # draws).
+        separate = nu_plus is not nu_minus or read_plus is not read_minus
+        positive = programmed > 0.0 if separate else None
+        drifted = _drifted(tiled, programmed, tile_max, _pick(positive, nu_plus, nu_minus),
+                           _pick(positive, read_plus, read_minus), *drift)
+    return programmed, (drifted if inside is None else drifted.mul_(inside))
 
-    def coefficient(conductance: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
-        """``generate_drift_coefficients``: nu of devices at ``conductance``."""
-        log = (conductance / g_max).clamp_(min=_ZERO_CLIP).log_()
-        sigma = torch.mul(log, -0.0125).sub_(0.0059).clamp_(min=0.008, max=0.045)
-        mean = log.mul_(-0.0155).add_(0.0244).clamp_(min=0.049, max=0.1)
-        return mean.addcmul_(sigma, normal).abs_().mul_(drift_scale)
+
+def _drift_programmed(tiled: torch.Tensor, prog_plus: torch.Tensor, prog_minus: torch.Tensor,
+                      ratio: float, g_max: float, top: float, c0: float, c1: float, c2: float
+                      ) -> torch.Tensor:
+    """:func:`_pcm_drift`'s programming step: both devices of every weight programmed
+    (``apply_programming_noise_to_conductance``, the variance polynomial in ``g``), the
+    weight read back as their difference over ``ratio``."""
 
     def programmed_device(conductance: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
-        """``apply_programming_noise_to_conductance`` (the variance polynomial in ``g``)."""
         sigma = torch.mul(conductance, c2 / g_max**2).add_(c1 / g_max).mul_(conductance)
         sigma.add_(c0)
         return sigma.mul_(normal).add_(conductance).clamp_(min=0.0)
 
-    ratio = top / max(float(_abs_max(tiled)), _ZERO_CLIP)
     plus = torch.mul(tiled, ratio).clamp_(min=0.0, max=top)
     minus = torch.mul(tiled, -ratio).clamp_(min=0.0, max=top)
     programmed = programmed_device(plus, prog_plus).sub_(programmed_device(minus, prog_minus))
-    programmed.div_(ratio)
-    if inside is not None:
-        programmed.mul_(inside)
-    del plus, minus
-    # The device each weight is re-converted onto: that of its programmed sign. Its target
-    # conductance in programming was clamp(sign * w * ratio); its nu and read noise are that
-    # device's (selected only where the two devices have separate draws).
-    sign = torch.sign(programmed)
-    positive = sign > 0.0 if nu_plus is not nu_minus or read_plus is not read_minus else None
-    target = torch.mul(tiled, sign).mul_(ratio).clamp_(min=0.0, max=top)
-    nu = coefficient(target, _pick(positive, nu_plus, nu_minus))
-    del target
+    return programmed.div_(ratio)
 
-    tile_max = _abs_max(programmed, (2, 4))
-    tile_max.masked_fill_(tile_max == 0.0, 1.0)
+
+def _drift_programmed_counter(tiled: torch.Tensor, keys: torch.Tensor, ratio: float,
+                              g_max: float, top: float, c0: float, c1: float, c2: float
+                              ) -> torch.Tensor:
+    """:func:`_drift_programmed` with its draws from ``fused.normal_pair``."""
+    plus_noise, minus_noise = fused.normal_pair(tiled.shape, keys, tiled.dtype)
+    return _drift_programmed(tiled, plus_noise, minus_noise, ratio, g_max, top, c0, c1, c2)
+
+
+class _DriftConstants(NamedTuple):
+    """The numbers :func:`_drifted` needs besides tensors."""
+
+    g_max: float
+    top: float  # the converter's g_max
+    ratio: float  # of the programming step's conversion
+    drift_scale: float
+    log_decay: float  # -ln((drift_time + t_0) / t_0)
+    read_scale: float  # sqrt(ln((t + t_read) / (2 t_read))) * read_noise_scale
+
+
+def _drifted(tiled: torch.Tensor, programmed: torch.Tensor, tile_max: torch.Tensor,
+             nu_normal: torch.Tensor, read_normal: torch.Tensor, g_max: float, top: float,
+             ratio: float, drift_scale: float, log_decay: float, read_scale: float
+             ) -> torch.Tensor:
+    """:func:`_pcm_drift`'s drift step on the programmed tiles, given the normal samples of
+    each weight's drift coefficient and read noise.
+
+    Each tile is re-converted from ``programmed / tile_max``: its abs-max is exactly 1 (or the
+    tile is all zero), so the conversion's ratio is the converter's ``g_max`` (``top``)."""
+    sign = torch.sign(programmed)
+    # generate_drift_coefficients: nu of the device at the conductance programming targeted
+    target = torch.mul(tiled, sign).mul_(ratio).clamp_(min=0.0, max=top)
+    log = target.div_(g_max).clamp_(min=_ZERO_CLIP).log_()
+    sigma = torch.mul(log, -0.0125).sub_(0.0059).clamp_(min=0.008, max=0.045)
+    nu = log.mul_(-0.0155).add_(0.0244).clamp_(min=0.049, max=0.1)
+    nu.addcmul_(sigma, nu_normal).abs_().mul_(drift_scale)
+    del sigma
+
     active = programmed / tile_max
-    ratio = top / max(float(_abs_max(active)), _ZERO_CLIP)
-    active.abs_().mul_(ratio).clamp_(max=top)  # the conductance of the non-zero device
-    time = drift_time + float(model.t_0)
+    active.abs_().mul_(top).clamp_(max=top)  # the conductance of the non-zero device
     drifted = active.clone()
-    if time > float(model.t_0):
-        drifted.mul_(nu.mul_(-math.log(time / float(model.t_0))).exp_())
+    if log_decay != 0.0:
+        drifted.mul_(nu.mul_(log_decay).exp_())
     del nu
-    t_read = float(model.t_read)
-    accumulated = math.sqrt(math.log((time + t_read) / (2 * t_read)))
     # (g / g_max) ** 0.65 as exp(0.65 log(...)): two vectorised passes instead of pow's one
     # slow one.
     spread = active.div_(g_max).log_().mul_(0.65).exp_().clamp_(min=1e-3).reciprocal_()
-    spread.mul_(0.0088).clamp_(max=0.2).mul_(accumulated * float(model.read_noise_scale))
-    spread.mul_(_pick(positive, read_plus, read_minus)).mul_(drifted)
+    spread.mul_(0.0088).clamp_(max=0.2).mul_(read_scale)
+    spread.mul_(read_normal).mul_(drifted)
     drifted.add_(spread).clamp_(min=0.0)
-    drifted.mul_(sign).mul_(tile_max / ratio)
-    return programmed, (drifted if inside is None else drifted.mul_(inside))
+    return drifted.mul_(sign).mul_(tile_max / top)
+
+
+def _drifted_counter(tiled: torch.Tensor, programmed: torch.Tensor, tile_max: torch.Tensor,
+                     keys: torch.Tensor, *constants: float) -> torch.Tensor:
+    """:func:`_drifted` with its draws from ``fused.normal_pair``."""
+    nu_normal, read_normal = fused.normal_pair(tiled.shape, keys, tiled.dtype)
+    return _drifted(tiled, programmed, tile_max, nu_normal, read_normal, *constants)
 
 
 def _pick(positive: torch.Tensor | None, plus: torch.Tensor, minus: torch.Tensor

@@ -25,10 +25,13 @@ tile model and the aihwkit reference backend can be configured from the same obj
    compensation), ``read_noise`` (the model's accumulated 1/f read noise, applied in the drift
    step as aihwkit does; without a drift step there is no read noise).
 10. ``ideal=True`` turns every non-ideality off: the tiled product is exact.
-11. ``kernels``: how the periphery's element-wise steps run, not what they compute:
-    ``"eager"`` (PyTorch ops) or ``"compiled"`` (fused by ``torch.compile``: C++ on the CPU,
-    Triton on a GPU; the first call compiles, tens of seconds). Same results up to float
-    contraction (:mod:`hetmap.runtime.fused`).
+11. ``kernels``: how the periphery's element-wise steps and the PCM programming run:
+    ``"eager"`` (PyTorch ops, noise from ``torch.randn``) or ``"compiled"`` (fused by
+    ``torch.compile``: C++ on the CPU, Triton on a GPU; the first call compiles, tens of
+    seconds). The same arithmetic up to float contraction, but ``"compiled"`` draws its
+    output and programming noise inside its kernels from a counter-based generator
+    (:mod:`hetmap.runtime.fused`, rules 1 and 6): the same distributions, other samples for
+    a seed than ``"eager"``.
 12. ``programming``: when the tiles are programmed, not what they hold: ``"resident"``
     (once, when the simulated model is built; the programmed tiles stay in memory, float32
     beside the model's own weights) or ``"per-batch"`` (at every forward, a few experts at a
@@ -210,7 +213,8 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 
 def settings_for(target: Any, *, noise_scale: float | None = None, drift_time: float | None = None,
-                 ideal: bool = False, programming: str = "resident") -> AnalogSettings:
+                 ideal: bool = False, programming: str = "resident",
+                 kernels: str = "eager") -> AnalogSettings:
     """The analog settings a target's AIMC spec describes (duck-typed: any object with the
     ``aimc`` fields of :class:`hetmap.targets.Target`)."""
     aimc = target.aimc
@@ -221,5 +225,5 @@ def settings_for(target: Any, *, noise_scale: float | None = None, drift_time: f
         rows=aimc.rows, cols=aimc.cols, dac_bits=aimc.dac_bits, adc_bits=aimc.adc_bits,
         out_noise=aimc.out_noise, noise_model=aimc.noise.model,
         noise_scale=float(scale if noise_scale is None else noise_scale),
-        drift_time=drift_time, ideal=ideal, programming=programming,
+        drift_time=drift_time, ideal=ideal, programming=programming, kernels=kernels,
         noise_params=tuple(params.items()))

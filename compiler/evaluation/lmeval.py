@@ -295,7 +295,8 @@ def evaluate_plan(plan: Plan, tasks: Sequence[str] | TaskSet = PAPER_TASKS, *, s
                   noise_scale: float | None = None, drift_time: float | None = None,
                   ideal: bool = False, backend: str = "hetmap", device: str = "cpu",
                   progress: Callable[[str, int], Callable[[int], None]] | None = None,
-                  programming: str = "auto", device_map: str | None = None) -> EvalResult:
+                  programming: str = "auto", device_map: str | None = None,
+                  kernels: str = "eager") -> EvalResult:
     """Accuracy of ``plan``'s model on lm-eval ``tasks`` (names, or a :class:`TaskSet` from
     :func:`load_tasks`): all-digital and mapped per seed. ``programming`` and ``device_map``
     as for :func:`~hetmap.compiler.evaluation.simulate.simulate_plan` (rules 4 and 6)."""
@@ -304,7 +305,8 @@ def evaluate_plan(plan: Plan, tasks: Sequence[str] | TaskSet = PAPER_TASKS, *, s
                          limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
                          noise_scale=noise_scale, drift_time=drift_time, ideal=ideal,
                          backend=backend, device=device, progress=progress,
-                         programming=programming, device_map=device_map, offload=Path(offload))
+                         programming=programming, device_map=device_map, kernels=kernels,
+                         offload=Path(offload))
 
 
 def _evaluate(plan: Plan, tasks: Sequence[str] | TaskSet, *, seeds: int, seed: int,
@@ -312,10 +314,11 @@ def _evaluate(plan: Plan, tasks: Sequence[str] | TaskSet, *, seeds: int, seed: i
               batch_size: int, noise_scale: float | None, drift_time: float | None, ideal: bool,
               backend: str, device: str,
               progress: Callable[[str, int], Callable[[int], None]] | None, programming: str,
-              device_map: str | None, offload: Path) -> EvalResult:
+              device_map: str | None, kernels: str, offload: Path) -> EvalResult:
     from hetmap.compiler.data.devices import dispatched, read_device_map
     from hetmap.compiler.evaluation.simulate import (
         analog_part,
+        check_kernels,
         check_programming,
         programming_mode,
     )
@@ -328,6 +331,7 @@ def _evaluate(plan: Plan, tasks: Sequence[str] | TaskSet, *, seeds: int, seed: i
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SimulationError("--device cuda asked for, but no CUDA device is available here")
     check_programming(programming)
+    check_kernels(kernels, backend)
     placed = None if device_map is None else read_device_map(device_map)
     if placed is not None:
         model = dispatched(plan.model, placed, offload)
@@ -343,7 +347,7 @@ def _evaluate(plan: Plan, tasks: Sequence[str] | TaskSet, *, seeds: int, seed: i
     mode, _reason = programming_mode(programming, part, model, device, False, placed is not None,
                                      backend)
     settings = settings_for(plan.target, noise_scale=noise_scale, drift_time=drift_time,
-                            ideal=ideal, programming=mode)
+                            ideal=ideal, programming=mode, kernels=kernels)
     advance = (progress or (lambda _d, _t: (lambda _n: None)))("evaluating", seeds + 1)
     run = {"limit": limit, "num_fewshot": num_fewshot}
     digital, samples = run_tasks(digital_lm, loaded, **run)

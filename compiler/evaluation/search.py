@@ -268,18 +268,21 @@ def search_budget(base: Plan, *, max_loss: float, policy: str, budget_scope: str
                   chips: int | str | None = None, registries: Registries | None = None,
                   progress: Progress | None = None,
                   on_step: Callable[[SearchStep], None] | None = None,
-                  granularity: str = "expert", programming: str = "auto") -> SearchResult:
+                  granularity: str = "expert", programming: str = "auto",
+                  kernels: str = "eager") -> SearchResult:
     """Bisect the candidate budgets of ``base`` for the smallest within ``max_loss`` (rules 1-4)."""
-    from hetmap.compiler.evaluation.simulate import check_programming
+    from hetmap.compiler.evaluation.simulate import check_kernels, check_programming
     from hetmap.compiler.registry import load_registries
     from hetmap.runtime.settings import settings_for
 
     if seeds < 1:
         raise SimulationError(f"--seeds must be at least 1, got {seeds}")
     check_programming(programming)
+    check_kernels(kernels)
     registries = registries or load_registries()
     candidates = candidate_budgets(group_sizes(base.graph, budget_scope))
-    settings = settings_for(base.target, noise_scale=noise_scale, drift_time=drift_time)
+    settings = settings_for(base.target, noise_scale=noise_scale, drift_time=drift_time,
+                            kernels=kernels)
     evaluator = _Evaluator(base, settings, eval_file, eval_tokens, seq_len, device, programming)
     make_bar = progress or (lambda _d, _t: (lambda _n: None))
     steps: dict[int, SearchStep] = {}

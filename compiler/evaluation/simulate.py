@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from hetmap.compiler.api import Plan
 
 PROGRAMMING_CHOICES = ("auto", "resident", "per-batch")
+KERNEL_CHOICES = ("eager", "compiled")
 STREAM_CHOICES = ("auto", "on", "off")
 #: tokens per forward of a streamed run (rule 5): each batch reads every weight once
 STREAM_TOKENS = 16384
@@ -235,7 +236,8 @@ def simulate_plan(plan: Plan, *, seeds: int = 1, seed: int = 0, noise_scale: flo
                   backend: str = "hetmap", device: str = "cpu",
                   progress: Callable[[str, int], Callable[[int], None]] | None = None,
                   digital_ppl: float | None = None, programming: str = "auto",
-                  stream: str = "auto", device_map: str | None = None) -> SimulationResult:
+                  stream: str = "auto", device_map: str | None = None,
+                  kernels: str = "eager") -> SimulationResult:
     """Perplexity of ``plan``'s model all-digital and mapped (``seeds`` programming seeds)."""
     with tempfile.TemporaryDirectory(prefix="hetmap-offload-") as offload:
         return _simulate(plan, seeds=seeds, seed=seed, noise_scale=noise_scale,
@@ -243,7 +245,7 @@ def simulate_plan(plan: Plan, *, seeds: int = 1, seed: int = 0, noise_scale: flo
                          eval_tokens=eval_tokens, seq_len=seq_len, batch=batch, backend=backend,
                          device=device, progress=progress, digital_ppl=digital_ppl,
                          programming=programming, stream=stream, device_map=device_map,
-                         offload=Path(offload))
+                         kernels=kernels, offload=Path(offload))
 
 
 def _simulate(plan: Plan, *, seeds: int, seed: int, noise_scale: float | None,
@@ -251,7 +253,7 @@ def _simulate(plan: Plan, *, seeds: int, seed: int, noise_scale: float | None,
               seq_len: int, batch: int, backend: str, device: str,
               progress: Callable[[str, int], Callable[[int], None]] | None,
               digital_ppl: float | None, programming: str, stream: str, device_map: str | None,
-              offload: Path) -> SimulationResult:
+              kernels: str, offload: Path) -> SimulationResult:
 
     if seeds < 1:
         raise SimulationError(f"--seeds must be at least 1, got {seeds}")
@@ -263,6 +265,7 @@ def _simulate(plan: Plan, *, seeds: int, seed: int, noise_scale: float | None,
                                  ("--stream", stream, STREAM_CHOICES)):
         if given not in choices:
             raise SimulationError(f"{name} must be one of {', '.join(choices)}, got {given!r}")
+    check_kernels(kernels, backend)
     placed = None if device_map is None else read_device_map(device_map)
     if placed is not None and stream == "on":
         raise SimulationError("--device-map and --stream on are two ways to run a model that "
@@ -282,7 +285,7 @@ def _simulate(plan: Plan, *, seeds: int, seed: int, noise_scale: float | None,
     mode, reason = programming_mode(programming, part, model, device, streamed, placed is not None,
                                     backend)
     settings = settings_for(plan.target, noise_scale=noise_scale, drift_time=drift_time,
-                            ideal=ideal, programming=mode)
+                            ideal=ideal, programming=mode, kernels=kernels)
     advance = (progress or (lambda _d, _t: (lambda _n: None)))(
         "simulating" + (" (streamed)" if streamed else ""), seeds + 1)
     if streamed:
@@ -329,6 +332,17 @@ def check_programming(programming: str) -> None:
     if programming not in PROGRAMMING_CHOICES:
         raise SimulationError(f"--programming must be one of {', '.join(PROGRAMMING_CHOICES)}, "
                               f"got {programming!r}")
+
+
+def check_kernels(kernels: str, backend: str = "hetmap") -> None:
+    """One line for a ``--kernels`` that is not one of :data:`KERNEL_CHOICES`, or that the
+    backend does not run (settings rule 11 is about hetmap's tiles)."""
+    if kernels not in KERNEL_CHOICES:
+        raise SimulationError(f"--kernels must be one of {', '.join(KERNEL_CHOICES)}, "
+                              f"got {kernels!r}")
+    if kernels != "eager" and backend != "hetmap":
+        raise SimulationError(f"--kernels {kernels} is a mode of hetmap's tiles; the {backend} "
+                              "backend runs its own: use --backend hetmap, or --kernels eager")
 
 
 def programming_mode(asked: str, part: AnalogPart, model: nn.Module, device: str, streamed: bool,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hetmap.common.errors import SimulationError
-from hetmap.runtime import AnalogSettings, AnalogTileStack, build_simulated_model
+from hetmap.runtime import AnalogSettings, AnalogTileStack, build_simulated_model, fused
 from hetmap.runtime import analog as analog_module
 from hetmap.runtime.analog import DigitalStack, StackView
 from hetmap.runtime.grouped import RowGroups
@@ -36,7 +36,8 @@ def _per_batch(settings: AnalogSettings) -> AnalogSettings:
     dataclasses.replace(NOISY, drift_time=3600.0),
     dataclasses.replace(NOISY, noise_model="reram", noise_scale=1.0),
     dataclasses.replace(NOISY, ideal=True),
-], ids=["pcm", "pcm-drift", "reram", "ideal"])
+    dataclasses.replace(NOISY, drift_time=3600.0, kernels="compiled"),
+], ids=["pcm", "pcm-drift", "reram", "ideal", "pcm-drift-counter"])
 @pytest.mark.parametrize(("group_elements", "chunk", "groups_of"), [
     (1 << 24, 1 << 18, 7),  # the defaults: one group
     (960, 480, 2),  # a chunk per matrix: groups of 2 matrices
@@ -49,7 +50,10 @@ def test_per_batch_stack_equals_resident(settings: AnalogSettings, group_element
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks (gate, up) of 7 matrices, a subset view of a store, one matrix without rows;
     one group for all matrices, or groups cut in several ways. With bound management
-    clipping (out_bound 4) the merge order may differ: 1e-6 relative."""
+    clipping (out_bound 4) the merge order may differ: 1e-6 relative. kernels=compiled (its
+    counter-based programming noise keyed from the generator) runs uncompiled here: the keys
+    must stay in step, and the compiled kernels equal these functions (test_sim_fused)."""
+    monkeypatch.setattr(fused, "compiled", lambda function: function)
     monkeypatch.setattr(analog_module, "_PER_BATCH_GROUP_ELEMENTS", {"cpu": group_elements})
     monkeypatch.setattr(analog_module, "_PROGRAM_CHUNK_ELEMENTS", {"cpu": chunk})
     grid = analog_module.TileGrid.build(24, (20, 20), settings.rows, settings.cols)
