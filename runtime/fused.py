@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from hetmap.common.errors import SimulationError
+
 _MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
 _MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)
@@ -134,11 +136,36 @@ _OPTIONS: dict[str, Any] = {"assert_indirect_indexing": False}
 
 def compiled(function: Any) -> Any:
     """``torch.compile(function, dynamic=True)``: one wrapper per function, made on first use
-    (torch compiles on the wrapper's first call and keeps the kernels with it)."""
+    (torch compiles on the wrapper's first call and keeps the kernels with it). A machine
+    where torch.compile cannot build kernels (no working C++ compiler, no Triton) gets one
+    :class:`SimulationError` naming the cause, not torch's traceback."""
     name = function.__name__
     if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(function, dynamic=True, options=_OPTIONS)
+        _COMPILED[name] = _Guarded(torch.compile(function, dynamic=True, options=_OPTIONS))
     return _COMPILED[name]
+
+
+def _compile_failures() -> tuple[type[BaseException], ...]:
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
+
+    return (TorchDynamoException, CppCompileError, InvalidCxxCompiler)
+
+
+class _Guarded:
+    """A compiled function whose compilation failures are one line (see :func:`compiled`)."""
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+
+    def __call__(self, *args: Any) -> Any:
+        try:
+            return self.function(*args)
+        except _compile_failures() as error:
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            cause = lines[0] if lines else type(error).__name__
+            raise SimulationError(f"kernels=compiled: torch.compile cannot build its kernels "
+                                  f"here ({cause}); use --kernels eager") from None
 
 
 class OutputNoise:

@@ -218,6 +218,32 @@ def test_counter_programming_matches_aihwkit_statistics(
         assert abs(mine.mean().item() - reference.mean().item()) < 4 * standard_error
 
 
+def test_a_machine_where_torch_compile_fails_gets_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """No working C++ compiler (torch's own error, raised at the first compiled call): one
+    SimulationError naming the cause and the way out, and through the CLI one line, exit 2."""
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    from hetmap.common.errors import SimulationError
+    from hetmap.compiler.cli import main
+
+    def broken(function, **_options):
+        def run(*_args):
+            raise InvalidCxxCompiler()
+        return run
+
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(fused.torch, "compile", broken)
+    with pytest.raises(SimulationError, match=r"kernels=compiled: torch.compile cannot build "
+                       r"its kernels here \(No working C\+\+ compiler.*--kernels eager"):
+        AnalogTileStack(torch.randn(2, 8, 8), AnalogSettings(rows=8, cols=8, kernels="compiled"), 0)
+    code = main(["simulate", "olmoe-tiny", "--kernels", "compiled", "--eval-tokens", "256",
+                 "--calib-tokens", "256"])
+    err = capsys.readouterr().err
+    assert code == 2 and "torch.compile cannot build its kernels" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_periphery_on_cuda_equals_eager(dtype: torch.dtype) -> None:
