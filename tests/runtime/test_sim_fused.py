@@ -20,7 +20,12 @@ from hetmap.runtime.fused import (
     normal_table,
 )
 from hetmap.runtime.grouped import RowGroups
-from hetmap.runtime.programming import make_noise_model, program_in_chunks, program_matrices
+from hetmap.runtime.programming import (
+    make_noise_model,
+    program_in_chunks,
+    program_matrices,
+    seeded,
+)
 
 
 def _samples(seed: int, call: int, count: int) -> torch.Tensor:
@@ -158,23 +163,25 @@ def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("drift_time", [None, 3600.0], ids=["programming", "drift"])
 def test_compiled_programming_equals_the_same_functions_uncompiled(
-        drift_time: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
+        drift_time: float | None, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """kernels=compiled programming (PCM; with drift, read noise and GDC) through
     torch.compile against the very same functions uncompiled, on matrices that leave tiles
     partly empty, programmed a few tiles per call: equal within 2e-6 of the weights' scale
     (float32; the compiled kernels use vectorised log/sin/cos). A seed repeats its tiles,
-    another seed gives others."""
+    another seed gives others. On a GPU the kernels are Triton's."""
     torch.manual_seed(0)
-    weights = torch.randn(3, 70, 90)
+    weights = torch.randn(3, 70, 90).to(device)
     analog = AnalogSettings(rows=32, cols=32, noise_scale=1.5, drift_time=drift_time,
                             kernels="compiled")
     model = make_noise_model(analog)
 
     def programmed(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        torch.manual_seed(seed)
-        return program_in_chunks(weights, analog, model, 2000)
+        with seeded(seed, weights.device):
+            return program_in_chunks(weights, analog, model, 2000)
 
     compiled = programmed(1)
     assert all(torch.equal(a, b) for a, b in zip(compiled, programmed(1), strict=True))
