@@ -314,20 +314,23 @@ def _pcm_programming(weights: torch.Tensor, noise_model: BaseNoiseModel, counter
     one call, or (``counter``, ``kernels="compiled"``) inside one compiled kernel with the
     arithmetic (:func:`hetmap.runtime.fused.normal_pair`, keys from the same generator)."""
     g_max, top, c0, c1, c2 = _pcm_constants(noise_model)
-    ratio = top / max(float(_abs_max(weights)), _ZERO_CLIP)
     if counter:
+        ratio = top / max(float(_abs_max(weights)), _ZERO_CLIP)
         keys = fused.program_keys(4, weights.device)
         return fused.compiled(_pcm_programmed_counter)(weights, keys, ratio, g_max, c0, c1, c2)
+    active = weights.abs()
+    ratio = top / max(float(active.max()), _ZERO_CLIP)
     noise = torch.empty((2, *weights.shape), dtype=weights.dtype, device=weights.device)
     noise.normal_()
-    return _pcm_programmed(weights, noise[0], noise[1], ratio, g_max, c0, c1, c2)
+    return _pcm_programmed(weights, active, noise[0], noise[1], ratio, g_max, c0, c1, c2)
 
 
-def _pcm_programmed(weights: torch.Tensor, active_noise: torch.Tensor, idle_noise: torch.Tensor,
-                    ratio: float, g_max: float, c0: float, c1: float, c2: float) -> torch.Tensor:
-    """:func:`_pcm_programming`'s arithmetic given its two draws, in weight units
-    (``sigma(g) / ratio`` as a polynomial in ``|w|``), in place (``idle_noise`` included)."""
-    active = weights.abs()
+def _pcm_programmed(weights: torch.Tensor, active: torch.Tensor, active_noise: torch.Tensor,
+                    idle_noise: torch.Tensor, ratio: float, g_max: float, c0: float, c1: float,
+                    c2: float) -> torch.Tensor:
+    """:func:`_pcm_programming`'s arithmetic given ``|weights|`` (``active``) and its two
+    draws, in weight units (``sigma(g) / ratio`` as a polynomial in ``|w|``), in place
+    (``active`` and ``idle_noise`` included)."""
     sigma = torch.mul(active, c2 * ratio / g_max**2).add_(c1 / g_max).mul_(active)
     sigma.add_(c0 / ratio)
     active.addcmul_(sigma, active_noise).clamp_(min=0.0)
@@ -341,7 +344,8 @@ def _pcm_programmed_counter(weights: torch.Tensor, keys: torch.Tensor, ratio: fl
     """:func:`_pcm_programmed` with its draws from ``fused.normal_pair`` (compiled: one
     kernel, no sample in memory)."""
     active_noise, idle_noise = fused.normal_pair(weights.shape, keys, weights.dtype)
-    return _pcm_programmed(weights, active_noise, idle_noise, ratio, g_max, c0, c1, c2)
+    return _pcm_programmed(weights, weights.abs(), active_noise, idle_noise, ratio, g_max, c0,
+                           c1, c2)
 
 
 def _pcm_drift(
