@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-timing lint clean venv
+.PHONY: demo test test-fast test-timing lint clean venv gpu-wheels
 
 venv: $(STAMP)
 
@@ -36,6 +36,14 @@ test-fast: $(STAMP)
 # the wall-clock assertions (noisy on shared machines, so not in the default run)
 test-timing: $(STAMP)
 	$(PY) -m pytest -q -m timing --timing tests
+
+# wheels the GPU device machine lacks (Python 3.12), carried there by benchmarks/gpu_run.sh
+gpu-wheels:
+	mkdir -p .whl
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	    aihwkit==1.1.0 transformers==5.24.0
 
 clean:
 	rm -rf $(VENV) build *.egg-info
