@@ -232,7 +232,9 @@ def resolve_dtype(requested: str, config: Any) -> torch.dtype:
         if requested not in DTYPES:
             raise ModelLoadError(f"unknown dtype {requested!r}: use auto, {', '.join(DTYPES)}")
         return DTYPES[requested]
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    # (transformers reads a config's old ``torch_dtype`` into ``dtype``; asking a config for
+    # ``torch_dtype`` only prints a deprecation warning)
+    stored = getattr(config, "dtype", None)
     name = str(stored).removeprefix("torch.") if stored is not None else "float32"
     return DTYPES[name] if name in ("bfloat16", "float16") else torch.float32
 
