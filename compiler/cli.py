@@ -294,6 +294,11 @@ kernels_option = click.option(
     "torch.randn noise (eager), or kernels fused by torch.compile (compiled: C++ on a CPU, "
     "Triton on a GPU; compiling takes a minute once per process) that draw their noise inside, "
     "from a counter-based generator: the same distributions, other samples for a seed.")
+attention_option = click.option(
+    "--attention", type=click.Choice(["eager", "sdpa"]), default="eager", show_default=True,
+    help="Transformers' attention implementation for the runs: eager (what tracing and export "
+    "use) or sdpa (PyTorch's fused attention: less memory and time at long sequences, the same "
+    "arithmetic up to float rounding).")
 device_map_option = click.option(
     "--device-map", default=None, metavar="auto|FILE.json",
     help="Place the model across GPUs, CPU and disk with accelerate: 'auto', or a JSON object "
@@ -309,6 +314,7 @@ device_map_option = click.option(
 @simulation_options
 @programming_option
 @kernels_option
+@attention_option
 @click.option("--stream", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True,
               help="Run a checkpoint leaf by leaf from its files instead of loading it (auto: "
@@ -319,8 +325,8 @@ device_map_option = click.option(
 def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
              noise_scale: float | None, drift_time: float | None, ideal: bool,
              eval_file: str | None, eval_tokens: int, backend: str, device: str,
-             programming: str, kernels: str, stream: str, device_map: str | None,
-             **kw: Any) -> None:
+             programming: str, kernels: str, attention: str, stream: str,
+             device_map: str | None, **kw: Any) -> None:
     """Perplexity of the all-digital and the mapped model with analog non-idealities.
 
     PLAN_OR_MODEL is a compiled plan directory (simulation.json is added to it) or a MODEL,
@@ -358,7 +364,7 @@ def simulate(plan_or_model: str, out: Path | None, force: bool, seeds: int,
                            drift_time=drift_time, ideal=ideal, eval_file=eval_file,
                            eval_tokens=eval_tokens, backend=backend, device=device,
                            progress=progress, programming=programming, stream=stream,
-                           device_map=device_map, kernels=kernels)
+                           device_map=device_map, kernels=kernels, attention=attention)
     data = {**result.to_json(), "digital_param_fraction": plan.summary["digital_param_fraction"]}
     print_simulation(plan.model.name, data)
     write_result(plan, plan_dir if is_plan else None, out, force, "simulation.json", data)
@@ -415,7 +421,7 @@ def print_simulation(name: str, data: dict[str, Any]) -> None:
     seeds = len(data["seeds"])
     console.print(f"[bold]{name}[/]: perplexity on {data['eval_tokens']:,} tokens ({data['eval_source']}), "
               f"{data['backend']} tiles, noise scale {data['settings']['noise_scale']}"
-              f"{', ideal' if data['settings']['ideal'] else ''}")
+              f"{', ideal' if data['settings']['ideal'] else ''}{_run_modes(data)}")
     console.print(f"  all digital      {data['digital_ppl']:10.4f}")
     console.print(f"  mapped           {data['mapped_ppl_mean']:10.4f} +- {data['mapped_ppl_std']:.4f}"
               f"  ({seeds} seed{'s' if seeds != 1 else ''}, "
@@ -428,6 +434,16 @@ def print_simulation(name: str, data: dict[str, Any]) -> None:
     if data.get("simulated_digital"):
         console.print(f"  [dim]kept digital in simulation (not nn.Linear): "
                   f"{', '.join(data['simulated_digital'][:4])}...[/]")
+
+
+def _run_modes(data: dict[str, Any]) -> str:
+    """``, compiled kernels, sdpa attention`` for what a run used besides the defaults."""
+    modes = []
+    if data["settings"].get("kernels", "eager") != "eager":
+        modes.append(f"{data['settings']['kernels']} kernels")
+    if data.get("attention", "eager") != "eager":
+        modes.append(f"{data['attention']} attention")
+    return "".join(f", {mode}" for mode in modes)
 
 
 @cli.command("eval")
@@ -454,6 +470,7 @@ def print_simulation(name: str, data: dict[str, Any]) -> None:
               help="Torch device for the simulation. [default: cuda if available, else cpu]")
 @programming_option
 @kernels_option
+@attention_option
 @device_map_option
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Write plan.json, ir.txt and eval.json here (MODEL form).")
@@ -462,8 +479,8 @@ def print_simulation(name: str, data: dict[str, Any]) -> None:
 def eval_cmd(plan_or_model: str, tasks: str | None, include_path: str | None, limit: int | None,
              num_fewshot: int | None, batch_size: int, seeds: int, noise_scale: float | None,
              drift_time: float | None, ideal: bool, backend: str, device: str,
-             programming: str, kernels: str, device_map: str | None, out: Path | None,
-             force: bool, **kw: Any) -> None:
+             programming: str, kernels: str, attention: str, device_map: str | None,
+             out: Path | None, force: bool, **kw: Any) -> None:
     """Downstream-task accuracy (lm-evaluation-harness) of the all-digital and the mapped model.
 
     PLAN_OR_MODEL is a compiled plan directory (eval.json is added to it) or a MODEL, compiled
@@ -506,7 +523,8 @@ def eval_cmd(plan_or_model: str, tasks: str | None, include_path: str | None, li
                            limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
                            noise_scale=noise_scale, drift_time=drift_time, ideal=ideal,
                            backend=backend, device=device, progress=progress,
-                           programming=programming, device_map=device_map, kernels=kernels)
+                           programming=programming, device_map=device_map, kernels=kernels,
+                           attention=attention)
     data = {**result.to_json(), "digital_param_fraction": plan.summary["digital_param_fraction"]}
     print_eval(plan.model.name, data)
     write_result(plan, plan_dir if is_plan else None, out, force, "eval.json", data)
@@ -525,7 +543,8 @@ def print_eval(name: str, data: dict[str, Any]) -> None:
     seeds = len(data["seeds"])
     settings = data["settings"]
     console.print(f"[bold]{name}[/]: lm-eval accuracy (%), {data['backend']} tiles, noise scale "
-                  f"{settings['noise_scale']}{', ideal' if settings['ideal'] else ''}, {seeds} seed"
+                  f"{settings['noise_scale']}{', ideal' if settings['ideal'] else ''}"
+                  f"{_run_modes(data)}, {seeds} seed"
                   f"{'s' if seeds != 1 else ''}, {data['digital_param_fraction']:.1%} of parameters "
                   f"digital", markup=True)
     console.print(f"  {'task':<24} {'metric':<9} {'items':>6} {'digital':>8}  mapped", markup=False)

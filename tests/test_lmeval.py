@@ -230,6 +230,16 @@ def test_per_batch_programming_and_device_map_give_the_same_accuracy(plan: Plan,
     assert placed.settings["programming"] == "per-batch"
 
 
+def test_sdpa_attention_gives_the_eager_accuracy(plan: Plan, tasks: TaskSet) -> None:
+    """eval --attention sdpa: the digital accuracy of eager attention (the same arithmetic up
+    to float rounding), recorded in the result; the model runs eager again afterwards."""
+    eager = evaluate_plan(plan, tasks, seeds=1, limit=12)
+    sdpa = evaluate_plan(plan, tasks, seeds=1, limit=12, attention="sdpa")
+    assert sdpa.digital == eager.digital and sdpa.attention == "sdpa"
+    assert sdpa.to_json()["attention"] == "sdpa" and eager.attention == "eager"
+    assert plan.model.runnable().config._attn_implementation == "eager"
+
+
 def _placed_plan() -> Plan:
     """A second demo plan (a device map dispatches the model it places, in place)."""
     return compile_model("demo", calib_tokens=256)

@@ -137,6 +137,38 @@ def test_simulate_cli_compiled_kernels(tmp_path, capsys) -> None:
     assert "Invalid value for '--kernels'" in capsys.readouterr().err
 
 
+def test_simulate_cli_sdpa_attention(tmp_path, capsys) -> None:
+    """--attention sdpa: the digital perplexity of eager attention within 1e-6 and every
+    seed's mapped one within 1e-3 (float rounding, which the ADC's rounding can carry), said
+    in the report and recorded; the model runs eager attention again afterwards; an unknown
+    value and a model without a choice of attention are one line."""
+    from hetmap.common.errors import SimulationError
+    from hetmap.compiler.evaluation.simulate import attention_implementation
+
+    common = ["--seeds", "2", "--eval-tokens", "1024", "--calib-tokens", "256"]
+    runs = {}
+    for attention in ("eager", "sdpa"):
+        out = tmp_path / attention
+        assert main(["simulate", "olmoe-tiny", "-o", str(out), "--attention", attention,
+                     *common]) == 0
+        header = capsys.readouterr().out.splitlines()[0]
+        assert ("sdpa attention" in header) == (attention == "sdpa")
+        runs[attention] = json.loads((out / "simulation.json").read_text())
+        assert runs[attention]["attention"] == attention
+    assert runs["sdpa"]["digital_ppl"] == pytest.approx(runs["eager"]["digital_ppl"], rel=1e-6)
+    assert runs["sdpa"]["mapped_ppl"] == pytest.approx(runs["eager"]["mapped_ppl"], rel=1e-3)
+    plan = compile_model("olmoe-tiny", **FAST)
+    plan.simulate(eval_tokens=256, attention="sdpa")
+    assert plan.model.runnable().config._attn_implementation == "eager"
+    assert main(["simulate", "olmoe-tiny", "--attention", "flash", *common]) == 2
+    assert "Invalid value for '--attention'" in capsys.readouterr().err
+    with pytest.raises(SimulationError, match="needs a transformers model"), \
+            attention_implementation(torch.nn.Linear(2, 2), "sdpa"):
+        pass
+    with attention_implementation(torch.nn.Linear(2, 2), "eager"):  # nothing to choose
+        pass
+
+
 SWEEP = ["--policies", "max-norm,random", "--budgets", "0.25", "--noise-scales", "2.5",
          "--seeds", "1", "--eval-tokens", "512", "--calib-tokens", "256"]
 

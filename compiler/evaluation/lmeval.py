@@ -257,6 +257,8 @@ class EvalResult:
     analog_linears: int
     analog_experts: int
     simulated_digital: list[str] = field(default_factory=list)
+    #: simulate's rule 7: the attention implementation the runs used
+    attention: str = "eager"
 
     def average(self) -> dict[str, Any] | None:
         """Average ``acc`` over tasks: digital, and mapped mean/std over seeds (rule 4)."""
@@ -296,7 +298,7 @@ def evaluate_plan(plan: Plan, tasks: Sequence[str] | TaskSet = PAPER_TASKS, *, s
                   ideal: bool = False, backend: str = "hetmap", device: str = "cpu",
                   progress: Callable[[str, int], Callable[[int], None]] | None = None,
                   programming: str = "auto", device_map: str | None = None,
-                  kernels: str = "eager") -> EvalResult:
+                  kernels: str = "eager", attention: str = "eager") -> EvalResult:
     """Accuracy of ``plan``'s model on lm-eval ``tasks`` (names, or a :class:`TaskSet` from
     :func:`load_tasks`): all-digital and mapped per seed. ``programming`` and ``device_map``
     as for :func:`~hetmap.compiler.evaluation.simulate.simulate_plan` (rules 4 and 6)."""
@@ -306,7 +308,7 @@ def evaluate_plan(plan: Plan, tasks: Sequence[str] | TaskSet = PAPER_TASKS, *, s
                          noise_scale=noise_scale, drift_time=drift_time, ideal=ideal,
                          backend=backend, device=device, progress=progress,
                          programming=programming, device_map=device_map, kernels=kernels,
-                         offload=Path(offload))
+                         attention=attention, offload=Path(offload))
 
 
 def _evaluate(plan: Plan, tasks: Sequence[str] | TaskSet, *, seeds: int, seed: int,
@@ -314,10 +316,13 @@ def _evaluate(plan: Plan, tasks: Sequence[str] | TaskSet, *, seeds: int, seed: i
               batch_size: int, noise_scale: float | None, drift_time: float | None, ideal: bool,
               backend: str, device: str,
               progress: Callable[[str, int], Callable[[int], None]] | None, programming: str,
-              device_map: str | None, kernels: str, offload: Path) -> EvalResult:
+              device_map: str | None, kernels: str, attention: str, offload: Path
+              ) -> EvalResult:
     from hetmap.compiler.data.devices import dispatched, read_device_map
     from hetmap.compiler.evaluation.simulate import (
         analog_part,
+        attention_implementation,
+        check_attention,
         check_kernels,
         check_programming,
         programming_mode,
@@ -332,6 +337,7 @@ def _evaluate(plan: Plan, tasks: Sequence[str] | TaskSet, *, seeds: int, seed: i
         raise SimulationError("--device cuda asked for, but no CUDA device is available here")
     check_programming(programming)
     check_kernels(kernels, backend)
+    check_attention(attention)
     placed = None if device_map is None else read_device_map(device_map)
     if placed is not None:
         model = dispatched(plan.model, placed, offload)
@@ -349,24 +355,25 @@ def _evaluate(plan: Plan, tasks: Sequence[str] | TaskSet, *, seeds: int, seed: i
     settings = settings_for(plan.target, noise_scale=noise_scale, drift_time=drift_time,
                             ideal=ideal, programming=mode, kernels=kernels)
     advance = (progress or (lambda _d, _t: (lambda _n: None)))("evaluating", seeds + 1)
-    run = {"limit": limit, "num_fewshot": num_fewshot}
-    digital, samples = run_tasks(digital_lm, loaded, **run)
-    advance(1)
-    mapped: dict[str, dict[str, list[float]]] = {t: {m: [] for m in digital[t]} for t in names}
-    for index in range(seeds):
-        simulated = part.build(model, settings, seed + index, backend)
-        if placed is None:  # placed by a device map: the tiles are where their weights are
-            simulated = simulated.to(device)
-        values, _ = run_tasks(HetmapLM.for_model(plan.model, simulated, **options), loaded, **run)
-        for task, metrics in mapped.items():
-            for metric, series in metrics.items():
-                series.append(values[task][metric])
-        del simulated
+    with attention_implementation(model, attention):
+        run = {"limit": limit, "num_fewshot": num_fewshot}
+        digital, samples = run_tasks(digital_lm, loaded, **run)
         advance(1)
+        mapped: dict[str, dict[str, list[float]]] = {t: {m: [] for m in digital[t]} for t in names}
+        for index in range(seeds):
+            simulated = part.build(model, settings, seed + index, backend)
+            if placed is None:  # placed by a device map: the tiles are where their weights are
+                simulated = simulated.to(device)
+            values, _ = run_tasks(HetmapLM.for_model(plan.model, simulated, **options), loaded, **run)
+            for task, metrics in mapped.items():
+                for metric, series in metrics.items():
+                    series.append(values[task][metric])
+            del simulated
+            advance(1)
     return EvalResult(
         tasks=names, digital=digital, mapped=mapped, seeds=list(range(seed, seed + seeds)),
         settings=settings.to_dict(), samples={t: samples.get(t, 0) for t in names}, limit=limit,
         num_fewshot=num_fewshot, backend=backend, device=device,
         tokenizer="huggingface" if plan.model.tokenizer is not None else "bytes",
         analog_linears=len(part.linears), analog_experts=sum(len(v) for v in part.experts.values()),
-        simulated_digital=list(part.simulated_digital))
+        simulated_digital=list(part.simulated_digital), attention=attention)

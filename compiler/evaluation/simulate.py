@@ -32,14 +32,20 @@ Rules:
    accelerate (:mod:`hetmap.compiler.data.devices`); the tiles follow their weights, offloaded
    modules are simulated from their weights at every call, and ``auto`` programming is then
    per batch.
+7. ``attention``: transformers' attention implementation the runs use (digital and mapped
+   alike): ``eager`` (the default; what tracing and ONNX export use, and what hetmap's
+   recorded figures were measured with) or ``sdpa`` (PyTorch's fused attention: less memory
+   and time at long sequences; the same arithmetic up to float rounding, which the ADC's
+   rounding can carry into the mapped perplexity's fourth digit). Restored afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +66,7 @@ if TYPE_CHECKING:
 
 PROGRAMMING_CHOICES = ("auto", "resident", "per-batch")
 KERNEL_CHOICES = ("eager", "compiled")
+ATTENTION_CHOICES = ("eager", "sdpa")
 STREAM_CHOICES = ("auto", "on", "off")
 #: tokens per forward of a streamed run (rule 5): each batch reads every weight once
 STREAM_TOKENS = 16384
@@ -214,6 +221,8 @@ class SimulationResult:
     weight_reads: int = 0
     #: module -> device when placed by --device-map (accelerate's map)
     device_map: dict[str, str] | None = None
+    #: rule 7: the attention implementation the runs used
+    attention: str = "eager"
 
     @property
     def mapped_ppl_mean(self) -> float:
@@ -237,7 +246,7 @@ def simulate_plan(plan: Plan, *, seeds: int = 1, seed: int = 0, noise_scale: flo
                   progress: Callable[[str, int], Callable[[int], None]] | None = None,
                   digital_ppl: float | None = None, programming: str = "auto",
                   stream: str = "auto", device_map: str | None = None,
-                  kernels: str = "eager") -> SimulationResult:
+                  kernels: str = "eager", attention: str = "eager") -> SimulationResult:
     """Perplexity of ``plan``'s model all-digital and mapped (``seeds`` programming seeds)."""
     with tempfile.TemporaryDirectory(prefix="hetmap-offload-") as offload:
         return _simulate(plan, seeds=seeds, seed=seed, noise_scale=noise_scale,
@@ -245,7 +254,7 @@ def simulate_plan(plan: Plan, *, seeds: int = 1, seed: int = 0, noise_scale: flo
                          eval_tokens=eval_tokens, seq_len=seq_len, batch=batch, backend=backend,
                          device=device, progress=progress, digital_ppl=digital_ppl,
                          programming=programming, stream=stream, device_map=device_map,
-                         kernels=kernels, offload=Path(offload))
+                         kernels=kernels, attention=attention, offload=Path(offload))
 
 
 def _simulate(plan: Plan, *, seeds: int, seed: int, noise_scale: float | None,
@@ -253,7 +262,7 @@ def _simulate(plan: Plan, *, seeds: int, seed: int, noise_scale: float | None,
               seq_len: int, batch: int, backend: str, device: str,
               progress: Callable[[str, int], Callable[[int], None]] | None,
               digital_ppl: float | None, programming: str, stream: str, device_map: str | None,
-              kernels: str, offload: Path) -> SimulationResult:
+              kernels: str, attention: str, offload: Path) -> SimulationResult:
 
     if seeds < 1:
         raise SimulationError(f"--seeds must be at least 1, got {seeds}")
@@ -266,6 +275,7 @@ def _simulate(plan: Plan, *, seeds: int, seed: int, noise_scale: float | None,
         if given not in choices:
             raise SimulationError(f"{name} must be one of {', '.join(choices)}, got {given!r}")
     check_kernels(kernels, backend)
+    check_attention(attention)
     placed = None if device_map is None else read_device_map(device_map)
     if placed is not None and stream == "on":
         raise SimulationError("--device-map and --stream on are two ways to run a model that "
@@ -300,22 +310,23 @@ def _simulate(plan: Plan, *, seeds: int, seed: int, noise_scale: float | None,
         def run(settings_: Any, seed_: int) -> Callable[[torch.Tensor], Any]:
             return model if settings_ is None else part.build(model, settings_, seed_, backend
                                                               ).to(device)
-    if digital_ppl is None:
-        digital_ppl = perplexity(run(None, 0), windows, device)
-    if not math.isfinite(digital_ppl):
-        raise SimulationError(non_finite_cause(model, "the all-digital model"))
-    advance(1)
-    mapped: list[float] = []
-    for index in range(seeds):
-        simulated = run(settings, seed + index)
-        value = perplexity(simulated, windows, device)
-        if not math.isfinite(value):
-            raise SimulationError(non_finite_cause(
-                simulated if isinstance(simulated, nn.Module) else model,
-                f"the mapped model (seed {seed + index})"))
-        mapped.append(value)
-        del simulated
+    with attention_implementation(model, attention):
+        if digital_ppl is None:
+            digital_ppl = perplexity(run(None, 0), windows, device)
+        if not math.isfinite(digital_ppl):
+            raise SimulationError(non_finite_cause(model, "the all-digital model"))
         advance(1)
+        mapped: list[float] = []
+        for index in range(seeds):
+            simulated = run(settings, seed + index)
+            value = perplexity(simulated, windows, device)
+            if not math.isfinite(value):
+                raise SimulationError(non_finite_cause(
+                    simulated if isinstance(simulated, nn.Module) else model,
+                    f"the mapped model (seed {seed + index})"))
+            mapped.append(value)
+            del simulated
+            advance(1)
     return SimulationResult(
         digital_ppl=digital_ppl, mapped_ppl=mapped, seeds=list(range(seed, seed + seeds)),
         settings=settings.to_dict(), eval_tokens=int(sum(w.numel() for w in windows)),
@@ -324,7 +335,7 @@ def _simulate(plan: Plan, *, seeds: int, seed: int, noise_scale: float | None,
         simulated_digital=list(part.simulated_digital), programming=mode,
         programming_reason=reason, streamed=streamed,
         weight_reads=len(windows) if streamed else 0,
-        device_map=None if placed is None else _placement(model))
+        device_map=None if placed is None else _placement(model), attention=attention)
 
 
 def check_programming(programming: str) -> None:
@@ -343,6 +354,41 @@ def check_kernels(kernels: str, backend: str = "hetmap") -> None:
     if kernels != "eager" and backend != "hetmap":
         raise SimulationError(f"--kernels {kernels} is a mode of hetmap's tiles; the {backend} "
                               "backend runs its own: use --backend hetmap, or --kernels eager")
+
+
+def check_attention(attention: str) -> None:
+    """One line for an ``--attention`` that is not one of :data:`ATTENTION_CHOICES`."""
+    if attention not in ATTENTION_CHOICES:
+        raise SimulationError(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, "
+                              f"got {attention!r}")
+
+
+@contextlib.contextmanager
+def attention_implementation(model: nn.Module, attention: str) -> Iterator[None]:
+    """Rule 7: ``model`` runs with transformers' ``attention`` implementation within the
+    block (set on its config, which every module of a simulated copy shares), and with its own
+    afterwards. A model that has none to choose, or whose family lacks it, is one line."""
+    check_attention(attention)
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current == attention or (current is None and attention == "eager"):
+        yield
+        return
+    setter = getattr(model, "set_attn_implementation", None)
+    if current is None or setter is None:
+        raise SimulationError(f"--attention {attention} needs a transformers model with a "
+                              f"choice of attention implementation; {type(model).__name__} has "
+                              "none: use --attention eager")
+    try:
+        setter(attention)
+    except (ValueError, ImportError, NotImplementedError) as error:
+        cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SimulationError(f"--attention {attention} is not available for "
+                              f"{type(model).__name__}: {cause}; use --attention eager") from None
+    try:
+        yield
+    finally:
+        setter(current)
 
 
 def programming_mode(asked: str, part: AnalogPart, model: nn.Module, device: str, streamed: bool,
