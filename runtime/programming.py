@@ -23,15 +23,16 @@ covers many tiles.
    arithmetic in place (:func:`_pcm_drift`), with four normal samples per weight where
    aihwkit draws six of which each weight uses four (tested equal to aihwkit's given its
    six draws, and in distribution with its own).
-5. ``kernels="compiled"`` (plain PCM only): steps 2 and 3 run as compiled kernels (C++ on the
-   CPU, Triton on a GPU) that draw their normal samples inside
-   (:func:`hetmap.runtime.fused.normal_pair`, keys from the seeded generator, one set per
-   call) instead of reading ``torch.randn``'s: the same arithmetic and distributions, other
-   samples than ``kernels="eager"`` for a seed (tested equal to the same functions uncompiled,
-   and in distribution with aihwkit's). Other noise models run as with ``"eager"``.
 4. Global drift compensation, per tile: ``mean|W_programmed| / mean|W_drifted|`` (the quantity
    aihwkit's ``GlobalDriftCompensation`` reads out, taken here from the conductances directly,
    i.e. without periphery noise in the read-out), folded into the output scale.
+5. ``kernels="compiled"`` (plain PCM only): steps 1-4 of a chunk run as one compiled function
+   (:func:`_pcm_tiles_counter`: C++ on the CPU, Triton on a GPU) that draws its normal samples
+   inside (:func:`hetmap.runtime.fused.normal_pair`, keys from the seeded generator, one set
+   per call) instead of reading ``torch.randn``'s: the same arithmetic and distributions,
+   other samples than ``kernels="eager"`` for a seed (tested equal to the same function
+   uncompiled, and in distribution with aihwkit's). Other noise models run as with
+   ``"eager"``.
 
 The noise models draw from torch's global generator; :func:`seeded` forks and seeds it.
 """
@@ -177,6 +178,16 @@ def program_matrices(
         inside_tiled = inside.view(num, out_tiles, cols, in_tiles, rows)
     tiled = padded.view(num, out_tiles, cols, in_tiles, rows)
 
+    if settings.kernels == "compiled" and noise_model is not None and _is_plain_pcm(noise_model) \
+            and (settings.programs_noise or settings.drifts):  # rule 5: one compiled call
+        drift = _drift_constants(noise_model, settings) if settings.drifts else None
+        keys = fused.program_keys(4 if drift is None else 8, tiled.device)
+        tiled, scales_ = fused.compiled(_pcm_tiles_counter)(
+            tiled, inside_tiled, keys, float(settings.weight_scaling_omega),
+            settings.weight_scaling_columnwise, _pcm_constants(noise_model), drift,
+            settings.gdc)
+        return _tile_results(tiled, scales_, weights, shape, cols)
+
     reduce_dims = (4,) if settings.weight_scaling_columnwise else (2, 4)
     mapping = _abs_max(tiled, reduce_dims) / settings.weight_scaling_omega
     mapping.masked_fill_(mapping == 0.0, 1.0)
@@ -199,9 +210,18 @@ def program_matrices(
                 )
             tiled = drifted
 
+    return _tile_results(tiled, mapping * gdc, weights, shape, cols)
+
+
+def _tile_results(tiled: torch.Tensor, scales: torch.Tensor, weights: torch.Tensor,
+                  shape: tuple[int, int, int], cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`program_matrices`' results from the programmed tiles ``[E, out tiles, cols, in
+    tiles, rows]`` and their output scales ``[E, out tiles, 1 or cols, in tiles, 1]``."""
+    num, out_features, in_features = weights.shape
+    _, out_tiles, _, in_tiles, _ = tiled.shape
     tile_weights = tiled.reshape(shape)[:, :out_features, :in_features]
-    scales = (mapping * gdc).expand(num, out_tiles, cols, in_tiles, 1)
-    out_scales = scales.permute(0, 3, 4, 1, 2).reshape(num, in_tiles, out_tiles * cols)
+    expanded = scales.expand(num, out_tiles, cols, in_tiles, 1)
+    out_scales = expanded.permute(0, 3, 4, 1, 2).reshape(num, in_tiles, out_tiles * cols)
     return (
         tile_weights.to(weights.dtype).contiguous(),
         out_scales[..., :out_features].to(weights.dtype).contiguous(),
@@ -267,11 +287,9 @@ def _noise_all_tiles(
     """Steps 2-3 with one noise-model call for all tiles ``[E, out tiles, cols, in tiles,
     rows]`` (valid for converters that map a tile by its abs-max, which step 1 made equal)."""
     if _is_plain_pcm(noise_model):
-        counter = settings.kernels == "compiled"
         if settings.drifts:
-            return _pcm_drift(tiled, inside, noise_model, float(settings.drift_time or 0.0),
-                              counter=counter)
-        programmed = _pcm_programming(tiled, noise_model, counter=counter)
+            return _pcm_drift(tiled, inside, noise_model, float(settings.drift_time or 0.0))
+        programmed = _pcm_programming(tiled, noise_model)
         return (programmed if inside is None else programmed.mul_(inside)), None
     programmed, drift_params = noise_model.apply_programming_noise(tiled)
     if inside is not None:
@@ -303,21 +321,15 @@ def _pcm_constants(noise_model: Any) -> tuple[float, float, float, float, float]
     return g_max, float(noise_model.g_converter.g_max), c0, c1, c2
 
 
-def _pcm_programming(weights: torch.Tensor, noise_model: BaseNoiseModel, counter: bool = False
-                     ) -> torch.Tensor:
+def _pcm_programming(weights: torch.Tensor, noise_model: BaseNoiseModel) -> torch.Tensor:
     """aihwkit's ``PCMLikeNoiseModel.apply_programming_noise`` with its single-pair converter
     (``g_min = 0``), without the drift coefficients it also draws (unused without a drift
     step). A weight ``w`` maps to ``g = |w| * ratio`` on one device and 0 on the other; each
     device gets ``clamp(g + c * sigma(g) * n, 0)``, ``n`` standard normal, so the idle one gets
     ``clamp(c * sigma(0) * n, 0)``; the weight read back is their difference (sign of ``w``)
-    over ``ratio``. Two normal samples per weight: drawn with ``torch.randn``'s generator in
-    one call, or (``counter``, ``kernels="compiled"``) inside one compiled kernel with the
-    arithmetic (:func:`hetmap.runtime.fused.normal_pair`, keys from the same generator)."""
+    over ``ratio``. Two normal samples per weight, drawn with ``torch.randn``'s generator in
+    one call (``kernels="compiled"`` draws them inside its kernel: :func:`_pcm_tiles_counter`)."""
     g_max, top, c0, c1, c2 = _pcm_constants(noise_model)
-    if counter:
-        ratio = top / max(float(_abs_max(weights)), _ZERO_CLIP)
-        keys = fused.program_keys(4, weights.device)
-        return fused.compiled(_pcm_programmed_counter)(weights, keys, ratio, g_max, c0, c1, c2)
     active = weights.abs()
     ratio = top / max(float(active.max()), _ZERO_CLIP)
     noise = torch.empty((2, *weights.shape), dtype=weights.dtype, device=weights.device)
@@ -326,7 +338,7 @@ def _pcm_programming(weights: torch.Tensor, noise_model: BaseNoiseModel, counter
 
 
 def _pcm_programmed(weights: torch.Tensor, active: torch.Tensor, active_noise: torch.Tensor,
-                    idle_noise: torch.Tensor, ratio: float, g_max: float, c0: float, c1: float,
+                    idle_noise: torch.Tensor, ratio: Any, g_max: float, c0: float, c1: float,
                     c2: float) -> torch.Tensor:
     """:func:`_pcm_programming`'s arithmetic given ``|weights|`` (``active``) and its two
     draws, in weight units (``sigma(g) / ratio`` as a polynomial in ``|w|``), in place
@@ -339,22 +351,12 @@ def _pcm_programmed(weights: torch.Tensor, active: torch.Tensor, active_noise: t
     return active.sub_(idle).mul_(sign)
 
 
-def _pcm_programmed_counter(weights: torch.Tensor, keys: torch.Tensor, ratio: float,
-                            g_max: float, c0: float, c1: float, c2: float) -> torch.Tensor:
-    """:func:`_pcm_programmed` with its draws from ``fused.normal_pair`` (compiled: one
-    kernel, no sample in memory)."""
-    active_noise, idle_noise = fused.normal_pair(weights.shape, keys, weights.dtype)
-    return _pcm_programmed(weights, weights.abs(), active_noise, idle_noise, ratio, g_max, c0,
-                           c1, c2)
-
-
 def _pcm_drift(
     tiled: torch.Tensor,
     inside: torch.Tensor | None,
     noise_model: BaseNoiseModel,
     drift_time: float,
     draws: Sequence[torch.Tensor] | None = None,
-    counter: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 2-3 for the plain PCM model (:func:`_is_plain_pcm`) with a drift step: aihwkit's
     ``apply_programming_noise``, the per-tile renormalisation of :func:`_noise_all_tiles`
@@ -368,50 +370,33 @@ def _pcm_drift(
     pair with only the device of its programmed sign non-zero, and an idle device reads
     exactly 0 whatever its coefficient and read noise. So each weight uses one drift
     coefficient and one read-noise sample, of one device, and both devices may share one
-    sample of each: the same distribution as aihwkit's, two thirds of its draws. With
-    ``counter`` (``kernels="compiled"``) the four are two :func:`hetmap.runtime.fused.normal_pair`
-    draws inside the two compiled kernels (programming; drift)."""
-    model: Any = noise_model
-    g_max, top, c0, c1, c2 = _pcm_constants(model)
+    sample of each: the same distribution as aihwkit's, two thirds of its draws.
+    (``kernels="compiled"`` draws the four inside its kernel: :func:`_pcm_tiles_counter`.)"""
+    g_max, top, c0, c1, c2 = _pcm_constants(noise_model)
     ratio = top / max(float(_abs_max(tiled)), _ZERO_CLIP)
-    time = drift_time + float(model.t_0)
-    t_read = float(model.t_read)
-    drift = _DriftConstants(
-        g_max, top, ratio, float(model.drift_scale), -math.log(time / float(model.t_0)),
-        math.sqrt(math.log((time + t_read) / (2 * t_read))) * float(model.read_noise_scale))
-    keys = fused.program_keys(8, tiled.device) if counter and draws is None else None
-    if keys is not None:
-        programmed = fused.compiled(_drift_programmed_counter)(
-            tiled, keys[:4], ratio, g_max, top, c0, c1, c2)
-    else:
-        if draws is None:
-            noise = torch.empty((4, *tiled.shape), dtype=tiled.dtype, device=tiled.device)
-            noise.normal_()
-            nu, read = noise[2], noise[3]  # one view each: _pick tells shared draws by identity
-            draws = (noise[0], nu, noise[1], nu, read, read)
-        prog_plus, nu_plus, prog_minus, nu_minus, read_plus, read_minus = draws
-        programmed = _drift_programmed(tiled, prog_plus, prog_minus, ratio, g_max, top,
-                                       c0, c1, c2)
+    drift = _drift_constants(noise_model, drift_time)
+    if draws is None:
+        noise = torch.empty((4, *tiled.shape), dtype=tiled.dtype, device=tiled.device)
+        noise.normal_()
+        nu, read = noise[2], noise[3]  # one view each: _pick tells shared draws by identity
+        draws = (noise[0], nu, noise[1], nu, read, read)
+    prog_plus, nu_plus, prog_minus, nu_minus, read_plus, read_minus = draws
+    programmed = _drift_programmed(tiled, prog_plus, prog_minus, ratio, g_max, top, c0, c1, c2)
     if inside is not None:
         programmed.mul_(inside)
     tile_max = _abs_max(programmed, (2, 4))
     tile_max.masked_fill_(tile_max == 0.0, 1.0)
-    if keys is not None:
-        drifted = fused.compiled(_drifted_counter)(tiled, programmed, tile_max, keys[4:],
-                                                   *drift)
-    else:
-        # The device each weight is re-converted onto: that of its programmed sign. Its nu and
-        # read noise are that device's (selected only where the two devices have separate
-        # draws).
-        separate = nu_plus is not nu_minus or read_plus is not read_minus
-        positive = programmed > 0.0 if separate else None
-        drifted = _drifted(tiled, programmed, tile_max, _pick(positive, nu_plus, nu_minus),
-                           _pick(positive, read_plus, read_minus), *drift)
+    # The device each weight is re-converted onto: that of its programmed sign. Its nu and
+    # read noise are that device's (selected only where the two devices have separate draws).
+    separate = nu_plus is not nu_minus or read_plus is not read_minus
+    positive = programmed > 0.0 if separate else None
+    drifted = _drifted(tiled, programmed, tile_max, _pick(positive, nu_plus, nu_minus),
+                       _pick(positive, read_plus, read_minus), ratio, *drift)
     return programmed, (drifted if inside is None else drifted.mul_(inside))
 
 
 def _drift_programmed(tiled: torch.Tensor, prog_plus: torch.Tensor, prog_minus: torch.Tensor,
-                      ratio: float, g_max: float, top: float, c0: float, c1: float, c2: float
+                      ratio: Any, g_max: float, top: float, c0: float, c1: float, c2: float
                       ) -> torch.Tensor:
     """:func:`_pcm_drift`'s programming step: both devices of every weight programmed
     (``apply_programming_noise_to_conductance``, the variance polynomial in ``g``), the
@@ -428,28 +413,31 @@ def _drift_programmed(tiled: torch.Tensor, prog_plus: torch.Tensor, prog_minus: 
     return programmed.div_(ratio)
 
 
-def _drift_programmed_counter(tiled: torch.Tensor, keys: torch.Tensor, ratio: float,
-                              g_max: float, top: float, c0: float, c1: float, c2: float
-                              ) -> torch.Tensor:
-    """:func:`_drift_programmed` with its draws from ``fused.normal_pair``."""
-    plus_noise, minus_noise = fused.normal_pair(tiled.shape, keys, tiled.dtype)
-    return _drift_programmed(tiled, plus_noise, minus_noise, ratio, g_max, top, c0, c1, c2)
-
-
 class _DriftConstants(NamedTuple):
-    """The numbers :func:`_drifted` needs besides tensors."""
+    """The numbers :func:`_drifted` needs besides tensors and the programming's ratio."""
 
     g_max: float
     top: float  # the converter's g_max
-    ratio: float  # of the programming step's conversion
     drift_scale: float
     log_decay: float  # -ln((drift_time + t_0) / t_0)
     read_scale: float  # sqrt(ln((t + t_read) / (2 t_read))) * read_noise_scale
 
 
+def _drift_constants(noise_model: Any, drift_time: float | AnalogSettings) -> _DriftConstants:
+    """The plain PCM model's drift numbers for ``drift_time`` (seconds, or settings')."""
+    if isinstance(drift_time, AnalogSettings):
+        drift_time = float(drift_time.drift_time or 0.0)
+    g_max, top = float(noise_model.g_max), float(noise_model.g_converter.g_max)
+    time = drift_time + float(noise_model.t_0)
+    t_read = float(noise_model.t_read)
+    return _DriftConstants(
+        g_max, top, float(noise_model.drift_scale), -math.log(time / float(noise_model.t_0)),
+        math.sqrt(math.log((time + t_read) / (2 * t_read))) * float(noise_model.read_noise_scale))
+
+
 def _drifted(tiled: torch.Tensor, programmed: torch.Tensor, tile_max: torch.Tensor,
-             nu_normal: torch.Tensor, read_normal: torch.Tensor, g_max: float, top: float,
-             ratio: float, drift_scale: float, log_decay: float, read_scale: float
+             nu_normal: torch.Tensor, read_normal: torch.Tensor, ratio: Any, g_max: float,
+             top: float, drift_scale: float, log_decay: float, read_scale: float
              ) -> torch.Tensor:
     """:func:`_pcm_drift`'s drift step on the programmed tiles, given the normal samples of
     each weight's drift coefficient and read noise.
@@ -480,11 +468,38 @@ def _drifted(tiled: torch.Tensor, programmed: torch.Tensor, tile_max: torch.Tens
     return drifted.mul_(sign).mul_(tile_max / top)
 
 
-def _drifted_counter(tiled: torch.Tensor, programmed: torch.Tensor, tile_max: torch.Tensor,
-                     keys: torch.Tensor, *constants: float) -> torch.Tensor:
-    """:func:`_drifted` with its draws from ``fused.normal_pair``."""
-    nu_normal, read_normal = fused.normal_pair(tiled.shape, keys, tiled.dtype)
-    return _drifted(tiled, programmed, tile_max, nu_normal, read_normal, *constants)
+def _pcm_tiles_counter(tiled: torch.Tensor, inside: torch.Tensor | None, keys: torch.Tensor,
+                       omega: float, columnwise: bool,
+                       constants: tuple[float, float, float, float, float],
+                       drift: _DriftConstants | None, gdc: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rule 5: steps 1-4 for the plain PCM model with ``kernels="compiled"``, as one function
+    for ``torch.compile`` (the per-tile reductions fused with the arithmetic, no sample in
+    memory): the arithmetic of :func:`_pcm_programming` or :func:`_pcm_drift` with its normal
+    samples from :func:`hetmap.runtime.fused.normal_pair` (``keys[:4]`` programming,
+    ``keys[4:]`` drift coefficient and read noise). Returns the programmed (drifted) tiles
+    and their output scales (abs-max mapping, times GDC)."""
+    g_max, top, c0, c1, c2 = constants
+    mapping = _abs_max(tiled, (4,) if columnwise else (2, 4)) / omega
+    mapping = torch.where(mapping == 0.0, 1.0, mapping)
+    tiled = tiled / mapping
+    ratio = top / _abs_max(tiled).clamp(min=_ZERO_CLIP)
+    first, second = fused.normal_pair(tiled.shape, keys[:4], tiled.dtype)
+    if drift is None:
+        programmed = _pcm_programmed(tiled, tiled.abs(), first, second, ratio, g_max, c0, c1, c2)
+        return (programmed if inside is None else programmed * inside), mapping
+    programmed = _drift_programmed(tiled, first, second, ratio, g_max, top, c0, c1, c2)
+    if inside is not None:
+        programmed = programmed * inside
+    tile_max = _abs_max(programmed, (2, 4))
+    tile_max = torch.where(tile_max == 0.0, 1.0, tile_max)
+    nu_normal, read_normal = fused.normal_pair(tiled.shape, keys[4:], tiled.dtype)
+    drifted = _drifted(tiled, programmed, tile_max, nu_normal, read_normal, ratio, *drift)
+    if inside is not None:
+        drifted = drifted * inside
+    if gdc:
+        mapping = mapping * (_tile_mean_abs(programmed, inside) / _tile_mean_abs(drifted, inside))
+    return drifted, mapping
 
 
 def _pick(positive: torch.Tensor | None, plus: torch.Tensor, minus: torch.Tensor

@@ -209,15 +209,18 @@ def test_counter_programming_matches_aihwkit_statistics(
     from hetmap.runtime import programming
 
     _uncompiled(monkeypatch)
-    analog = AnalogSettings(noise_scale=1.5, drift_time=drift_time, kernels="compiled")
+    analog = AnalogSettings(rows=201, cols=8000, noise_scale=1.5, drift_time=drift_time,
+                            gdc=False, kernels="compiled")
     model = make_noise_model(analog)
     weights = torch.linspace(-1.0, 1.0, 201).repeat(8000, 1).view(1, 1, 8000, 1, 201)
-    torch.manual_seed(0)
-    ours = programming._noise_all_tiles(weights, None, model, analog)
+    torch.manual_seed(0)  # one 8000 x 201 tile whose abs-max is 1 (no rescaling)
+    ours = program_matrices(weights.view(1, 8000, 201), 201, 8000, analog, model)
+    assert torch.equal(ours[1], torch.ones_like(ours[1]))  # no rescaling, no GDC
     with mock.patch.object(programming, "_is_plain_pcm", lambda _model: False):
         theirs = programming._noise_all_tiles(weights, None, model, analog)
     index = 0 if drift_time is None else 1
-    mine_all, reference_all = ours[index] - weights, theirs[index] - weights  # type: ignore[operator]
+    mine_all = ours[0].view(weights.shape) - weights
+    reference_all = theirs[index] - weights  # type: ignore[operator]
     for low, high in ((0, 20), (60, 100), (100, 101), (150, 201)):
         mine, reference = mine_all[..., low:high], reference_all[..., low:high]
         assert mine.std().item() == pytest.approx(reference.std().item(), rel=0.05)
