@@ -180,7 +180,8 @@ def program_matrices(
 
     if settings.kernels == "compiled" and noise_model is not None and _is_plain_pcm(noise_model) \
             and (settings.programs_noise or settings.drifts):  # rule 5: one compiled call
-        drift = _drift_constants(noise_model, settings) if settings.drifts else None
+        drift = (_drift_constants(noise_model, float(settings.drift_time or 0.0))
+                 if settings.drifts else None)
         keys = fused.program_keys(4 if drift is None else 8, tiled.device)
         tiled, scales_ = fused.compiled(_pcm_tiles_counter)(
             tiled, inside_tiled, keys, float(settings.weight_scaling_omega),
@@ -423,10 +424,8 @@ class _DriftConstants(NamedTuple):
     read_scale: float  # sqrt(ln((t + t_read) / (2 t_read))) * read_noise_scale
 
 
-def _drift_constants(noise_model: Any, drift_time: float | AnalogSettings) -> _DriftConstants:
-    """The plain PCM model's drift numbers for ``drift_time`` (seconds, or settings')."""
-    if isinstance(drift_time, AnalogSettings):
-        drift_time = float(drift_time.drift_time or 0.0)
+def _drift_constants(noise_model: Any, drift_time: float) -> _DriftConstants:
+    """The plain PCM model's drift numbers for ``drift_time`` seconds."""
     g_max, top = float(noise_model.g_max), float(noise_model.g_converter.g_max)
     time = drift_time + float(noise_model.t_0)
     t_read = float(noise_model.t_read)
