@@ -198,6 +198,45 @@ def test_compiled_programming_equals_the_same_functions_uncompiled(
     assert 0.01 < error.item() < 0.5  # the noise is there, at a sane size
 
 
+@pytest.mark.parametrize(("drift_time", "columnwise"),
+                         [(None, False), (3600.0, False), (3600.0, True)],
+                         ids=["programming", "drift", "drift-columnwise"])
+def test_compiled_programming_with_eagers_draws_equals_eager(
+        drift_time: float | None, columnwise: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels=compiled's one function per chunk (scaling, programming, drift, GDC), handed the
+    normal samples kernels=eager draws for the same seed in place of its own, gives eager's
+    tiles and output scales within float rounding (its ratio is a float32 tensor, eager's a
+    double): on matrices that leave tiles partly empty, programmed a few tiles per call."""
+    from hetmap.runtime import programming
+
+    _uncompiled(monkeypatch)
+    torch.manual_seed(0)
+    weights = torch.randn(3, 70, 90)
+    base = AnalogSettings(rows=32, cols=32, noise_scale=1.5, drift_time=drift_time,
+                          weight_scaling_columnwise=columnwise)
+    model = make_noise_model(base)
+    torch.manual_seed(1)
+    eager = program_in_chunks(weights, base, model, 2000)
+    draws: list[torch.Tensor] = []
+
+    def eager_draws(shape: torch.Size, _keys: torch.Tensor, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not draws:  # one chunk's draws, in eager's order (programming, then drift)
+            noise = torch.empty((2 if drift_time is None else 4, *shape), dtype=dtype)
+            draws.extend(noise.normal_().unbind(0))
+        return draws.pop(0), draws.pop(0)
+
+    monkeypatch.setattr(fused, "normal_pair", eager_draws)
+    monkeypatch.setattr(fused, "program_keys", lambda count, device: torch.zeros(count))
+    torch.manual_seed(1)
+    compiled = program_in_chunks(weights, dataclasses.replace(base, kernels="compiled"),
+                                 model, 2000)
+    assert not draws
+    assert programming._is_plain_pcm(model)
+    for ours, reference in zip(compiled, eager, strict=True):
+        assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("drift_time", [None, 3600.0], ids=["programming", "drift"])
 def test_counter_programming_matches_aihwkit_statistics(
         drift_time: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
