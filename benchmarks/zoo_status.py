@@ -241,9 +241,11 @@ def readme_section(results: dict[str, Any]) -> str:
                  if all(e["stages"][s]["status"] == "ok" for s in ("compile", "simulate"))]
     exported = [n for n in simulated if families[n]["stages"]["onnx"]["status"] == "ok"]
     pairs = [n for n, e in families.items() if e["kind"] == "encoder-decoder"]
+    multimodal = [n for n, e in families.items() if e["kind"] == "multimodal"]
     summary = (f"Last run (transformers {results['transformers']}, "
                f"`benchmarks/results/zoo_status.json`): of {len(families)} MoE families "
-               f"({len(pairs)} of them encoder-decoders), {len(simulated)} compile and simulate "
+               f"({len(pairs)} of them encoder-decoders, {len(multimodal)} image-text-to-text "
+               f"models mapped through their text model), {len(simulated)} compile and simulate "
                f"(`--ideal` equal to digital), {len(exported)} of them also export to ONNX "
                "matching PyTorch (the ONNX errors are in `benchmarks/results/zoo_status.md`). "
                "An encoder-decoder runs as a next-token model: the decoder reads the window the "

@@ -128,10 +128,19 @@ def experts_layout(
 
 def routed_layout(experts: nn.Module, path: str, router: nn.Module | None) -> ExpertLayout:
     """:func:`experts_layout` with the router slots and hidden size of ``router``'s 2-D
-    ``weight [slots, H]`` (inferred from the experts module if the router has none)."""
+    ``weight [slots, H]`` (inferred from the experts module if the router has none, or if the
+    experts do not read ``H``-wide rows and the inferred layout has the router's slots)."""
     weight = getattr(router, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        return experts_layout(experts, path, int(weight.shape[0]), int(weight.shape[1]))
+        try:
+            return experts_layout(experts, path, int(weight.shape[0]), int(weight.shape[1]))
+        except SimulationError:
+            # experts narrower than the router's input (MuseSpark projects the rows first):
+            # the widths the experts module itself gives
+            layout = experts_layout(experts, path)
+            if layout.num_experts != int(weight.shape[0]):
+                raise
+            return layout
     return experts_layout(experts, path)
 
 

@@ -148,6 +148,14 @@ def select(full: Any, where: TensorSlice) -> Any:
     return t
 
 
+def _has_post_norm(module: nn.Module) -> bool:
+    """Whether each expert's output is normalised before its routing weight: the module's
+    ``has_post_expert_norm`` flag, or else a ``post_expert_norm`` submodule (MuseSpark)."""
+    flag = _flag(module, "has_post_expert_norm")
+    return flag if flag is not None else isinstance(getattr(module, "post_expert_norm", None),
+                                                    nn.Module)
+
+
 def _flag(module: nn.Module, name: str) -> bool | None:
     value = getattr(module, name, None)
     return value if isinstance(value, bool) else None
@@ -200,6 +208,10 @@ def _fused(module: nn.Module, router_experts: int, hidden: int) -> ExpertLayout 
     width = int(inner.shape[2] if transposed else inner.shape[1])
     if width != (2 * inter if has_gate else inter):
         return None
+    rows = int(down.shape[2] if transposed else down.shape[1])  # the width the experts read
+    if rows != int(inner.shape[1] if transposed else inner.shape[2]):
+        return None
+    hidden = rows  # the router's input width, or narrower (MuseSpark projects rows first)
     concatenated = _flag(module, "is_concatenated")
     inner_name = "gate_up" if has_gate else "up"
     tensors = {inner_name: "gate_up_proj" if has_gate else "up_proj", "down": "down_proj"}
@@ -212,7 +224,7 @@ def _fused(module: nn.Module, router_experts: int, hidden: int) -> ExpertLayout 
         has_gate=has_gate, transposed=transposed, interleaved=concatenated is False,
         call=_call_convention(module), tensors=tensors, biases=biases,
         identity_experts=identity,
-        post_norm=bool(_flag(module, "has_post_expert_norm")))
+        post_norm=_has_post_norm(module))
 
 
 def _flat(module: nn.Module, router_experts: int, hidden: int) -> ExpertLayout | None:

@@ -64,3 +64,18 @@ def moe_graph(experts: int = 4, hidden: int = 48, intermediate: int = 40) -> Gra
     graph.add(Node("output", NodeKind.OUTPUT), [f"moe.experts.{e}" for e in range(experts)])
     graph.moe_layers[0] = MoeLayer(0, "moe", "moe.gate", "moe.experts", "fused", experts, 2)
     return graph
+
+
+def densities_loaded_and_streamed(checkpoint: Path | str) -> list[float]:
+    """The experts' densities of ``checkpoint`` calibrated on the loaded model and streamed
+    from its files (256 tokens); asserts they are equal and returns them."""
+    from hetmap.compiler.api import compile_model
+    from hetmap.compiler.ir.annotations import Density
+
+    densities = {}
+    for stream in ("off", "on"):
+        plan = compile_model(str(checkpoint), pipeline=f"density{{calib_tokens=256,seq_len=64,"
+                                                       f"stream={stream}}}")
+        densities[stream] = [n.get(Density).value for n in plan.graph.experts()]
+    assert densities["on"] == densities["off"]
+    return densities["on"]

@@ -24,6 +24,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from conftest import densities_loaded_and_streamed
 
 from hetmap.common.errors import HetmapError
 from hetmap.compiler.api import Plan, compile_model
@@ -31,7 +32,7 @@ from hetmap.compiler.frontend import load_model
 from hetmap.compiler.frontend.moe import find_moe_blocks
 from hetmap.compiler.frontend.tracer import trace
 from hetmap.compiler.frontend.zoo import ZOO
-from hetmap.compiler.ir.annotations import Density, Placement
+from hetmap.compiler.ir.annotations import Placement
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,12 +149,7 @@ def test_streamed_calibration_reads_parameters_the_graph_reads_directly(family: 
     (``embed_scale``), and its forward is traced from the checkpoint without weights (static
     rule 7). Streamed from the checkpoint, the densities equal the loaded run's."""
     load_model(f"tiny:{family}").module.save_pretrained(tmp_path)
-    densities = {}
-    for stream in ("off", "on"):
-        plan = compile_model(str(tmp_path), pipeline=f"density{{calib_tokens=256,seq_len=64,"
-                                                     f"stream={stream}}}")
-        densities[stream] = [n.get(Density).value for n in plan.graph.experts()]
-    assert densities["on"] == densities["off"] and len(densities["on"]) == 24
+    assert len(densities_loaded_and_streamed(tmp_path)) == 24
 
 
 def test_zoo_covers_every_moe_family() -> None:

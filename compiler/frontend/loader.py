@@ -66,7 +66,9 @@ class LoadedModel:
         import transformers
 
         from hetmap.compiler.data.checkpoint import check_finite
+        from hetmap.compiler.frontend.multimodal import register_text_model
 
+        register_text_model(self.config)  # (in this process too: a multimodal family)
         placed = {} if device_map is None else {"device_map": device_map,
                                                 "offload_folder": str(offload_folder)}
         try:
@@ -102,6 +104,9 @@ class LoadedModel:
 def _from_config(config: Any, meta: bool) -> nn.Module:
     import transformers
 
+    from hetmap.compiler.frontend.multimodal import register_text_model
+
+    register_text_model(config)
     context = torch.device("meta") if meta else contextlib.nullcontext()
     if not meta:
         torch.manual_seed(TINY_SEED)
@@ -160,6 +165,12 @@ def _load_checkpoint(path: Path, spec: str, trust_remote_code: bool, source: str
         config = transformers.AutoConfig.from_pretrained(
             path, local_files_only=True, trust_remote_code=trust_remote_code)
         from accelerate import init_empty_weights
+
+        from hetmap.compiler.frontend.multimodal import unmapped_reason
+
+        reason = unmapped_reason(config)  # a multimodal family: registers its text-only class
+        if reason is not None:
+            raise ModelLoadError(f"cannot load checkpoint {path}: {reason}")
 
         # parameters on the meta device; non-persistent buffers real (Gemma 4's embed_scale
         # is in no checkpoint file, only in the model's own init)

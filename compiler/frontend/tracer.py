@@ -25,6 +25,9 @@ Rules:
 6. There too, ``torch.finfo`` / ``torch.iinfo`` of a traced dtype (``torch.finfo(x.dtype).min``
    in T5-style mask code) is resolved on the same example: a tensor's dtype does not depend on
    input sizes or data.
+7. An item assignment to a traced tensor (``llm_input_ids[multimodal_mask] = 0``, in the
+   embedding step of multimodal models) is an ``operator.setitem`` node of the graph, in the
+   order it ran (fx keeps it although nothing reads its result).
 """
 
 from __future__ import annotations
@@ -104,6 +107,11 @@ class _SizedProxy(fx.Proxy):
 
     def __getattr__(self, name: str) -> _SizedAttribute:
         return _SizedAttribute(self, name)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """Rule 7: ``x[key] = value`` becomes an ``operator.setitem`` node (fx keeps it: it is
+        side-effectful), run where the assignment ran."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
 
 class _SizedAttribute(fx.proxy.Attribute, _SizedProxy):

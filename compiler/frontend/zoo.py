@@ -21,7 +21,9 @@ ONNX optimizer would merge the copies.
 ``ZOO`` maps family (the transformers module name) to :class:`ZooFamily`; ``EXCLUDED`` says why
 the other MoE modules of transformers are not in it. Every ``causal-lm`` and
 ``text-of-multimodal`` config builds with ``AutoModelForCausalLM.from_config`` and runs a
-forward; ``encoder-decoder`` ones build with ``AutoModelForSeq2SeqLM`` and run as next-token
+forward; ``multimodal`` ones (image-text-to-text families with no causal-LM class) build the
+same way once :mod:`hetmap.compiler.frontend.multimodal` has registered their text-only class
+(language model and LM head, no towers); ``encoder-decoder`` ones build with ``AutoModelForSeq2SeqLM`` and run as next-token
 models (:func:`hetmap.compiler.frontend.loader.as_next_token_model`).
 """
 
@@ -36,7 +38,7 @@ import torch
 import transformers
 from torch import nn
 
-Kind = Literal["causal-lm", "text-of-multimodal", "encoder-decoder"]
+Kind = Literal["causal-lm", "text-of-multimodal", "multimodal", "encoder-decoder"]
 
 VOCAB = 512
 HIDDEN = 64
@@ -115,9 +117,18 @@ class ZooFamily:
     post_init: Callable[[nn.Module, torch.Generator], None] | None = None
 
     def make_config(self) -> transformers.PreTrainedConfig:
-        """The tiny config (a fresh object on every call)."""
+        """The tiny config (a fresh object on every call). A ``multimodal`` family's text
+        config is shrunk (``overrides`` apply to it); its towers' configs and special token
+        ids (image, video: never in text) stay as they are, since no tower is built."""
         config_class = transformers.CONFIG_MAPPING[self.model_type]
         defaults = config_class().to_dict()
+        if self.kind == "multimodal":
+            text = defaults["text_config"]
+            fields = shrink(text, self.layers or _layer_count(text))
+            fields.update(self.overrides)
+            towers = {key: {**value, "out_hidden_size": HIDDEN} for key, value in defaults.items()
+                      if isinstance(value, dict) and "out_hidden_size" in value}  # fed to text
+            return config_class(**{**defaults, **towers, "text_config": {**text, **fields}})
         fields = shrink(defaults, self.layers or _layer_count(defaults))
         fields.update(self.overrides)
         return config_class(**fields)
@@ -220,9 +231,10 @@ def shrink(defaults: Mapping[str, Any], layers: int) -> dict[str, Any]:
 
 def _family(name: str, model_type: str | None = None, *, layers: int | None = None,
             post_init: Callable[[nn.Module, torch.Generator], None] | None = None,
-            **overrides: Any) -> ZooFamily:
+            multimodal: bool = False, **overrides: Any) -> ZooFamily:
     model_type = model_type or name
     kind: Kind = ("encoder-decoder" if name in ("switch_transformers", "nllb_moe")
+                  else "multimodal" if multimodal
                   else "text-of-multimodal" if model_type.endswith("_text") else "causal-lm")
     return ZooFamily(name, model_type, kind, overrides, layers, post_init)
 
@@ -244,16 +256,25 @@ _FAMILIES = [
     _family("deepseek_v4", compress_rates={"compressed_sparse_attention": 2,
                                            "heavily_compressed_attention": 4}),
     _family("doge", is_moe=True, num_experts=16),  # product-key routing: a square expert count
+    _family("deepseek_ocr2", multimodal=True, layers=3,  # its defaults leave the kinds unset
+            mlp_layer_types=["dense", "sparse", "sparse"]),
     _family("dots1", n_shared_experts=2),
     _family("dots3_note", "dots3_note_text"),
     _family("ernie4_5_moe", moe_layer_end_index=2),
+    _family("ernie4_5_vl_moe", multimodal=True, moe_intermediate_size=[16, 16],  # text, vision
+            rope_parameters={"rope_theta": 500000.0, "rope_type": "default",
+                             "mrope_section": [3, 3, 2]}),  # the 8 frequencies of head_dim 16
     _family("exaone_moe"),
     _family("flex_olmo"),
     _family("flint"),
     _family("gemma4", "gemma4_text", enable_moe_block=True),
     _family("glm4_moe"),
+    _family("glm4v_moe", multimodal=True, rope_parameters={
+        "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "rope_type": "default",
+        "mrope_section": [2, 1, 1]}),  # sections of the 4 rotary frequencies of head_dim 16
     _family("glm4_moe_lite"),
     _family("glm_moe_dsa"),
+    _family("glm5_next", multimodal=True, index_kpool=2),
     _family("gpt_oss"),
     _family("granitemoe"),
     _family("granitemoe_swa"),
@@ -263,6 +284,8 @@ _FAMILIES = [
     _family("hunyuan_v1_moe", head_dim=16),
     _family("hy_v3"),
     _family("hy_v4"),
+    _family("hy_v4_vl", multimodal=True, rope_parameters={
+        "rope_theta": 10000.0, "rope_type": "default", "mrope_section": [2, 1, 1]}),
     _family("inkling", "inkling_text"),
     _family("inkling2", "inkling2_text"),
     _family("inkling2_loop", "inkling2_loop_text", loop_layer_index_start=1,
@@ -279,9 +302,12 @@ _FAMILIES = [
     _family("longcat_flash"),
     _family("mellum"),
     _family("mimo_v2_flash"),
+    _family("mistral4"),  # a causal LM that transformers files under image-text-to-text
+    _family("mistral_large4", multimodal=True),
     _family("minimax"),
     _family("minimax_m2"),
     _family("minimax_m3_vl", "minimax_m3_vl_text"),
+    _family("muse_spark", multimodal=True, moe_hidden_size=32),
     _family("mixtral"),
     _family("nemotron_h", use_mamba_kernels=False, layers=4),
     _family("olmoe"),
@@ -289,12 +315,15 @@ _FAMILIES = [
     _family("qwen2_moe"),
     _family("qwen3_5_moe", "qwen3_5_moe_text"),
     _family("qwen3_moe"),
+    _family("qwen3_vl_moe", multimodal=True),
     _family("qwen3_next"),
     _family("qwen4_exp", "qwen4_exp_text", indexer_n_heads=4, indexer_kv_heads=1,
             indexer_head_dim=16, indexer_budget=4, indexer_compress_ratio=2),
     _family("sarvam_mla"),
     _family("sarvam_moe"),
     _family("solar_open"),
+    _family("step3p7", multimodal=True, sliding_window=4),
+    _family("unlimited_ocr", multimodal=True),
     _family("zaya", num_experts_per_tok=1),  # ZAYA supports top-1 routing only
     _family("switch_transformers", num_decoder_layers=2, num_sparse_encoder_layers=1,
             num_sparse_decoder_layers=1, encoder_sparse_step=2, decoder_sparse_step=2, layers=2),
@@ -310,7 +339,6 @@ EXCLUDED: dict[str, str] = {
     "openai_privacy_filter": "token classifier (PII tagging), not a causal LM",
     "diffusion_gemma": "diffusion (bidirectional) text model, " + _NO_CAUSAL_LM,
     "nemotron3_5_transcribe": "speech recognition model; its MoE text decoder is nemotron_h",
-    **dict.fromkeys(["deepseek_ocr2", "ernie4_5_vl_moe", "glm4v_moe", "glm5_next", "hy_v4_vl",
-                     "mistral4", "mistral_large4", "muse_spark", "qwen3_omni_moe",
-                     "qwen3_vl_moe", "step3p7", "unlimited_ocr"], _NO_CAUSAL_LM),
+    "qwen3_omni_moe": "its model class generates speech and text (a thinker and a talker) and "
+                      "has no forward that returns logits",
 }
