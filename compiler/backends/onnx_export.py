@@ -61,7 +61,8 @@ import os
 import shutil
 import tempfile
 import traceback
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -323,15 +324,37 @@ def _first_line(error: BaseException) -> str:
 
 
 def _optimize(model: ir.Model, parameters: Collection[str]) -> None:
-    """Run the onnxscript optimizer, keeping weight transposes; enforce rule 7."""
+    """Run the onnxscript optimizer, keeping weight transposes and without its no-op
+    arithmetic rules (:func:`_without_no_op_arithmetic`); enforce rule 7."""
     before = {use.initializer for use in weight_uses(model.graph, parameters)}
-    optimize_ir(model, should_fold=keeps_weight_transposes)
+    with _without_no_op_arithmetic():
+        optimize_ir(model, should_fold=keeps_weight_transposes)
     lost = before - {use.initializer for use in weight_uses(model.graph, parameters)}
     if lost:
         raise EmitError(
             f"weight matrices {sorted(lost)[:4]} are byte-identical to others and were merged "
             "by the ONNX optimizer; their placement cannot be expressed per matrix"
         )
+
+
+@contextmanager
+def _without_no_op_arithmetic() -> Iterator[None]:
+    """onnxscript's default rewrite rules without ``x * 1 -> x``, ``x + 0 -> x``, ``x - 0 -> x``
+    and ``x / 1 -> x`` while the optimizer runs. Those rules match constants within an absolute
+    tolerance of 1e-8 of 0 or 1, so they drop an epsilon of 1e-8 (MuseSpark's post-expert
+    norm: ``rsqrt(mean + 1e-8)`` became ``rsqrt(mean)`` and its logits moved by 0.02).
+    (``optimize_ir`` reads the rule list from its module at each call.)"""
+    from onnxscript import rewriter
+    from onnxscript.rewriter.rules.common import _no_op
+
+    arithmetic = {id(rule) for rule in _no_op.rules
+                  if rule not in (_no_op.dropout_zero_rule, _no_op.dropout_inference_rule)}
+    default = rewriter._DEFAULT_REWRITE_RULES
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in default if id(r) not in arithmetic)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = default
 
 
 def _write_checked(

@@ -527,3 +527,40 @@ def test_untraceable_hand_written_moe_is_an_emit_error(tmp_path: Path) -> None:
     with pytest.raises(EmitError, match="could not trace BranchingMoE"):
         export_onnx(BranchingMoE(), tmp_path / "b.onnx", matrix_tags={}, model_props={})
     assert not list(tmp_path.iterdir())
+
+
+class _NormWithTinyEpsilon(nn.Module):
+    """An RMS norm with epsilon 1e-8 (MuseSpark's post-expert norm) on rows whose mean square
+    (1e-10) is below it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 4)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.embed(input_ids) * 1e-5
+        return rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + 1e-8)
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_optimizer_keeps_a_tiny_epsilon(guarded: bool, tmp_path: Path) -> None:
+    """onnxscript's ``x + 0 -> x`` matches constants within 1e-8 of zero, so it drops an
+    epsilon of 1e-8 (MuseSpark's logits moved by 0.02); hetmap's optimizer run leaves the
+    no-op arithmetic rules out."""
+    import onnx_ir as ir
+    from onnxscript.optimizer import optimize_ir
+
+    model = _NormWithTinyEpsilon().eval()
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    exported = torch.onnx.export(model, (ids,), dynamo=True, optimize=False, verbose=False,
+                                 input_names=["input_ids"], output_names=["logits"])
+    graph = ir.serde.deserialize_model(exported.model_proto)
+    if guarded:
+        onnx_export_module._optimize(graph, set())
+    else:
+        optimize_ir(graph)
+    ir.save(graph, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(["logits"], {"input_ids": ids.numpy()})
+    difference = float(np.abs(actual - model(ids).detach().numpy()).max())
+    assert difference < 1e-5 if guarded else difference > 1e-2
