@@ -266,3 +266,13 @@ class DenseDispatchExperts(nn.Module):
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         return dense_dispatch(hidden_states, top_k_index, top_k_weights, list(self.children()))
+
+
+def top_1_of_one_hot(selected: torch.Tensor, weights: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Switch Transformers' call ``(selected [T, 1, E] one-hot, weights [T, 1])`` as top-1
+    ``(index [T, 1], weight [T, 1])``; a token dropped over capacity (no expert selected) gets
+    weight 0."""
+    rows = selected.reshape(selected.shape[0], -1)
+    chosen = rows.sum(dim=-1, keepdim=True).to(weights.dtype)
+    return rows.argmax(dim=-1, keepdim=True), weights.reshape(-1, 1) * chosen

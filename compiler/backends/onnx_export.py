@@ -65,6 +65,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnx_ir as ir
@@ -266,7 +267,7 @@ def _run_exporter(module: nn.Module, input_ids: torch.Tensor, model_name: str) -
     dynamic = torch.export.Dim.DYNAMIC
     dims = {"input_ids": {0: dynamic, 1: dynamic}}
     try:
-        with scans_as_ops(module), dynamic_sequence_forms(module):
+        with scans_as_ops(module), dynamic_sequence_forms(module), _unchanging_to_is_identity():
             program = torch.export.export(module, (input_ids,), dynamic_shapes=dims, strict=False)
     except Exception as error:  # torch.export raises many unrelated types for one cause
         raise EmitError(
@@ -335,6 +336,29 @@ def _optimize(model: ir.Model, parameters: Collection[str]) -> None:
             f"weight matrices {sorted(lost)[:4]} are byte-identical to others and were merged "
             "by the ONNX optimizer; their placement cannot be expressed per matrix"
         )
+
+
+@contextmanager
+def _unchanging_to_is_identity() -> Iterator[None]:
+    """While tracing, ``module.to(...)`` that changes no tensor of the module (each already
+    has the dtype and device asked for) returns the module untouched. Switch Transformers'
+    router runs ``self.classifier = self.classifier.to(self.dtype)`` in its forward, and
+    torch.export's tracer cannot swap parameters that carry weak references."""
+    original = nn.Module.to
+
+    def to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        device, dtype, _blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        unchanged = memory_format is None and all(
+            (dtype is None or tensor.dtype == dtype or not tensor.is_floating_point())
+            and (device is None or tensor.device == device)
+            for tensor in (*self.parameters(), *self.buffers()))
+        return self if unchanged else original(self, *args, **kwargs)
+
+    nn.Module.to = to  # type: ignore[assignment,method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.to = original  # type: ignore[method-assign]
 
 
 @contextmanager

@@ -32,8 +32,11 @@ Rules, in the order they are applied:
 4. Every ModuleList/ModuleDict experts container with its own ``forward`` that was called
    as ``(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`` is swapped for
    :class:`DenseDispatchExperts` (``static``) or :class:`SparseDispatchExperts` (the other
-   forms) if that reproduces the recorded output; otherwise it is left as written (its
-   dispatch must then be exportable by ``torch.export`` as is).
+   forms) if that reproduces the recorded output; one called as Switch Transformers' are,
+   ``(hidden [T, H], one-hot selected [T, 1, E], weights [T, 1])``, for their one-hot
+   versions (the one-hot read as top-1 indices, weight 0 for a token dropped over capacity);
+   otherwise it is left as written (its dispatch must then be exportable by
+   ``torch.export`` as is).
 5. MoE form ``ort``: every block holding a swapped routed store is swapped for
    :class:`~hetmap.compiler.backends.onnx_ort_moe.OrtMoeBlock` if it fits (that module's
    rule 1, checked against the block's recorded call); otherwise its store stays in the
@@ -66,6 +69,7 @@ from hetmap.compiler.backends.onnx_experts import (
     ExpertLinear,
     StaticExperts,
     in_signature_order,
+    top_1_of_one_hot,
 )
 from hetmap.compiler.backends.onnx_modules import TiledLinear, TileRange, check_tile_ranges
 from hetmap.compiler.backends.onnx_ort_moe import FusedExperts, OrtMoeBlock, router_of
@@ -419,14 +423,54 @@ def call_top_k(call: _RecordedCall | None) -> int | None:
 
 def _try_dense_dispatch(swap: _Swapper, path: str, call: _RecordedCall | None,
                         sparse: bool) -> bool:
-    if call is None or not _is_routed_call(call.inputs):
+    if call is None:
         return False
     container = swap.get(path)
-    dense = SparseDispatchExperts(container) if sparse else DenseDispatchExperts(container)
+    dense: nn.Module
+    if _is_routed_call(call.inputs):
+        dense = SparseDispatchExperts(container) if sparse else DenseDispatchExperts(container)
+    elif _is_one_hot_call(call.inputs):
+        dense = (OneHotSparseDispatch(container) if sparse
+                 else OneHotDenseDispatch(container))
+    else:
+        return False
     if not _reproduces(dense, call):
         return False
     swap.put(path, dense)
     return True
+
+
+def _is_one_hot_call(args: tuple[object, ...]) -> bool:
+    """``(hidden [T, H] float, selected [T, 1, E] integer one-hot, weights [T, 1] float)``:
+    Switch Transformers' top-1 call (a token over capacity selects no expert)."""
+    if len(args) != 3 or not all(isinstance(a, torch.Tensor) for a in args):
+        return False
+    hidden, selected, weights = args
+    assert isinstance(hidden, torch.Tensor) and isinstance(selected, torch.Tensor)
+    assert isinstance(weights, torch.Tensor)
+    return (
+        hidden.dim() == 2 and hidden.is_floating_point()
+        and selected.dim() == 3 and selected.shape[:2] == (hidden.shape[0], 1)
+        and not selected.is_floating_point() and bool(((selected == 0) | (selected == 1)).all())
+        and bool((selected.sum(dim=-1) <= 1).all())
+        and weights.is_floating_point() and tuple(weights.shape) == (hidden.shape[0], 1)
+    )
+
+
+class OneHotDenseDispatch(DenseDispatchExperts):
+    """Rule 4 for a container called Switch Transformers' way (see :func:`top_1_of_one_hot`)."""
+
+    def forward(self, hidden_states: torch.Tensor, selected: torch.Tensor,  # type: ignore[override]
+                weights: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states, *top_1_of_one_hot(selected, weights))
+
+
+class OneHotSparseDispatch(SparseDispatchExperts):
+    """:class:`OneHotDenseDispatch` in the sparse dispatch form."""
+
+    def forward(self, hidden_states: torch.Tensor, selected: torch.Tensor,  # type: ignore[override]
+                weights: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states, *top_1_of_one_hot(selected, weights))
 
 
 def _is_routed_call(args: tuple[object, ...]) -> bool:

@@ -30,6 +30,8 @@ FAMILIES = {
     "nemotron_h": "Mamba-2 chunked scan cropped unconditionally",
     "granitemoehybrid": "Mamba-2 chunked scan cropped unconditionally",
     "jetmoe": "two expert stacks called with rows per expert: per-expert matrices on the block",
+    "switch_transformers": "experts container called with a one-hot mask: read as top-1",
+    "muse_spark": "a 1e-8 norm epsilon the optimizer must keep; experts narrower than the router",
 }
 
 
@@ -48,6 +50,28 @@ def test_afmoe_routers_are_distinct_and_seeded() -> None:
     assert not torch.equal(one, other)
     for path, weight in routers.items():
         assert torch.equal(weight, second.get_submodule(path).weight)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_one_hot_dispatch_equals_switch_experts_with_a_dropped_token(sparse: bool) -> None:
+    """Switch's experts container called with a one-hot mask in which token 2 selects no
+    expert (over capacity): the dispatch stand-ins give its output, token 2 getting zero."""
+    from hetmap.compiler.backends.onnx_prepare import OneHotDenseDispatch, OneHotSparseDispatch
+
+    container = _loaded("switch_transformers").module.get_submodule(
+        "encoder.block.1.layer.1.mlp.experts")
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 64, generator=generator)
+    chosen = torch.tensor([0, 3, 1, 7, 3, 5])
+    selected = torch.nn.functional.one_hot(chosen, 8).unsqueeze(1)
+    selected[2] = 0
+    weights = torch.rand(6, 1, generator=generator)
+    stand_in = (OneHotSparseDispatch if sparse else OneHotDenseDispatch)(container)
+    with torch.no_grad():
+        expected = container(hidden, selected, weights)
+        actual = stand_in(hidden, selected, weights)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+    assert not actual[2].any() and actual[1].abs().sum() > 0
 
 
 @pytest.mark.slow
