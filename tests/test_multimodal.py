@@ -52,11 +52,14 @@ def test_text_only_logits_equal_the_full_models(family: str) -> None:
     loaded = load_model(f"tiny:{family}")
     assert type(loaded.module).__name__.endswith("TextOnly")
     assert not any(p.is_meta for p in loaded.module.parameters())
+    prefix = "thinker." if family == "qwen3_omni_moe" else ""
     outside = [path for path, _ in loaded.module.named_modules()
-               if path not in ("", "model") and not path.startswith(("model.language_model",
-                                                                      "lm_head"))]
-    assert not outside  # no tower, projector or merger left
+               if path not in ("", "thinker", f"{prefix}model") and not path.startswith(
+                   (f"{prefix}model.language_model", f"{prefix}lm_head"))]
+    assert not outside  # no tower, projector, merger or talker left
     full = _full_with_weights_of(loaded.module, loaded.config)
+    if type(full).forward is torch.nn.Module.forward:  # Qwen3-Omni: the thinker's forward
+        full = full.thinker
     ids = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = full(input_ids=ids, use_cache=False).logits
@@ -104,20 +107,37 @@ def test_full_checkpoint_loads_text_only_and_compiles_alike_streamed(tmp_path, c
     assert len(densities_loaded_and_streamed(tmp_path)) == 16
 
 
-def test_multimodal_checkpoint_without_a_text_model_is_one_line(tmp_path) -> None:
-    """Qwen3-Omni's model class has a thinker and a talker and no logits forward: loading its
-    checkpoint says so in one line (no transformers traceback, no wrong model)."""
+def test_multimodal_checkpoint_whose_config_builds_nothing_is_one_line(tmp_path) -> None:
+    """A DeepSeek-OCR 2 config.json that leaves its layer kinds unset: its class cannot be
+    built from it (the reason rule 5 gives), and loading the checkpoint, once the family's
+    text-only class is registered from a complete config, is one line too."""
     from safetensors.torch import save_file
 
     from hetmap.common.errors import ModelLoadError
+    from hetmap.compiler.frontend import multimodal
 
-    transformers.CONFIG_MAPPING["qwen3_omni_moe"]().save_pretrained(tmp_path)
-    save_file({"thinker.lm_head.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
+    incomplete = transformers.CONFIG_MAPPING["deepseek_ocr2"]()
+    full = full_class(incomplete)
+    assert full is not None
+    assert multimodal._structure(full, incomplete) == (
+        "its DeepseekOcr2ForConditionalGeneration cannot be built from this config")
+    load_model("tiny:deepseek_ocr2")  # registers the family
+    incomplete.save_pretrained(tmp_path)
+    save_file({"lm_head.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
     with pytest.raises(ModelLoadError) as caught:
         load_model(str(tmp_path))
     message = str(caught.value)
-    assert "multimodal model" in message and "no text model to map" in message
-    assert "\n" not in message
+    assert "config.json does not build its model (TypeError" in message and "\n" not in message
+
+
+def test_qwen3_omni_is_its_thinker() -> None:
+    """Qwen3-Omni's class has no forward (a thinker writes text, a talker speaks): its text
+    model is the thinker's, under ``thinker.``, and no talker or tower is kept."""
+    loaded = load_model("tiny:qwen3_omni_moe")
+    names = {name.split(".")[0] for name, _ in loaded.module.named_parameters()}
+    assert names == {"thinker"}
+    kept = {".".join(name.split(".")[:3]) for name, _ in loaded.module.named_parameters()}
+    assert kept == {"thinker.model.language_model", "thinker.lm_head.weight"}
 
 
 def test_experts_narrower_than_the_router_input_read_at_their_own_width() -> None:

@@ -58,7 +58,7 @@ def routed_experts_in(module: torch.nn.Module, config: object) -> int:
     encoder-decoder has two) that hold, outside attention, a module named ``experts`` or
     expert stacks of their own (JetMoE's, which carry ``num_experts``), times the config's
     routed-expert count."""
-    text = getattr(config, "text_config", None) or config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     sections = [text, getattr(text, "ffn_config", None)]
     count = next(v for s in sections for n in _EXPERT_COUNT_NAMES
                  if s is not None and isinstance(v := getattr(s, n, None), int) and v > 0)

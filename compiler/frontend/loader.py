@@ -175,8 +175,14 @@ def _load_checkpoint(path: Path, spec: str, trust_remote_code: bool, source: str
         # parameters on the meta device; non-persistent buffers real (Gemma 4's embed_scale
         # is in no checkpoint file, only in the model's own init)
         with init_empty_weights(include_buffers=False):
-            model = transformers.AutoModelForCausalLM.from_config(
-                config, trust_remote_code=trust_remote_code, attn_implementation=ATTENTION)
+            try:
+                model = transformers.AutoModelForCausalLM.from_config(
+                    config, trust_remote_code=trust_remote_code, attn_implementation=ATTENTION)
+            except (TypeError, AttributeError, KeyError, IndexError, RuntimeError) as exc:
+                # a config.json its own model class cannot be built from (fields missing)
+                raise ModelLoadError(
+                    f"cannot load checkpoint {path}: its config.json does not build its model "
+                    f"({type(exc).__name__}: {_first_line(exc)})") from exc
         model.tie_weights()  # the context made each parameter anew: tied ones again one tensor
         _persistent_buffers_to_meta(model)
     except ValueError as exc:
@@ -194,6 +200,11 @@ def _load_checkpoint(path: Path, spec: str, trust_remote_code: bool, source: str
     return LoadedModel(spec=spec, name=spec if source == "trained" else path.name, source=source,
                        module=model.eval(), config=config, tokenizer=tokenizer, checkpoint=path,
                        trust_remote_code=trust_remote_code)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def _load_factory(spec: str) -> LoadedModel:

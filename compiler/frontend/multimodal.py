@@ -22,8 +22,13 @@ as text models:
    against the full class with the same weights, family by family).
 4. The class is registered with ``AutoModelForCausalLM`` for the config class, so every
    loading path (``from_config``, ``from_pretrained``, device maps) takes it.
-5. A family whose full class has no single language model and LM head (Qwen3-Omni's thinker
-   and talker) is not registered; loading it stays one error.
+5. A full class with no forward of its own (Qwen3-Omni: a thinker that reads and writes
+   text, a talker that speaks) is read through its one child that is itself an
+   image-text-to-text model (the thinker): its language model and LM head are kept under
+   that child (``thinker.model.language_model``, ``thinker.lm_head``), everything else
+   (towers, talker, vocoder) is dropped, and the forward is the child's. A family with no
+   single language model and LM head is not registered; loading it is one error
+   (:func:`unmapped_reason`).
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-#: config class -> the registered text-only class (or None: cannot be registered, rule 5)
-_REGISTERED: dict[type, type | None] = {}
+#: config class -> the text-only class registered for it
+_REGISTERED: dict[type, type] = {}
 
 
 def _mapped(auto: Any, config_class: type) -> type | None:
@@ -56,7 +61,8 @@ def full_class(config: Any) -> type | None:
 
 def register_text_model(config: Any) -> type | None:
     """Rules 1-4 for ``config``'s class: the class ``AutoModelForCausalLM`` now builds for it,
-    or None where transformers has a causal LM already or rule 5 applies."""
+    or None where transformers has a causal LM already or rule 5 applies (not remembered: a
+    later, complete config of the class may still be read)."""
     import transformers
 
     config_class = type(config)
@@ -65,38 +71,40 @@ def register_text_model(config: Any) -> type | None:
     if _mapped(transformers.AutoModelForCausalLM, config_class) is not None:
         return None
     full = full_class(config)
-    made: type | None = None
-    if full is not None:
-        made = full if _is_causal_lm(full, config) else _text_only_class(full, config)
+    if full is None:
+        return None
+    made = full if _is_causal_lm(full, config) else _text_only_class(full, config)
+    if isinstance(made, str):
+        return None
     _REGISTERED[config_class] = made
-    if made is not None:
-        transformers.AutoModelForCausalLM.register(config_class, made, exist_ok=True)
+    transformers.AutoModelForCausalLM.register(config_class, made, exist_ok=True)
     return made
 
 
 def unmapped_reason(config: Any) -> str | None:
     """Rule 5's one line for ``config`` (None where a causal-LM class reads it, or where it is
     not a multimodal family's)."""
-    full = full_class(config)
-    if full is None or register_text_model(config) is not None:
-        return None
     import transformers
 
-    if _mapped(transformers.AutoModelForCausalLM, type(config)) is not None:
+    full = full_class(config)
+    if full is None or register_text_model(config) is not None or _mapped(
+            transformers.AutoModelForCausalLM, type(config)) is not None:
         return None
-    return (f"{getattr(config, 'model_type', type(config).__name__)} is a multimodal model "
-            f"whose {full.__name__} has no single language model with an LM head to keep "
-            "without its towers, so hetmap has no text model to map")
+    why = _structure(full, config)
+    assert isinstance(why, str)
+    kind = getattr(config, "model_type", type(config).__name__)
+    return f"{kind} is a multimodal model and {why}, so hetmap has no text model to map"
 
 
 def _is_causal_lm(full: type, config: Any) -> bool:
     return full.__name__.endswith("ForCausalLM") and getattr(config, "text_config", None) is None
 
 
-def _structure(full: type, config: Any) -> tuple[str, type, str] | None:
-    """Rule 2: (path, class) of the full class's language model and the path of its LM head,
-    from an instance on the meta device."""
-    model = None
+def _structure(full: type, config: Any) -> tuple[str, type, str, str] | str:
+    """Rule 2: (path, class) of the full class's language model, the path of its LM head and
+    (rule 5) the child whose forward is the model's ("" for the full class's own), from an
+    instance on the meta device; or why there are none."""
+    model: nn.Module | None = None
     for candidate in (config, type(config)()):  # the paths do not depend on the sizes
         try:
             with torch.device("meta"):
@@ -105,9 +113,30 @@ def _structure(full: type, config: Any) -> tuple[str, type, str] | None:
         except Exception:  # noqa: BLE001 - e.g. a tiny text model under a full-size tower
             continue
     if model is None:  # the full class cannot be built: not registered (rule 5)
-        return None
+        return f"its {full.__name__} cannot be built from this config"
+    if not _has_forward(type(model)):  # rule 5: a thinker (and a talker) without a forward
+        thinkers = [(name, child) for name, child in model.named_children()
+                    if getattr(child, "config", None) is not None
+                    and full_class(child.config) is type(child) and _has_forward(type(child))]
+        inner = _language_and_head(thinkers[0][1]) if len(thinkers) == 1 else None
+        if inner is None:
+            return (f"its {full.__name__} has no forward and no single child model with a "
+                    "language model and an LM head")
+        name = thinkers[0][0]
+        return f"{name}.{inner[0]}", inner[1], f"{name}.{inner[2]}", name
+    found = _language_and_head(model)
+    if found is None:
+        return f"its {full.__name__} has no single language model with an LM head"
+    return (*found, "")
+
+
+def _has_forward(cls: type) -> bool:
+    return getattr(cls, "forward", None) is not nn.Module.forward
+
+
+def _language_and_head(model: nn.Module) -> tuple[str, type, str] | None:
     paths = {id(module): path for path, module in model.named_modules()}
-    head = model.get_output_embeddings()
+    head = model.get_output_embeddings()  # type: ignore[operator]
     language = getattr(getattr(model, "model", None), "language_model", None)
     if not isinstance(language, nn.Module):
         texts = [m for m in model.modules() if type(m).__name__.endswith("TextModel")]
@@ -117,18 +146,18 @@ def _structure(full: type, config: Any) -> tuple[str, type, str] | None:
     return paths[id(language)], type(language), paths[id(head)]
 
 
-def _text_only_class(full: type, config: Any) -> type | None:
-    """Rules 2-3: the text-only subclass of ``full`` (None if its structure is not found)."""
+def _text_only_class(full: type, config: Any) -> type | str:
+    """Rules 2-3: the text-only subclass of ``full`` (or why there is none)."""
     structure = _structure(full, config)
-    if structure is None:
-        return None
-    text_path, text_class, head_path = structure
+    if isinstance(structure, str):
+        return structure
+    text_path, text_class, head_path, delegate = structure
     kept = (text_path, head_path)
 
     def __init__(self: Any, config: Any) -> None:
         with torch.device("meta"):  # the full model's shell: no memory
             full.__init__(self, config)  # type: ignore[misc]
-        text_config = config.get_text_config()
+        text_config = self.get_submodule(text_path).config  # as the full class made it
         _replace(self, text_path, text_class._from_config(text_config))  # type: ignore[attr-defined]
         head = self.get_submodule(head_path)
         _replace(self, head_path, nn.Linear(head.in_features, head.out_features,
@@ -138,7 +167,10 @@ def _text_only_class(full: type, config: Any) -> type | None:
                 config, "tie_word_embeddings", False):
             self.tie_weights()
 
-    namespace = {
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.get_submodule(delegate)(*args, **kwargs)  # rule 5: the thinker's
+
+    namespace: dict[str, Any] = {
         "__init__": __init__,
         "__doc__": f"{full.__name__} without its towers: text in, logits out (hetmap).",
         "__module__": full.__module__,  # transformers reads the family's module source
@@ -146,6 +178,8 @@ def _text_only_class(full: type, config: Any) -> type | None:
         "_keys_to_ignore_on_load_unexpected": [
             r"^(?!(" + "|".join(p.replace(".", r"\.") for p in kept) + r")\.)"],
     }
+    if delegate:
+        namespace["forward"] = forward
     return type(f"{full.__name__}TextOnly", (full,), namespace)
 
 

@@ -123,12 +123,7 @@ class ZooFamily:
         config_class = transformers.CONFIG_MAPPING[self.model_type]
         defaults = config_class().to_dict()
         if self.kind == "multimodal":
-            text = defaults["text_config"]
-            fields = shrink(text, self.layers or _layer_count(text))
-            fields.update(self.overrides)
-            towers = {key: {**value, "out_hidden_size": HIDDEN} for key, value in defaults.items()
-                      if isinstance(value, dict) and "out_hidden_size" in value}  # fed to text
-            return config_class(**{**defaults, **towers, "text_config": {**text, **fields}})
+            return config_class(**_tiny_text(defaults, self.layers, self.overrides))
         fields = shrink(defaults, self.layers or _layer_count(defaults))
         fields.update(self.overrides)
         return config_class(**fields)
@@ -140,6 +135,21 @@ class ZooFamily:
             with torch.no_grad():
                 self.post_init(model, torch.Generator().manual_seed(INIT_SEED))
         return model
+
+
+def _tiny_text(defaults: Mapping[str, Any], layers: int | None,
+               overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A multimodal config's fields with its text config shrunk (``overrides`` applied to it)
+    and its towers' output widths (``out_hidden_size``, fed to the text model) made the text
+    width; a thinker's config (Qwen3-Omni) is shrunk the same way, one level down."""
+    if "text_config" not in defaults and isinstance(defaults.get("thinker_config"), dict):
+        thinker = _tiny_text(defaults["thinker_config"], layers, overrides)
+        return {**defaults, "thinker_config": thinker, "enable_audio_output": False}
+    text = defaults["text_config"]
+    fields = {**shrink(text, layers or _layer_count(text)), **overrides}
+    towers = {key: {**value, "out_hidden_size": HIDDEN} for key, value in defaults.items()
+              if isinstance(value, dict) and "out_hidden_size" in value}
+    return {**defaults, **towers, "text_config": {**text, **fields}}
 
 
 def distinct_routers(model: nn.Module, generator: torch.Generator) -> None:
@@ -315,6 +325,7 @@ _FAMILIES = [
     _family("qwen2_moe"),
     _family("qwen3_5_moe", "qwen3_5_moe_text"),
     _family("qwen3_moe"),
+    _family("qwen3_omni_moe", multimodal=True),  # its thinker; no talker built
     _family("qwen3_vl_moe", multimodal=True),
     _family("qwen3_next"),
     _family("qwen4_exp", "qwen4_exp_text", indexer_n_heads=4, indexer_kv_heads=1,
@@ -339,6 +350,4 @@ EXCLUDED: dict[str, str] = {
     "openai_privacy_filter": "token classifier (PII tagging), not a causal LM",
     "diffusion_gemma": "diffusion (bidirectional) text model, " + _NO_CAUSAL_LM,
     "nemotron3_5_transcribe": "speech recognition model; its MoE text decoder is nemotron_h",
-    "qwen3_omni_moe": "its model class generates speech and text (a thinker and a talker) and "
-                      "has no forward that returns logits",
 }
