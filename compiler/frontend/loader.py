@@ -79,7 +79,7 @@ class LoadedModel:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"cannot load the weights of {self.checkpoint}: {first}") from exc
         check_finite(module, self.checkpoint)
-        self.module = module
+        self.module = without_kv_cache(module)
         return self.module
 
     def weights(self) -> WeightStore:
@@ -101,6 +101,18 @@ class LoadedModel:
         return embedding.num_embeddings if embedding is not None else None
 
 
+def without_kv_cache(model: nn.Module) -> nn.Module:
+    """``model`` with every config it holds set to ``use_cache=False``: hetmap runs whole
+    windows and never generates, so no forward should build a KV cache (memory for nothing;
+    and a recorded call that holds one extends it when replayed). Some forwards (Qwen3-VL's)
+    take no ``use_cache`` argument to refuse it with."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", None):
+            config.use_cache = False
+    return model
+
+
 def _from_config(config: Any, meta: bool) -> nn.Module:
     import transformers
 
@@ -113,7 +125,7 @@ def _from_config(config: Any, meta: bool) -> nn.Module:
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
     with context:
-        model = auto.from_config(config, attn_implementation=ATTENTION)
+        model = without_kv_cache(auto.from_config(config, attn_implementation=ATTENTION))
     return (as_next_token_model(model) if seq2seq else model).eval()
 
 
@@ -184,6 +196,7 @@ def _load_checkpoint(path: Path, spec: str, trust_remote_code: bool, source: str
                     f"cannot load checkpoint {path}: its config.json does not build its model "
                     f"({type(exc).__name__}: {_first_line(exc)})") from exc
         model.tie_weights()  # the context made each parameter anew: tied ones again one tensor
+        without_kv_cache(model)
         _persistent_buffers_to_meta(model)
     except ValueError as exc:
         hint = "" if trust_remote_code else " (if it ships its own modeling code, add --trust-remote-code)"
