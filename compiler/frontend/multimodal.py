@@ -105,10 +105,10 @@ def _structure(full: type, config: Any) -> tuple[str, type, str, str] | str:
     (rule 5) the child whose forward is the model's ("" for the full class's own), from an
     instance on the meta device; or why there are none."""
     model: nn.Module | None = None
-    for candidate in (config, type(config)()):  # the paths do not depend on the sizes
+    for candidate in (lambda: config, type(config)):  # the paths do not depend on the sizes
         try:
             with torch.device("meta"):
-                model = full(candidate)
+                model = full(candidate())
             break
         except Exception:  # noqa: BLE001 - e.g. a tiny text model under a full-size tower
             continue
