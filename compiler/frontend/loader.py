@@ -108,7 +108,7 @@ def without_kv_cache(model: nn.Module) -> nn.Module:
     take no ``use_cache`` argument to refuse it with."""
     for module in model.modules():
         config = getattr(module, "config", None)
-        if getattr(config, "use_cache", None):
+        if config is not None and getattr(config, "use_cache", None):
             config.use_cache = False
     return model
 
