@@ -12,6 +12,13 @@ class HetmapError(Exception):
     """Root of all hetmap errors a user can cause or fix."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first non-blank line of ``error``'s message (its type's name if it has none): what
+    a one-line message quotes of a library's error."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 class ModelLoadError(HetmapError):
     """A model name, checkpoint directory or factory could not be resolved or loaded."""
 

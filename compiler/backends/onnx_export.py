@@ -73,7 +73,7 @@ import torch
 from onnxscript.optimizer import optimize_ir
 from torch import nn
 
-from hetmap.common.errors import EmitError
+from hetmap.common.errors import EmitError, first_line
 from hetmap.compiler.backends.onnx_complex import with_real_complex_ops
 from hetmap.compiler.backends.onnx_ort_moe import TRANSLATIONS, tag_moe_nodes
 from hetmap.compiler.backends.onnx_prepare import prepared_for_export
@@ -271,7 +271,7 @@ def _run_exporter(module: nn.Module, input_ids: torch.Tensor, model_name: str) -
             program = torch.export.export(module, (input_ids,), dynamic_shapes=dims, strict=False)
     except Exception as error:  # torch.export raises many unrelated types for one cause
         raise EmitError(
-            f"torch.export could not trace {model_name}: {_first_line(error)}; {_hint(error)}"
+            f"torch.export could not trace {model_name}: {first_line(error)}; {_hint(error)}"
         ) from error
     try:
         onnx_program = torch.onnx.export(
@@ -287,7 +287,7 @@ def _run_exporter(module: nn.Module, input_ids: torch.Tensor, model_name: str) -
         )
     except torch.onnx.errors.OnnxExporterError as error:
         raise EmitError(
-            f"{EXPORTER} could not translate {model_name}: {_first_line(error.__cause__ or error)}"
+            f"{EXPORTER} could not translate {model_name}: {first_line(error.__cause__ or error)}"
         ) from error
     if onnx_program is None:
         raise EmitError(f"{EXPORTER} returned no program for {model_name}")
@@ -317,11 +317,6 @@ def _model_frame(error: BaseException) -> str | None:
         if not any(root in path.parents for root in outside):
             return f"{frame.name} ({path.name}:{frame.lineno})"
     return None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def _optimize(model: ir.Model, parameters: Collection[str]) -> None:

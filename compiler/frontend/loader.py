@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hetmap.common.errors import MissingDataError, ModelLoadError
+from hetmap.common.errors import MissingDataError, ModelLoadError, first_line
 from hetmap.compiler.data.weights import CheckpointWeights, ModuleWeights, WeightStore
 from hetmap.compiler.frontend.builtin import ATTENTION, BUILTIN_MODELS, TINY_SEED, TRAINED_MODELS
 
@@ -194,7 +194,7 @@ def _load_checkpoint(path: Path, spec: str, trust_remote_code: bool, source: str
                 # a config.json its own model class cannot be built from (fields missing)
                 raise ModelLoadError(
                     f"cannot load checkpoint {path}: its config.json does not build its model "
-                    f"({type(exc).__name__}: {_first_line(exc)})") from exc
+                    f"({type(exc).__name__}: {first_line(exc)})") from exc
         model.tie_weights()  # the context made each parameter anew: tied ones again one tensor
         without_kv_cache(model)
         _persistent_buffers_to_meta(model)
@@ -213,11 +213,6 @@ def _load_checkpoint(path: Path, spec: str, trust_remote_code: bool, source: str
     return LoadedModel(spec=spec, name=spec if source == "trained" else path.name, source=source,
                        module=model.eval(), config=config, tokenizer=tokenizer, checkpoint=path,
                        trust_remote_code=trust_remote_code)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def _load_factory(spec: str) -> LoadedModel:
